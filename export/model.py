@@ -1,0 +1,264 @@
+"""An Infini-attention decoder LM of the Llama family, built on `reference.py`.
+
+    logits, memory, norm = model.step(input_ids, memory, norm)   # one segment, pure in the state
+    logits, memory, norm = model(input_ids)                      # any length: the definition
+
+`step` is the per-segment recurrent graph that is exported; `forward` splits a sequence into
+segments of `segment_len` tokens from its start and loops `step`, which defines the logits that
+every other path (ONNX Runtime, TensorRT, token-by-token decoding) must reproduce.
+
+Per block: x += attn(norm(x)); x += mlp(norm(x)). Attention is local causal softmax attention
+inside the segment (RoPE, positions restart at 0 in each segment) gated with a retrieval from
+the compressive memory (un-rotated q), after which the segment's un-rotated keys and values
+are written into the memory (retrieve, then update).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import memory_op, reference
+from .config import InfiniConfig
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """M and z are float32 whatever the weights' dtype (z grows with every token and overflows
+    fp16); float64 weights keep a float64 state, for the reference."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+class Norm(nn.Module):
+    """RMSNorm ('rms') or the L2 form ('l2': x / max(|x|, eps) * sqrt(d)), computed in fp32."""
+
+    def __init__(self, dim: int, kind: str, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.kind, self.eps = kind, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if self.kind == "rms":
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:
+            h = F.normalize(h, dim=-1, eps=self.eps) * math.sqrt(h.shape[-1])
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(start: int | torch.Tensor, length: int, head_dim: int, theta: float,
+                style: str, dtype: torch.dtype, device: torch.device):
+    """cos, sin (length, head_dim) for positions start .. start+length-1."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=work, device=device) / head_dim)
+    positions = torch.arange(length, dtype=work, device=device) + start
+    angles = positions[:, None] * inv_freq[None, :]                  # (S, hd/2)
+    if style == "half":
+        angles = torch.cat((angles, angles), dim=-1)
+    else:
+        angles = angles.repeat_interleave(2, dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """Rotate x (..., S, hd) by the angles of cos/sin (S, hd)."""
+    if style == "half":
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+    else:
+        pairs = x.unflatten(-1, (-1, 2))
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+def expand_kv(t: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, Hkv, T, d) -> (B, Hkv*group, T, d): query head h reads KV head h // group."""
+    if group == 1:
+        return t
+    b, h, n, d = t.shape
+    return t[:, :, None].expand(b, h, group, n, d).reshape(b, h * group, n, d)
+
+
+class Attention(nn.Module):
+    """Local causal attention gated with the compressive memory (eq 7, 10, 11)."""
+
+    def __init__(self, cfg: InfiniConfig):
+        super().__init__()
+        self.cfg = cfg
+        qkv_dim = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.d_model, qkv_dim, bias=cfg.attn_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
+        self.beta = nn.Parameter(torch.full((cfg.n_heads,), float(cfg.gate_init)))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """x (B, S, d); memory (B, Hkv, dk, dv); norm (B, Hkv, dk); past: the raw keys and
+        values (B, Hkv, P, hd) of the tokens before x in the same segment (decoding).
+
+        Returns (out (B, S, d), k, v): k and v (B, Hkv, S, hd) are the new tokens' raw keys
+        and values, for the memory update and the decoding cache.
+        """
+        cfg = self.cfg
+        b, s, _ = x.shape
+        hd, h, hkv, group = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.group_size
+        q, k, v = self.qkv_proj(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
+        q = q.view(b, s, h, hd).transpose(1, 2)                   # (B, H, S, hd)
+        k = k.view(b, s, hkv, hd).transpose(1, 2)                 # (B, Hkv, S, hd)
+        v = v.view(b, s, hkv, hd).transpose(1, 2)                 # (B, Hkv, S, hd)
+
+        # local dot-product attention, RoPE inside the segment  # eq 6
+        k_all, v_all = k, v
+        if past is not None:
+            k_all, v_all = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        start = k_all.shape[2] - s
+        cos, sin = rope_tables(0, k_all.shape[2], hd, cfg.rope_theta, cfg.rope_style,
+                               x.dtype, x.device)
+        q_rot = apply_rope(q, cos[start:], sin[start:], cfg.rope_style)
+        k_rot = apply_rope(k_all, cos, sin, cfg.rope_style)
+        if past is None:
+            a_dot = F.scaled_dot_product_attention(
+                q_rot, expand_kv(k_rot, group), expand_kv(v_all, group), is_causal=True)
+        else:
+            visible = torch.ones(s, k_all.shape[2], dtype=torch.bool, device=x.device)
+            visible = visible.tril(diagonal=start)
+            a_dot = F.scaled_dot_product_attention(
+                q_rot, expand_kv(k_rot, group), expand_kv(v_all, group), attn_mask=visible)
+
+        # retrieval from M_{s-1} with un-rotated queries, in the state's dtype  # eq 7
+        sigma_q = reference.sigma(q.to(memory.dtype))
+        sigma_q = sigma_q.reshape(b, hkv, group * s, hd)           # grouped by KV head
+        a_mem = reference.retrieve(sigma_q, memory, norm, cfg.memory_eps)
+        a_mem = a_mem.reshape(b, h, s, hd).to(x.dtype)
+
+        present = None
+        if cfg.empty_memory == "bypass":
+            present = reference.memory_present(norm, group)
+        a = reference.gate(a_mem, a_dot, self.beta.to(x.dtype), present)    # eq 10
+        out = self.o_proj(a.transpose(1, 2).reshape(b, s, h * hd))         # eq 11
+        return out, k, v
+
+
+class MLP(nn.Module):
+    """Gated feed-forward: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: InfiniConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.mlp_bias)
+        self.activation = cfg.ffn_activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        if self.activation == "silu":
+            gate = F.silu(gate)
+        else:
+            gate = F.gelu(gate, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.down_proj(gate * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: InfiniConfig):
+        super().__init__()
+        self.attn_norm = Norm(cfg.d_model, cfg.norm_kind, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = Norm(cfg.d_model, cfg.norm_kind, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, memory, norm, past=None):
+        """-> (x, k, v): the block's output and the raw keys/values of its new tokens."""
+        a, k, v = self.attn(self.attn_norm(x), memory, norm, past)
+        x = x + a
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, k, v
+
+
+class InfiniLM(nn.Module):
+    """The decoder LM. State is data: (memory, norm) go in and come out of every call."""
+
+    def __init__(self, cfg: InfiniConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = Norm(cfg.d_model, cfg.norm_kind, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    # ----------------------------------------------------------------------------- state
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return state_dtype(self.embed.weight.dtype)
+
+    def init_state(self, batch: int, device: torch.device | str | None = None):
+        """M_0 = 0, z_0 = 0: memory (L, B, Hkv, dk, dv) and norm (L, B, Hkv, dk)."""
+        device = self.embed.weight.device if device is None else device
+        memory = torch.zeros(self.cfg.memory_shape(batch), dtype=self.state_dtype, device=device)
+        norm = torch.zeros(self.cfg.norm_shape(batch), dtype=self.state_dtype, device=device)
+        return memory, norm
+
+    # ----------------------------------------------------------------------------- graphs
+    def hidden(self, input_ids: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
+               past: list | None = None):
+        """Run the blocks: -> (final hidden (B, S, d), [(k, v) raw, per layer])."""
+        x = self.embed(input_ids)
+        new_kv = []
+        for i, block in enumerate(self.layers):
+            x, k, v = block(x, memory[i], norm[i], None if past is None else past[i])
+            new_kv.append((k, v))
+        return self.final_norm(x), new_kv
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def fold(self, memory: torch.Tensor, norm: torch.Tensor, kv: list):
+        """Write a segment's raw keys/values into every layer's memory (eq 8 or 9)."""
+        memories, norms = [], []
+        for i, (k, v) in enumerate(kv):
+            m, z = memory_op.memory_update(memory[i], norm[i], k, v, self.cfg.update_rule,
+                                           self.cfg.memory_eps, layer=i)
+            memories.append(m)
+            norms.append(z)
+        return torch.stack(memories), torch.stack(norms)
+
+    def step(self, input_ids: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor):
+        """One segment: input_ids (B, S) with S <= segment_len, memory (L, B, Hkv, dk, dv),
+        norm (L, B, Hkv, dk) -> (logits (B, S, V), memory_out, norm_out)."""
+        hidden, kv = self.hidden(input_ids, memory, norm)
+        memory_out, norm_out = self.fold(memory, norm, kv)
+        return self.logits(hidden), memory_out, norm_out
+
+    def forward(self, input_ids: torch.Tensor, memory: torch.Tensor | None = None,
+                norm: torch.Tensor | None = None):
+        """The semantics of a sequence: input_ids (B, T) split into segments of N tokens from
+        its start (the last may be partial), each run by `step` on the state the previous one
+        left. -> (logits (B, T, V), memory, norm)."""
+        if memory is None or norm is None:
+            memory, norm = self.init_state(input_ids.shape[0], input_ids.device)
+        outputs = []
+        for segment in input_ids.split(self.cfg.segment_len, dim=1):
+            logits, memory, norm = self.step(segment, memory, norm)
+            outputs.append(logits)
+        return torch.cat(outputs, dim=1), memory, norm
+
+
+def init_weights(model: InfiniLM, seed: int) -> InfiniLM:
+    """Random weights, reproducible from `seed`: normal(0, 0.02) for projections and
+    embeddings, residual output projections scaled by 1/sqrt(2L), norms 1, beta = gate_init."""
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("beta"):
+                p.fill_(cfg.gate_init)
+            elif "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                std = 0.02
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    std /= math.sqrt(2 * cfg.n_layers)
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+    return model

@@ -1,0 +1,1 @@
+"""The custom memory-update op: contract, reference, Triton kernel, TensorRT registration."""

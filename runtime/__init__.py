@@ -1,0 +1,1 @@
+"""Running and checking exported Infini-attention models."""
