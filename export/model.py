@@ -47,8 +47,8 @@ class Norm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_tables(start: int | torch.Tensor, length: int, head_dim: int, theta: float,
-                style: str, dtype: torch.dtype, device: torch.device):
+def rope_tables(start: int, length: int, head_dim: int, theta: float, style: str,
+                dtype: torch.dtype, device: torch.device):
     """cos, sin (length, head_dim) for positions start .. start+length-1."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=work, device=device) / head_dim)
@@ -92,9 +92,11 @@ class Attention(nn.Module):
         self.beta = nn.Parameter(torch.full((cfg.n_heads,), float(cfg.gate_init)))
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor],
                 past: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """x (B, S, d); memory (B, Hkv, dk, dv); norm (B, Hkv, dk); past: the raw keys and
-        values (B, Hkv, P, hd) of the tokens before x in the same segment (decoding).
+        """x (B, S, d); memory (B, Hkv, dk, dv); norm (B, Hkv, dk); rope: cos, sin (P+S, hd)
+        for segment positions 0 .. P+S-1; past: the raw keys and values (B, Hkv, P, hd) of the
+        tokens before x in the same segment (decoding).
 
         Returns (out (B, S, d), k, v): k and v (B, Hkv, S, hd) are the new tokens' raw keys
         and values, for the memory update and the decoding cache.
@@ -112,8 +114,7 @@ class Attention(nn.Module):
         if past is not None:
             k_all, v_all = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         start = k_all.shape[2] - s
-        cos, sin = rope_tables(0, k_all.shape[2], hd, cfg.rope_theta, cfg.rope_style,
-                               x.dtype, x.device)
+        cos, sin = rope
         q_rot = apply_rope(q, cos[start:], sin[start:], cfg.rope_style)
         k_rot = apply_rope(k_all, cos, sin, cfg.rope_style)
         if past is None:
@@ -165,9 +166,9 @@ class Block(nn.Module):
         self.mlp_norm = Norm(cfg.d_model, cfg.norm_kind, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, memory, norm, past=None):
+    def forward(self, x, memory, norm, rope, past=None):
         """-> (x, k, v): the block's output and the raw keys/values of its new tokens."""
-        a, k, v = self.attn(self.attn_norm(x), memory, norm, past)
+        a, k, v = self.attn(self.attn_norm(x), memory, norm, rope, past)
         x = x + a
         x = x + self.mlp(self.mlp_norm(x))
         return x, k, v
@@ -203,9 +204,13 @@ class InfiniLM(nn.Module):
                past: list | None = None):
         """Run the blocks: -> (final hidden (B, S, d), [(k, v) raw, per layer])."""
         x = self.embed(input_ids)
+        cfg = self.cfg
+        length = input_ids.shape[1] + (0 if past is None else past[0][0].shape[2])
+        rope = rope_tables(0, length, cfg.head_dim, cfg.rope_theta, cfg.rope_style, x.dtype,
+                           x.device)
         new_kv = []
         for i, block in enumerate(self.layers):
-            x, k, v = block(x, memory[i], norm[i], None if past is None else past[i])
+            x, k, v = block(x, memory[i], norm[i], rope, None if past is None else past[i])
             new_kv.append((k, v))
         return self.final_norm(x), new_kv
 

@@ -1,0 +1,101 @@
+"""The one table of graph inputs and outputs: names, dtypes, shapes and dynamic axes.
+
+The exporter, the engine profiles, the runners and the validator all read it, from here or
+from the copy that every export writes into its manifest.
+
+Dims are ints (fixed by the config) or the names of dynamic axes ("batch", "seq").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import InfiniConfig
+
+SEGMENT = "segment"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                         # numpy dtype name
+    dims: tuple[int | str, ...]
+    doc: str = ""
+
+    def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        """The concrete shape for the given sizes of the dynamic axes."""
+        return tuple(d if isinstance(d, int) else sizes[d] for d in self.dims)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims), "doc": self.doc}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["dims"]), d.get("doc", ""))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph: its I/O, its dynamic axes (name -> (min, max or None)) and the
+    state it carries from one call to the next (input name -> output name)."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    axes: dict[str, tuple[int, int | None]]
+    state: dict[str, str] = field(default_factory=dict)
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def torch_dynamic_shapes(self) -> tuple[dict[int, Any], ...]:
+        """`dynamic_shapes` for torch.export, one Dim object per axis name (shared by every
+        input that has that axis, as torch.export requires)."""
+        from torch.export import Dim
+
+        dims = {}
+        for name, (lo, hi) in self.axes.items():
+            dims[name] = Dim(name, min=lo, max=hi) if hi is not None else Dim(name, min=lo)
+        return tuple({i: dims[d] for i, d in enumerate(t.dims) if isinstance(d, str)}
+                     for t in self.inputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs],
+                "axes": {k: {"min": lo, "max": hi} for k, (lo, hi) in self.axes.items()},
+                "state": dict(self.state)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GraphSpec":
+        return cls(d["name"], tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+                   tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+                   {k: (v["min"], v["max"]) for k, v in d["axes"].items()}, dict(d["state"]))
+
+
+def segment_graph(cfg: InfiniConfig) -> GraphSpec:
+    """The segment step: (input_ids, memory, norm) -> (logits, memory_out, norm_out)."""
+    L, H, dk, dv = cfg.n_layers, cfg.n_kv_heads, cfg.dk, cfg.dv
+    memory = ("memory", "float32", (L, "batch", H, dk, dv), "compressive memory M, per layer")
+    norm = ("norm", "float32", (L, "batch", H, dk), "normalizer z, per layer")
+    return GraphSpec(
+        name=SEGMENT,
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "seq"), "token ids of one segment"),
+                TensorSpec(*memory), TensorSpec(*norm)),
+        outputs=(TensorSpec("logits", "float32", ("batch", "seq", cfg.vocab_size),
+                            "next-token logits"),
+                 TensorSpec("memory_out", "float32", memory[2], "M after the segment"),
+                 TensorSpec("norm_out", "float32", norm[2], "z after the segment")),
+        axes={"batch": (1, None), "seq": (1, cfg.segment_len)},
+        state={"memory": "memory_out", "norm": "norm_out"},
+    )

@@ -1,0 +1,103 @@
+"""The manifest (`manifest.json`) that every export directory carries: what was exported, from
+what, with which tools, and the hashes of its files. Engines built later are recorded in it."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import InfiniConfig
+from .errors import InfiniTrtError
+from .io_spec import GraphSpec
+
+MANIFEST_FILE = "manifest.json"
+FORMAT, FORMAT_VERSION = "infini-trt-export", 1
+
+
+def package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+@dataclass
+class Manifest:
+    path: Path                                   # the export directory
+    config: InfiniConfig
+    dtype: str                                   # weights/compute dtype of the graphs
+    memory_op: str                               # "plugin" | "portable"
+    opset: int
+    graphs: dict[str, dict[str, Any]]            # name -> {"file", "files": {name: sha256}, "io"}
+    plugin: dict[str, Any] | None = None
+    tokenizer: str | None = None                 # file name inside the export dir
+    source: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+    engines: dict[str, Any] = field(default_factory=dict)
+
+    def graph(self, name: str) -> GraphSpec:
+        if name not in self.graphs:
+            raise InfiniTrtError(f"{self.path} has no '{name}' graph (it has: "
+                                 f"{', '.join(self.graphs)}); re-export with this infini-trt")
+        return GraphSpec.from_dict(self.graphs[name]["io"])
+
+    def graph_file(self, name: str) -> Path:
+        self.graph(name)
+        return self.path / self.graphs[name]["file"]
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        return self.path / self.tokenizer if self.tokenizer else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": self.versions,
+                "config": self.config.to_dict(), "dtype": self.dtype,
+                "memory_op": self.memory_op, "opset": self.opset, "plugin": self.plugin,
+                "tokenizer": self.tokenizer, "source": self.source, "graphs": self.graphs,
+                "engines": self.engines}
+
+    def write(self, directory: Path | None = None) -> Path:
+        target = (directory or self.path) / MANIFEST_FILE
+        target.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return target
+
+
+def is_export_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read an export directory's manifest, with one clear message for each way it can fail."""
+    path = Path(path)
+    if not path.exists():
+        raise InfiniTrtError(f"no such export directory: {path}")
+    file = path / MANIFEST_FILE
+    if not file.is_file():
+        raise InfiniTrtError(f"{path} is not an infini-trt export (no {MANIFEST_FILE}); "
+                             f"create one with `infini-trt export`")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InfiniTrtError(f"{file} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise InfiniTrtError(f"{file} is not an infini-trt export manifest")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise InfiniTrtError(f"{file}: format_version {data.get('format_version')!r} is not "
+                             f"supported (this infini-trt reads {FORMAT_VERSION}); re-export")
+    try:
+        manifest = Manifest(path=path, config=InfiniConfig.from_dict(data["config"]),
+                            dtype=data["dtype"], memory_op=data["memory_op"],
+                            opset=data["opset"], graphs=data["graphs"], plugin=data["plugin"],
+                            tokenizer=data.get("tokenizer"), source=data.get("source", {}),
+                            versions=data.get("versions", {}), engines=data.get("engines", {}))
+    except KeyError as exc:
+        raise InfiniTrtError(f"{file}: missing field {exc}") from None
+    except InfiniTrtError as exc:
+        raise InfiniTrtError(f"{file}: {exc}") from None
+    for name, graph in manifest.graphs.items():
+        if not (path / graph["file"]).is_file():
+            raise InfiniTrtError(f"{path}: the {name} graph file {graph['file']} is missing")
+    return manifest

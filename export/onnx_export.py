@@ -1,0 +1,192 @@
+"""Export a checkpoint to ONNX: the segment step graph, its memory-update nodes and manifest.
+
+    export_checkpoint("ckpt/", "out/")   ->  out/model.onnx, out/manifest.json (+ tokenizer)
+
+With memory_op="plugin" every layer's memory update is one custom node
+(`infini::LinearMemoryUpdate` or `infini::DeltaMemoryUpdate`, with `plugin_namespace` and
+`plugin_version` attributes) and the model carries the op's reference decomposition as a
+model-local ONNX function of the same name; "portable" traces the update into plain ops.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import torch
+
+from infini_trt.plugins.memory_update import contract
+from infini_trt.plugins.memory_update.onnx_function import memory_update_function
+
+from . import memory_op
+from .checkpoint import dtype_from_name, dtype_name, load_checkpoint, read_checkpoint
+from .errors import InfiniTrtError
+from .files import atomic_dir, sha256_file
+from .io_spec import GraphSpec, segment_graph
+from .manifest import Manifest, package_version
+from .model import InfiniLM
+
+MEMORY_OPS = ("plugin", "portable")
+OPSETS = range(18, 24)
+EXTERNAL_DATA_BYTES = 1 << 30        # above this, weights go to <file>.data beside the graph
+
+
+class SegmentStep(torch.nn.Module):
+    """forward = InfiniLM.step, logits in float32 whatever the compute dtype."""
+
+    def __init__(self, model: InfiniLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, memory, norm):
+        logits, memory_out, norm_out = self.model.step(input_ids, memory, norm)
+        return logits.float(), memory_out, norm_out
+
+
+def example_inputs(spec: GraphSpec, sizes: dict[str, int]) -> tuple[torch.Tensor, ...]:
+    """Zero inputs of the spec's shapes (sizes >= 2, so that torch.export keeps axes dynamic)."""
+    return tuple(torch.zeros(t.shape(sizes), dtype=getattr(torch, t.dtype)) for t in spec.inputs)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx speaks a lot (warnings, logs, prints); keep it for errors only."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo",
+                                              "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def trace_to_onnx(module: torch.nn.Module, spec: GraphSpec, example: tuple,
+                  opset: int, plugin: bool) -> onnx.ModelProto:
+    """torch.onnx (dynamo) export of `module` under the I/O names and dynamic axes of `spec`."""
+    context = memory_op.plugin_nodes() if plugin else contextlib.nullcontext()
+    with _quiet_exporter(), context, torch.no_grad():
+        program = torch.onnx.export(
+            module, example, dynamo=True, opset_version=opset, optimize=True,
+            input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_shapes=spec.torch_dynamic_shapes(), verbose=False)
+    return program.model_proto
+
+
+def _path_name(node: onnx.NodeProto) -> str:
+    """'/layers.3/attn/qkv_proj/MatMul' from the exporter's name scopes."""
+    props = {p.key: p.value for p in node.metadata_props}
+    if memory_op.LAYER_METADATA in props:
+        return f"/layers.{props[memory_op.LAYER_METADATA]}/memory_update"
+    try:
+        scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+    except (ValueError, SyntaxError):
+        scopes = []
+    modules = [s for s in scopes[:-1] if s and not s.startswith("_")]
+    path = modules[-1].removeprefix("model.").replace(".", "/") if modules else ""
+    path = path.replace("layers/", "layers.")
+    return f"/{path}/{node.op_type}" if path else f"/{node.op_type}"
+
+
+def finalize(proto: onnx.ModelProto, spec: GraphSpec, rule: str | None, opset: int,
+             doc: str) -> onnx.ModelProto:
+    """Path-style node names, the memory-update function, and checks of the I/O table."""
+    seen: dict[str, int] = {}
+    for node in proto.graph.node:
+        name = _path_name(node)
+        seen[name] = seen.get(name, 0) + 1
+        node.name = name if seen[name] == 1 else f"{name}_{seen[name] - 1}"
+    if rule is not None:
+        del proto.functions[:]
+        proto.functions.append(memory_update_function(rule, opset))
+        n_custom = sum(n.domain == contract.NAMESPACE for n in proto.graph.node)
+        if n_custom == 0:
+            raise RuntimeError("export produced no memory-update node")  # a bug, not user error
+    got = ([i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
+    if got != (spec.input_names, spec.output_names):
+        raise RuntimeError(f"exported I/O {got} differs from the I/O table")
+    proto.doc_string = doc
+    proto.producer_name = "infini-trt"
+    proto.producer_version = package_version("infini-trt") or "dev"
+    return proto
+
+
+def save_onnx(proto: onnx.ModelProto, path: Path) -> dict[str, str]:
+    """Save (external data when large), run the full ONNX checker, return {file: sha256}."""
+    size = sum(len(t.raw_data) for t in proto.graph.initializer)
+    external = size > EXTERNAL_DATA_BYTES
+    onnx.save_model(proto, str(path), save_as_external_data=external,
+                    location=path.name + ".data" if external else None)
+    onnx.checker.check_model(str(path), full_check=True)
+    files = [path] + ([path.with_name(path.name + ".data")] if external else [])
+    return {f.name: sha256_file(f) for f in files}
+
+
+def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plugin",
+                 opset: int = 20, force: bool = False, source: dict | None = None,
+                 tokenizer: Path | None = None,
+                 log: Callable[[str], None] = lambda s: None) -> Manifest:
+    """Export `model` (already in its export dtype) into the directory `output`."""
+    if memory_op_mode not in MEMORY_OPS:
+        raise InfiniTrtError(f"--memory-op must be one of {', '.join(MEMORY_OPS)}")
+    if opset not in OPSETS:
+        raise InfiniTrtError(f"--opset must be between {OPSETS.start} and {OPSETS.stop - 1}")
+    cfg = model.cfg
+    dtype = dtype_name(model.embed.weight.dtype)
+    if dtype == "float64":
+        raise InfiniTrtError("float64 is the reference dtype; export fp32, fp16 or bf16")
+    plugin = memory_op_mode == "plugin"
+    spec = segment_graph(cfg)
+    graphs = {}
+    with atomic_dir(output, force=force) as tmp:
+        log(f"tracing the segment graph ({cfg.n_layers} layers, {dtype}, opset {opset}) ...")
+        sizes = {"batch": 2, "seq": min(3, cfg.segment_len)} if cfg.segment_len > 1 else None
+        if sizes is None:
+            raise InfiniTrtError("segment_len must be at least 2 to export")
+        proto = trace_to_onnx(SegmentStep(model.eval()), spec, example_inputs(spec, sizes),
+                              opset, plugin)
+        proto = finalize(proto, spec, cfg.update_rule if plugin else None, opset,
+                         doc="infini-trt segment step: (input_ids, memory, norm) -> "
+                             "(logits, memory_out, norm_out)")
+        log("saving and checking model.onnx ...")
+        files = save_onnx(proto, tmp / "model.onnx")
+        graphs[spec.name] = {"file": "model.onnx", "files": files, "io": spec.to_dict()}
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        manifest = Manifest(
+            path=Path(output), config=cfg, dtype=dtype, memory_op=memory_op_mode, opset=opset,
+            graphs=graphs, tokenizer="tokenizer.json" if tokenizer is not None else None,
+            plugin=({"op_type": contract.op_type(cfg.update_rule),
+                     "namespace": contract.NAMESPACE, "version": contract.VERSION,
+                     "attributes": contract.attributes(cfg.update_rule, cfg.memory_eps)}
+                    if plugin else None),
+            source=source or {},
+            versions={name: package_version(name) for name in
+                      ("infini-trt", "torch", "onnx", "onnxscript")})
+        manifest.write(tmp)
+    return manifest
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | None = None,
+                      memory_op_mode: str = "plugin", opset: int = 20, force: bool = False,
+                      log: Callable[[str], None] = lambda s: None) -> Manifest:
+    """Load a native checkpoint, cast it to `dtype` (default: its own) and export it."""
+    ckpt = read_checkpoint(checkpoint)
+    model = load_checkpoint(checkpoint)
+    if dtype is not None:
+        model = model.to(dtype_from_name(dtype))
+    weights = ckpt.path / "model.safetensors"
+    source = {"checkpoint": str(ckpt.path.resolve()), "weights_sha256": sha256_file(weights),
+              "checkpoint_dtype": dtype_name(ckpt.dtype)}
+    return export_model(model, output, memory_op_mode, opset, force, source,
+                        ckpt.tokenizer_path, log)

@@ -1,0 +1,132 @@
+"""The runner contract, input checks shared by every backend, and `open_runner`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from infini_trt.export.config import InfiniConfig
+from infini_trt.export.errors import InfiniTrtError, InputError
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+class Runner:
+    """Runs the segment step of one model and carries its state (memory, norm) between calls.
+
+    Subclasses implement `_reset`, `_step`, `state` and `set_state`; `step` checks its input
+    first, so that every backend refuses bad tokens with the same clear message.
+    """
+
+    backend = "?"
+    config: InfiniConfig
+    dtype: str = "float32"          # compute dtype of the weights/graph
+    batch: int = 0
+
+    # lifecycle ---------------------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def description(self) -> str:
+        return f"{self.backend} ({self.dtype})"
+
+    # the contract ------------------------------------------------------------------------
+    def reset(self, batch: int) -> None:
+        """Start `batch` new sequences: M_0 = z_0 = 0."""
+        if batch < 1:
+            raise InputError(f"batch must be at least 1, got {batch}")
+        self.batch = batch
+        self._reset(batch)
+
+    def step(self, input_ids) -> torch.Tensor:
+        """One segment for every sequence: input_ids (B, S), 1 <= S <= segment_len ->
+        float32 logits (B, S, V) (a torch tensor on the runner's device). Advances the state."""
+        ids = self.check_ids(input_ids)
+        return self._step(ids)
+
+    def state(self) -> tuple[np.ndarray, np.ndarray]:
+        """The current (memory, norm) as host arrays."""
+        raise NotImplementedError
+
+    def set_state(self, memory: np.ndarray, norm: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _reset(self, batch: int) -> None:
+        raise NotImplementedError
+
+    def _step(self, ids: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+    # checks ------------------------------------------------------------------------------
+    def check_ids(self, input_ids) -> np.ndarray:
+        """-> int64 array (B, S), or InputError with what is wrong."""
+        if isinstance(input_ids, torch.Tensor):
+            input_ids = input_ids.detach().cpu().numpy()
+        ids = np.asarray(input_ids)
+        if not self.batch:
+            raise InputError("call reset(batch) before step()")
+        if ids.dtype.kind not in "iu":
+            raise InputError(f"input_ids must be integers, got {ids.dtype}")
+        if ids.ndim != 2 or ids.shape[0] != self.batch:
+            raise InputError(f"input_ids must have shape (batch={self.batch}, seq), "
+                             f"got {tuple(ids.shape)}")
+        n = self.config.segment_len
+        if not 1 <= ids.shape[1] <= n:
+            raise InputError(f"a segment step takes 1 to {n} tokens (segment_len), got "
+                             f"{ids.shape[1]}; longer inputs are streamed segment by segment")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            bad = int(ids.min() if ids.min() < 0 else ids.max())
+            raise InputError(f"token id {bad} is outside the vocabulary [0, "
+                             f"{self.config.vocab_size})")
+        return np.ascontiguousarray(ids, dtype=np.int64)
+
+    def check_state(self, memory: np.ndarray, norm: np.ndarray) -> None:
+        cfg, b = self.config, self.batch
+        for name, arr, shape in (("memory", memory, cfg.memory_shape(b)),
+                                 ("norm", norm, cfg.norm_shape(b))):
+            if tuple(arr.shape) != tuple(shape):
+                raise InputError(f"{name} must have shape {tuple(shape)}, got {tuple(arr.shape)}")
+
+
+def open_runner(model: str | Path, backend: str, device: str | None = None,
+                dtype: str | None = None, **options) -> Runner:
+    """A runner for `model` (a native checkpoint or an export directory) on `backend`.
+
+    A checkpoint given to onnxruntime/tensorrt is exported first (cached); an export directory
+    given to torch runs its source checkpoint in the export's dtype.
+    """
+    from infini_trt.export.manifest import is_export_dir, read_manifest
+
+    if backend not in BACKENDS:
+        raise InfiniTrtError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    path = Path(model)
+    if backend == "torch":
+        from .torch_runner import TorchRunner
+
+        if is_export_dir(path):
+            manifest = read_manifest(path)
+            source = manifest.source.get("checkpoint")
+            if not source or not Path(source).is_dir():
+                raise InfiniTrtError(f"{path} was exported from {source or 'an unknown source'}, "
+                                     f"which is not available; give the checkpoint itself")
+            return TorchRunner.from_checkpoint(source, device=device or "cpu",
+                                               dtype=dtype or manifest.dtype)
+        return TorchRunner.from_checkpoint(path, device=device or "cpu", dtype=dtype)
+    from infini_trt.runtime.cache import cached_export
+
+    export_dir = path if is_export_dir(path) else cached_export(path, dtype=dtype)
+    if backend == "onnxruntime":
+        from .ort_runner import OrtRunner
+
+        return OrtRunner(export_dir, device=device, **options)
+    from .trt_runner import TrtRunner  # noqa: F401  (issue: TensorRT runner)
+
+    return TrtRunner(export_dir, device=device, **options)

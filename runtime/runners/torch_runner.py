@@ -1,0 +1,47 @@
+"""The PyTorch runner: eager `InfiniLM.step`, state kept as device tensors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from infini_trt.export.checkpoint import dtype_from_name, dtype_name, load_checkpoint
+from infini_trt.export.model import InfiniLM
+
+from .base import Runner
+
+
+class TorchRunner(Runner):
+    backend = "torch"
+
+    def __init__(self, model: InfiniLM, device: str | torch.device = "cpu"):
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.config = model.cfg
+        self.dtype = dtype_name(model.embed.weight.dtype)
+        self.memory = self.norm = None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu",
+                        dtype: str | None = None) -> "TorchRunner":
+        cast = dtype_from_name(dtype) if dtype else None
+        return cls(load_checkpoint(path, device=device, dtype=cast), device)
+
+    def _reset(self, batch: int) -> None:
+        self.memory, self.norm = self.model.init_state(batch, self.device)
+
+    @torch.inference_mode()
+    def _step(self, ids: np.ndarray) -> torch.Tensor:
+        tokens = torch.from_numpy(ids).to(self.device)
+        logits, self.memory, self.norm = self.model.step(tokens, self.memory, self.norm)
+        return logits.float()
+
+    def state(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.memory.cpu().numpy(), self.norm.cpu().numpy()
+
+    def set_state(self, memory: np.ndarray, norm: np.ndarray) -> None:
+        self.check_state(memory, norm)
+        dtype = self.model.state_dtype
+        self.memory = torch.as_tensor(memory, dtype=dtype, device=self.device).clone()
+        self.norm = torch.as_tensor(norm, dtype=dtype, device=self.device).clone()

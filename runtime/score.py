@@ -1,0 +1,117 @@
+"""Teacher-forced scoring: logits and perplexity of a token sequence of any length."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from infini_trt.export.errors import InputError
+from infini_trt.export.files import atomic_file
+
+from .loop import Timer, stream
+from .resources import peak_rss_bytes
+from .runners.base import Runner
+
+
+@dataclass
+class ScoreResult:
+    backend: str
+    batch: int
+    tokens: int                 # per sequence
+    predicted: int              # positions with a next token, all sequences
+    nll: float                  # mean negative log-likelihood (nats/token)
+    perplexity: float
+    seconds: float
+    tokens_per_s: float
+    peak_rss_mb: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_tokens(path: str | Path, tokenizer=None) -> tuple[np.ndarray, bool]:
+    """A token file -> (ids (B, T) int64, was_1d). `.npy` holds ints ([T] or [B, T]); any
+    other file is text, encoded with `tokenizer`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such token file: {path}")
+    if path.suffix == ".npy":
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise InputError(f"{path} is not a readable .npy file ({exc})") from None
+        if ids.dtype.kind not in "iu":
+            raise InputError(f"{path} holds {ids.dtype} values; token ids must be integers")
+        if ids.ndim not in (1, 2) or ids.size == 0:
+            raise InputError(f"{path} must hold token ids of shape [T] or [B, T], got "
+                             f"{list(ids.shape)}")
+        return (ids[None] if ids.ndim == 1 else ids).astype(np.int64), ids.ndim == 1
+    if tokenizer is None:
+        raise InputError(f"{path} is text, and this model has no tokenizer")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is neither .npy nor UTF-8 text") from None
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise InputError(f"{path} holds no tokens")
+    return np.asarray(ids, dtype=np.int64)[None], True
+
+
+def score(runner: Runner, tokens: np.ndarray, logits_out: str | Path | None = None,
+          squeeze: bool = False, progress: bool | None = None) -> ScoreResult:
+    """Stream `tokens` (B, T) through `runner`; mean NLL of each next token, perplexity,
+    throughput. With `logits_out` every logit is written to a .npy file ((B,) T, V)."""
+    batch, total = tokens.shape
+    if total < 2:
+        raise InputError("scoring needs at least 2 tokens")
+    nll_sum, predicted = 0.0, 0
+    out = None
+    with Timer() as timer, _LogitsFile(logits_out, tokens.shape, runner.config.vocab_size,
+                                       squeeze) as out:
+        for start, logits in stream(runner, tokens, progress=progress, desc="score"):
+            s = logits.shape[1]
+            targets = torch.from_numpy(tokens[:, start + 1:start + s + 1]).to(logits.device)
+            n = targets.shape[1]
+            if n:
+                logp = torch.log_softmax(logits[:, :n].float(), dim=-1)
+                nll_sum -= float(logp.gather(-1, targets[..., None]).sum())
+                predicted += batch * n
+            if out is not None:
+                out.write(start, logits)
+    nll = nll_sum / predicted
+    return ScoreResult(runner.description, batch, total, predicted, nll, float(np.exp(nll)),
+                       timer.seconds, batch * total / timer.seconds, peak_rss_bytes() / 2**20)
+
+
+class _LogitsFile:
+    """A .npy written segment by segment (memory-mapped), renamed into place on success."""
+
+    def __init__(self, path, shape, vocab, squeeze):
+        self.path, self.shape, self.vocab, self.squeeze = path, shape, vocab, squeeze
+
+    def __enter__(self):
+        if self.path is None:
+            return None
+        self._atomic = atomic_file(self.path)
+        tmp = self._atomic.__enter__()
+        shape = (*self.shape, self.vocab)
+        self.array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                               shape=shape[1:] if self.squeeze else shape)
+        return self
+
+    def write(self, start: int, logits: torch.Tensor) -> None:
+        block = logits.float().cpu().numpy()
+        if self.squeeze:
+            self.array[start:start + block.shape[1]] = block[0]
+        else:
+            self.array[:, start:start + block.shape[1]] = block
+
+    def __exit__(self, *exc):
+        if self.path is None:
+            return False
+        self.array.flush()
+        del self.array
+        return self._atomic.__exit__(*exc)

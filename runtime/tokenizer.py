@@ -1,0 +1,56 @@
+"""Tokenizers: a Hugging Face `tokenizer.json` when the model has one, bytes otherwise."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from infini_trt.export.errors import InfiniTrtError
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255 (the bundled small models)."""
+
+    name = "byte-level"
+    eos_id: int | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A `tokenizers` tokenizer.json."""
+
+    def __init__(self, path: Path):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:  # pragma: no cover - a base dependency
+            raise InfiniTrtError("reading tokenizer.json needs the 'tokenizers' package") from None
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as exc:
+            raise InfiniTrtError(f"cannot read tokenizer {path}: {exc}") from None
+        self.name = str(path)
+        self.eos_id = None
+        for candidate in ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<eos>"):
+            token_id = self.tok.token_to_id(candidate)
+            if token_id is not None:
+                self.eos_id = token_id
+                break
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_tokenizer(path: Path | None, vocab_size: int):
+    """The model's tokenizer.json, else bytes (which needs a vocabulary of at least 256)."""
+    if path is not None:
+        return HFTokenizer(path)
+    if vocab_size < 256:
+        raise InfiniTrtError(f"this model has no tokenizer.json and its vocabulary ({vocab_size}) "
+                             f"is too small for bytes; give token ids as a .npy file")
+    return ByteTokenizer()

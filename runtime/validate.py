@@ -1,0 +1,226 @@
+"""Parity of the exported graphs with the PyTorch reference, over many segments.
+
+Every backend carries its own state from segment to segment (no resets, no shared state), so
+errors that accumulate in the recurrence show up. The reference is the PyTorch model of the
+same checkpoint in float64. For each backend, output and segment: max abs error, relative RMS
+and cosine; greedy next-token agreement; NaN/Inf fails.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from infini_trt.export.checkpoint import WEIGHTS_FILE, read_checkpoint
+from infini_trt.export.errors import InfiniTrtError
+from infini_trt.export.files import sha256_file
+from infini_trt.export.manifest import read_manifest
+
+from .loop import progress_bar
+from .metrics import Errors, errors
+from .runners.base import Runner
+
+OUTPUTS = ("logits", "memory_out", "norm_out")
+# relative RMS against the float64 reference, by the dtype of the exported graph
+DEFAULT_TOLERANCES = {
+    "float32": {"logits": 1e-5, "memory_out": 1e-5, "norm_out": 1e-5},
+    "float16": {"logits": 2e-2, "memory_out": 2e-2, "norm_out": 2e-2},
+    "bfloat16": {"logits": 6e-2, "memory_out": 6e-2, "norm_out": 6e-2},
+}
+DEFAULT_MIN_GREEDY = {"float32": 0.99, "float16": 0.9, "bfloat16": 0.8}
+
+
+@dataclass
+class OutputReport:
+    name: str
+    tolerance: float
+    per_segment: list[Errors] = field(default_factory=list)
+
+    @property
+    def max_abs(self) -> float:
+        return max(e.max_abs for e in self.per_segment)
+
+    @property
+    def rel_rms(self) -> float:
+        return max(e.rel_rms for e in self.per_segment)
+
+    @property
+    def cosine(self) -> float:
+        return min(e.cosine for e in self.per_segment)
+
+    @property
+    def finite(self) -> bool:
+        return all(e.finite for e in self.per_segment)
+
+    @property
+    def passed(self) -> bool:
+        return self.finite and self.rel_rms <= self.tolerance
+
+    def to_dict(self) -> dict:
+        return {"tolerance_rel_rms": self.tolerance, "max_abs": self.max_abs,
+                "rel_rms": self.rel_rms, "cosine": self.cosine, "finite": self.finite,
+                "passed": self.passed, "per_segment": [e.to_dict() for e in self.per_segment]}
+
+
+@dataclass
+class BackendReport:
+    backend: str
+    outputs: dict[str, OutputReport]
+    min_greedy: float
+    agree: int = 0
+    positions: int = 0
+
+    @property
+    def greedy_agreement(self) -> float:
+        return self.agree / self.positions if self.positions else 1.0
+
+    @property
+    def passed(self) -> bool:
+        return (all(o.passed for o in self.outputs.values())
+                and self.greedy_agreement >= self.min_greedy)
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "passed": self.passed,
+                "greedy_agreement": self.greedy_agreement, "min_greedy": self.min_greedy,
+                "outputs": {k: v.to_dict() for k, v in self.outputs.items()}}
+
+
+@dataclass
+class ValidationReport:
+    checkpoint: str
+    export: str
+    dtype: str
+    segments: int
+    segment_len: int
+    partial: int
+    batch: int
+    seed: int
+    reference: str
+    backends: list[BackendReport]
+
+    @property
+    def passed(self) -> bool:
+        return all(b.passed for b in self.backends)
+
+    def to_dict(self) -> dict:
+        return {"checkpoint": self.checkpoint, "export": self.export, "dtype": self.dtype,
+                "segments": self.segments, "segment_len": self.segment_len,
+                "partial_segment_tokens": self.partial, "batch": self.batch, "seed": self.seed,
+                "reference": self.reference, "passed": self.passed,
+                "backends": [b.to_dict() for b in self.backends]}
+
+    def table(self) -> str:
+        lines = [f"reference: {self.reference}; {self.segments} segments of {self.segment_len} "
+                 f"+ {self.partial} tokens, batch {self.batch}, seed {self.seed}",
+                 f"{'backend':26s} {'output':11s} {'max abs':>9s} {'rel RMS':>9s} "
+                 f"{'tol':>7s} {'cosine':>9s} {'first->last seg rel RMS':>24s}  result"]
+        for b in self.backends:
+            for i, (name, o) in enumerate(b.outputs.items()):
+                first, last = o.per_segment[0].rel_rms, o.per_segment[-1].rel_rms
+                lines.append(f"{b.backend if i == 0 else '':26s} {name:11s} {o.max_abs:9.2e} "
+                             f"{o.rel_rms:9.2e} {o.tolerance:7.0e} {o.cosine:9.6f} "
+                             f"{first:11.2e} -> {last:9.2e}  "
+                             f"{'ok' if o.passed else ('NaN/Inf' if not o.finite else 'FAIL')}")
+            lines.append(f"{'':26s} {'greedy':11s} {b.greedy_agreement:>9.2%} agreement "
+                         f"(min {b.min_greedy:.0%})  "
+                         f"{'ok' if b.greedy_agreement >= b.min_greedy else 'FAIL'}")
+        lines.append("PASSED" if self.passed else "FAILED")
+        return "\n".join(lines)
+
+
+def parse_tolerances(items: list[str]) -> dict[str, float]:
+    """['logits=1e-4', 'memory_out=1e-3'] -> dict; a bare number sets every output."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, _, value = item.rpartition("=")
+        names = [name] if name else list(OUTPUTS)
+        for n in names:
+            if n not in OUTPUTS:
+                raise InfiniTrtError(f"--tol: unknown output {n!r}; outputs are "
+                                     f"{', '.join(OUTPUTS)}")
+            try:
+                out[n] = float(value)
+            except ValueError:
+                raise InfiniTrtError(f"--tol: {value!r} is not a number") from None
+    return out
+
+
+def check_export_matches(checkpoint: Path, export_dir: Path) -> None:
+    """Refuse to compare an export with a checkpoint it was not made from."""
+    ckpt, manifest = read_checkpoint(checkpoint), read_manifest(export_dir)
+    if ckpt.config != manifest.config:
+        raise InfiniTrtError(f"{export_dir} was exported from a model with another config "
+                             f"than {checkpoint}")
+    exported = manifest.source.get("weights_sha256")
+    if exported and exported != sha256_file(ckpt.path / WEIGHTS_FILE):
+        raise InfiniTrtError(f"{export_dir} was exported from other weights than {checkpoint}")
+
+
+def validate(reference: Runner, candidates: list[Runner], segments: int = 8, batch: int = 2,
+             seed: int = 0, tolerances: dict[str, float] | None = None,
+             min_greedy: float | None = None, dtype: str = "float32",
+             progress: bool | None = None, labels: tuple[str, str] = ("", "")
+             ) -> ValidationReport:
+    """Run `reference` and every candidate over `segments` full segments plus a partial one
+    of random tokens, each carrying its own state, and compare."""
+    cfg = reference.config
+    if segments < 1:
+        raise InfiniTrtError("--segments must be at least 1")
+    n = cfg.segment_len
+    rng = np.random.default_rng(seed)
+    partial = int(rng.integers(1, n)) if n > 1 else 0
+    tokens = rng.integers(0, cfg.vocab_size, size=(batch, segments * n + partial), dtype=np.int64)
+    tol = {**DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES["float32"]), **(tolerances or {})}
+    greedy = DEFAULT_MIN_GREEDY.get(dtype, 0.99) if min_greedy is None else min_greedy
+    reports = [BackendReport(c.description, {o: OutputReport(o, tol[o]) for o in OUTPUTS}, greedy)
+               for c in candidates]
+    for runner in (reference, *candidates):
+        runner.reset(batch)
+    with progress_bar(tokens.size * (1 + len(candidates)), "validate", progress) as bar:
+        for start in range(0, tokens.shape[1], n):
+            ids = tokens[:, start:start + n]
+            ref_logits = reference.step(ids).double().cpu().numpy()
+            ref_state = reference.state()
+            bar.update(ids.size)
+            ref_next = ref_logits.argmax(-1)
+            for runner, report in zip(candidates, reports):
+                logits = runner.step(ids).float().cpu().numpy()
+                state = runner.state()
+                bar.update(ids.size)
+                for name, want, got in zip(OUTPUTS, (ref_logits, *ref_state), (logits, *state)):
+                    report.outputs[name].per_segment.append(errors(want, got))
+                report.agree += int((logits.argmax(-1) == ref_next).sum())
+                report.positions += ref_next.size
+    return ValidationReport(labels[0], labels[1], dtype, segments, n, partial, batch, seed,
+                            reference.description, reports)
+
+
+def validate_export(checkpoint: str | Path, export_dir: str | Path, segments: int = 8,
+                    batch: int = 2, seed: int = 0, tolerances: dict[str, float] | None = None,
+                    min_greedy: float | None = None, include_torch: bool = True,
+                    extra: list[Runner] | None = None, progress: bool | None = None,
+                    log: Callable[[str], None] = lambda s: None) -> ValidationReport:
+    """validate() with the float64 PyTorch reference of `checkpoint`, PyTorch in the export's
+    dtype, ONNX Runtime on `export_dir`, and any `extra` runners (TensorRT)."""
+    from .runners.ort_runner import OrtRunner
+    from .runners.torch_runner import TorchRunner
+
+    checkpoint, export_dir = Path(checkpoint), Path(export_dir)
+    check_export_matches(checkpoint, export_dir)
+    dtype = read_manifest(export_dir).dtype
+    reference = TorchRunner.from_checkpoint(checkpoint, dtype="float64")
+    candidates: list[Runner] = []
+    if include_torch:
+        candidates.append(TorchRunner.from_checkpoint(checkpoint, dtype=dtype))
+    candidates.append(OrtRunner(export_dir))
+    candidates.extend(extra or [])
+    log(f"comparing {', '.join(c.description for c in candidates)} with "
+        f"{reference.description} ...")
+    try:
+        return validate(reference, candidates, segments, batch, seed, tolerances, min_greedy,
+                        dtype, progress, labels=(str(checkpoint), str(export_dir)))
+    finally:
+        for runner in (reference, *candidates):
+            runner.close()
