@@ -54,3 +54,18 @@ def load_tokenizer(path: Path | None, vocab_size: int):
         raise InfiniTrtError(f"this model has no tokenizer.json and its vocabulary ({vocab_size}) "
                              f"is too small for bytes; give token ids as a .npy file")
     return ByteTokenizer()
+
+
+def tokenizer_file(model: str | Path) -> Path | None:
+    """The tokenizer.json of a checkpoint or export directory, if it has one."""
+    from infini_trt.export.manifest import is_export_dir, read_manifest
+
+    if is_export_dir(model):
+        return read_manifest(model).tokenizer_path
+    candidate = Path(model) / "tokenizer.json"
+    return candidate if candidate.is_file() else None
+
+
+def model_tokenizer(model: str | Path, vocab_size: int):
+    """The tokenizer of a checkpoint or export directory (bytes when it has none)."""
+    return load_tokenizer(tokenizer_file(model), vocab_size)

@@ -1,0 +1,32 @@
+"""`export`: a checkpoint to ONNX."""
+from __future__ import annotations
+
+import click
+
+from .options import DTYPE_CHOICE
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Export directory to write (model.onnx, manifest.json).")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None,
+              help="Compute dtype of the graph [default: the checkpoint's]. State stays fp32.")
+@click.option("--memory-op", type=click.Choice(["plugin", "portable"]), default="plugin",
+              help="plugin: one custom node per layer (+ its ONNX function); "
+                   "portable: plain ONNX ops.")
+@click.option("--opset", default=20, type=click.IntRange(18, 23), help="ONNX opset.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+def export(checkpoint: str, output: str, dtype: str | None, memory_op: str, opset: int,
+           force: bool) -> None:
+    """Export a checkpoint to an ONNX segment-step graph with its manifest."""
+    from infini_trt.export.onnx_export import export_checkpoint
+
+    manifest = export_checkpoint(checkpoint, output, dtype=dtype, memory_op_mode=memory_op,
+                                 opset=opset, force=force, log=click.echo)
+    files = ", ".join(f for g in manifest.graphs.values() for f in g["files"])
+    click.echo(f"wrote {output}: {files}, manifest.json ({manifest.dtype}, "
+               f"memory op: {memory_op}, opset {opset})")
+
+
+COMMANDS = [export]

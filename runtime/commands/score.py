@@ -1,0 +1,58 @@
+"""`score`: teacher-forced logits and perplexity."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .options import BACKEND_CHOICE, DEVICE_CHOICE
+
+
+@click.command()
+@click.argument("model", type=click.Path())
+@click.option("--tokens", "token_file", required=True, type=click.Path(),
+              help=".npy of int token ids ([T] or [B,T]), or a text file (tokenized with the "
+                   "model's tokenizer).")
+@click.option("--backend", type=BACKEND_CHOICE, default="onnxruntime")
+@click.option("--device", type=DEVICE_CHOICE, default=None,
+              help="Where to run [default: cuda when the backend has it, else cpu].")
+@click.option("--logits-out", type=click.Path(dir_okay=False), default=None,
+              help="Write all logits to this .npy file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar [default: on a terminal].")
+def score(model: str, token_file: str, backend: str, device: str | None,
+          logits_out: str | None, as_json: bool, progress: bool | None) -> None:
+    """Teacher-forced logits and perplexity of a token sequence of any length.
+
+    MODEL is a native checkpoint or an export directory (a checkpoint is exported first, and
+    the export cached, for the onnxruntime and tensorrt backends)."""
+    from infini_trt.runtime.runners import open_runner
+    from infini_trt.runtime.score import read_tokens, score as run_score
+    from infini_trt.runtime.tokenizer import model_tokenizer
+
+    with open_runner(model, backend, device=device) as runner:
+        text_tokenizer = _Lazy(lambda: model_tokenizer(model, runner.config.vocab_size))
+        tokens, was_1d = read_tokens(token_file, text_tokenizer)
+        result = run_score(runner, tokens, logits_out, squeeze=was_1d, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"{result.backend}: {result.tokens:,} tokens x {result.batch}, perplexity "
+               f"{result.perplexity:.4f} (NLL {result.nll:.4f} nats/token), "
+               f"{result.tokens_per_s:,.0f} tokens/s, peak RSS {result.peak_rss_mb:,.0f} MiB")
+    if logits_out:
+        click.echo(f"logits written to {logits_out}")
+
+
+class _Lazy:
+    """A tokenizer made only if a text file needs it."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def encode(self, text: str):
+        return self.make().encode(text)
+
+
+COMMANDS = [score]

@@ -1,0 +1,46 @@
+"""`validate`: parity of the exported graphs with the reference."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--onnx", "export_dir", required=True, type=click.Path(),
+              help="Export directory of this checkpoint.")
+@click.option("--segments", default=8, type=click.IntRange(1), help="Full segments to run.")
+@click.option("--batch", default=2, type=click.IntRange(1), help="Sequences per step.")
+@click.option("--seed", default=0, help="Seed of the random tokens.")
+@click.option("--tol", "tolerances", multiple=True, metavar="[OUTPUT=]REL_RMS",
+              help="Relative-RMS tolerance, per output (logits, memory_out, norm_out) or for "
+                   "all [default: by dtype, 1e-5 for fp32]. Repeatable.")
+@click.option("--min-greedy", type=click.FloatRange(0, 1), default=None,
+              help="Minimum greedy next-token agreement [default: by dtype, 0.99 for fp32].")
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help="Write the full report (per segment) as JSON.")
+@click.option("--progress/--no-progress", default=None)
+def validate(checkpoint: str, export_dir: str, segments: int, batch: int, seed: int,
+             tolerances: tuple[str, ...], min_greedy: float | None, report: str | None,
+             progress: bool | None) -> None:
+    """Compare PyTorch and ONNX Runtime with the float64 reference over many segments.
+
+    Each backend carries its own state across all segments. Exits 1 if any output is
+    outside its tolerance, has NaN/Inf, or greedy agreement is too low."""
+    from infini_trt.export.files import atomic_file
+    from infini_trt.runtime.validate import parse_tolerances, validate_export
+
+    result = validate_export(checkpoint, export_dir, segments, batch, seed,
+                             parse_tolerances(list(tolerances)), min_greedy,
+                             progress=progress, log=click.echo)
+    click.echo(result.table())
+    if report:
+        with atomic_file(report) as tmp:
+            tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        click.echo(f"report written to {report}")
+    if not result.passed:
+        raise SystemExit(1)
+
+
+COMMANDS = [validate]
