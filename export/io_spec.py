@@ -12,7 +12,7 @@ from typing import Any
 
 from .config import InfiniConfig
 
-SEGMENT = "segment"
+SEGMENT, EXTEND, FOLD = "segment", "extend", "fold"
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,21 @@ class GraphSpec:
                    {k: (v["min"], v["max"]) for k, v in d["axes"].items()}, dict(d["state"]))
 
 
+def _state(cfg: InfiniConfig):
+    L, H, dk, dv = cfg.n_layers, cfg.n_kv_heads, cfg.dk, cfg.dv
+    return (("memory", "float32", (L, "batch", H, dk, dv), "compressive memory M, per layer"),
+            ("norm", "float32", (L, "batch", H, dk), "normalizer z, per layer"))
+
+
+def _cache(cfg: InfiniConfig, dtype: str):
+    dims = (cfg.n_layers, "batch", cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
+    return (("k_cache", dtype, dims, "raw keys of the current segment, one slot per position"),
+            ("v_cache", dtype, dims, "values of the current segment"))
+
+
 def segment_graph(cfg: InfiniConfig) -> GraphSpec:
     """The segment step: (input_ids, memory, norm) -> (logits, memory_out, norm_out)."""
-    L, H, dk, dv = cfg.n_layers, cfg.n_kv_heads, cfg.dk, cfg.dv
-    memory = ("memory", "float32", (L, "batch", H, dk, dv), "compressive memory M, per layer")
-    norm = ("norm", "float32", (L, "batch", H, dk), "normalizer z, per layer")
+    memory, norm = _state(cfg)
     return GraphSpec(
         name=SEGMENT,
         inputs=(TensorSpec("input_ids", "int64", ("batch", "seq"), "token ids of one segment"),
@@ -97,5 +107,45 @@ def segment_graph(cfg: InfiniConfig) -> GraphSpec:
                  TensorSpec("memory_out", "float32", memory[2], "M after the segment"),
                  TensorSpec("norm_out", "float32", norm[2], "z after the segment")),
         axes={"batch": (1, None), "seq": (1, cfg.segment_len)},
+        state={"memory": "memory_out", "norm": "norm_out"},
+    )
+
+
+def extend_graph(cfg: InfiniConfig, dtype: str) -> GraphSpec:
+    """Decoding: continue the current segment from the K/V cache (`InfiniLM.extend`):
+    (input_ids, start, length, k_cache, v_cache, memory, norm) -> (logits, k_cache_out,
+    v_cache_out). The caches are in the graph's compute `dtype`; memory/norm are only read."""
+    memory, norm = _state(cfg)
+    k_cache, v_cache = _cache(cfg, dtype)
+    return GraphSpec(
+        name=EXTEND,
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "seq"),
+                           "tokens at segment positions start .. start+seq-1"),
+                TensorSpec("start", "int64", ("batch",), "segment position of the first token"),
+                TensorSpec("length", "int64", ("batch",), "how many of the tokens are real"),
+                TensorSpec(*k_cache), TensorSpec(*v_cache), TensorSpec(*memory),
+                TensorSpec(*norm)),
+        outputs=(TensorSpec("logits", "float32", ("batch", "seq", cfg.vocab_size),
+                            "next-token logits"),
+                 TensorSpec("k_cache_out", dtype, k_cache[2], "k_cache with the tokens written"),
+                 TensorSpec("v_cache_out", dtype, v_cache[2], "v_cache with the tokens written")),
+        axes={"batch": (1, None), "seq": (1, cfg.segment_len)},
+        state={"k_cache": "k_cache_out", "v_cache": "v_cache_out"},
+    )
+
+
+def fold_graph(cfg: InfiniConfig, dtype: str) -> GraphSpec:
+    """Decoding: write the full segments held in the caches into memory where `fold` is true
+    (`InfiniLM.fold_cache`): (k_cache, v_cache, memory, norm, fold) -> (memory_out, norm_out)."""
+    memory, norm = _state(cfg)
+    k_cache, v_cache = _cache(cfg, dtype)
+    return GraphSpec(
+        name=FOLD,
+        inputs=(TensorSpec(*k_cache), TensorSpec(*v_cache), TensorSpec(*memory),
+                TensorSpec(*norm),
+                TensorSpec("fold", "bool", ("batch",), "which sequences completed a segment")),
+        outputs=(TensorSpec("memory_out", "float32", memory[2], "M after the fold"),
+                 TensorSpec("norm_out", "float32", norm[2], "z after the fold")),
+        axes={"batch": (1, None)},
         state={"memory": "memory_out", "norm": "norm_out"},
     )

@@ -91,53 +91,77 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
         self.beta = nn.Parameter(torch.full((cfg.n_heads,), float(cfg.gate_init)))
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor],
-                past: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """x (B, S, d); memory (B, Hkv, dk, dv); norm (B, Hkv, dk); rope: cos, sin (P+S, hd)
-        for segment positions 0 .. P+S-1; past: the raw keys and values (B, Hkv, P, hd) of the
-        tokens before x in the same segment (decoding).
-
-        Returns (out (B, S, d), k, v): k and v (B, Hkv, S, hd) are the new tokens' raw keys
-        and values, for the memory update and the decoding cache.
-        """
+    def project(self, x: torch.Tensor):
+        """x (B, S, d) -> raw q (B, H, S, hd), k and v (B, Hkv, S, hd)."""
         cfg = self.cfg
         b, s, _ = x.shape
-        hd, h, hkv, group = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.group_size
+        hd, h, hkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         q, k, v = self.qkv_proj(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
-        q = q.view(b, s, h, hd).transpose(1, 2)                   # (B, H, S, hd)
-        k = k.view(b, s, hkv, hd).transpose(1, 2)                 # (B, Hkv, S, hd)
-        v = v.view(b, s, hkv, hd).transpose(1, 2)                 # (B, Hkv, S, hd)
+        return (q.view(b, s, h, hd).transpose(1, 2), k.view(b, s, hkv, hd).transpose(1, 2),
+                v.view(b, s, hkv, hd).transpose(1, 2))
 
-        # local dot-product attention, RoPE inside the segment  # eq 6
-        k_all, v_all = k, v
-        if past is not None:
-            k_all, v_all = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        start = k_all.shape[2] - s
+    def combine(self, q: torch.Tensor, a_dot: torch.Tensor, memory: torch.Tensor,
+                norm: torch.Tensor) -> torch.Tensor:
+        """Read M_{s-1} with the un-rotated queries (eq 7), gate it with the local attention
+        a_dot (B, H, S, hd) (eq 10) and project the heads (eq 11) -> (B, S, d)."""
+        cfg = self.cfg
+        b, h, s, hd = q.shape
+        hkv, group = cfg.n_kv_heads, cfg.group_size
+        sigma_q = reference.sigma(q.to(memory.dtype))                      # state dtype
+        sigma_q = sigma_q.reshape(b, hkv, group * s, hd)                    # grouped by KV head
+        a_mem = reference.retrieve(sigma_q, memory, norm, cfg.memory_eps)   # eq 7
+        a_mem = a_mem.reshape(b, h, s, hd).to(a_dot.dtype)
+        present = reference.memory_present(norm, group) if cfg.empty_memory == "bypass" else None
+        a = reference.gate(a_mem, a_dot, self.beta.to(a_dot.dtype), present)    # eq 10
+        return self.o_proj(a.transpose(1, 2).reshape(b, s, h * hd))              # eq 11
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]):
+        """One segment. x (B, S, d); memory (B, Hkv, dk, dv); norm (B, Hkv, dk); rope: cos,
+        sin (S, hd) for positions 0 .. S-1.
+
+        Returns (out (B, S, d), k, v): k and v (B, Hkv, S, hd) are the raw keys and values of
+        the segment, for the memory update.
+        """
+        group, style = self.cfg.group_size, self.cfg.rope_style
+        q, k, v = self.project(x)
         cos, sin = rope
-        q_rot = apply_rope(q, cos[start:], sin[start:], cfg.rope_style)
-        k_rot = apply_rope(k_all, cos, sin, cfg.rope_style)
-        if past is None:
-            a_dot = F.scaled_dot_product_attention(
-                q_rot, expand_kv(k_rot, group), expand_kv(v_all, group), is_causal=True)
-        else:
-            visible = torch.ones(s, k_all.shape[2], dtype=torch.bool, device=x.device)
-            visible = visible.tril(diagonal=start)
-            a_dot = F.scaled_dot_product_attention(
-                q_rot, expand_kv(k_rot, group), expand_kv(v_all, group), attn_mask=visible)
+        q_rot, k_rot = apply_rope(q, cos, sin, style), apply_rope(k, cos, sin, style)
+        a_dot = F.scaled_dot_product_attention(                              # eq 6
+            q_rot, expand_kv(k_rot, group), expand_kv(v, group), is_causal=True)
+        return self.combine(q, a_dot, memory, norm), k, v
 
-        # retrieval from M_{s-1} with un-rotated queries, in the state's dtype  # eq 7
-        sigma_q = reference.sigma(q.to(memory.dtype))
-        sigma_q = sigma_q.reshape(b, hkv, group * s, hd)           # grouped by KV head
-        a_mem = reference.retrieve(sigma_q, memory, norm, cfg.memory_eps)
-        a_mem = a_mem.reshape(b, h, s, hd).to(x.dtype)
+    def extend(self, x: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
+               v_cache: torch.Tensor, start: torch.Tensor, length: torch.Tensor):
+        """Continue a segment from a cache (decoding). x (B, S, d) are tokens at segment
+        positions start .. start+S-1 of which the first `length` (B,) are real; k_cache and
+        v_cache (B, Hkv, N, hd) hold the raw keys/values of slots 0 .. start-1; rope: cos, sin
+        (N, hd) for positions 0 .. N-1.
 
-        present = None
-        if cfg.empty_memory == "bypass":
-            present = reference.memory_present(norm, group)
-        a = reference.gate(a_mem, a_dot, self.beta.to(x.dtype), present)    # eq 10
-        out = self.o_proj(a.transpose(1, 2).reshape(b, s, h * hd))         # eq 11
-        return out, k, v
+        Returns (out (B, S, d), k_cache_out, v_cache_out) with the new tokens written into
+        slots start .. start+length-1; other slots are unchanged.
+        """
+        group, style = self.cfg.group_size, self.cfg.rope_style
+        q, k, v = self.project(x)
+        s, n = x.shape[1], k_cache.shape[2]
+        slots = torch.arange(n, device=x.device)
+        offset = slots[None, :] - start[:, None]                             # (B, N)
+        written = (offset >= 0) & (offset < length[:, None])
+        source = offset.clamp(0, s - 1)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        where = written[:, None, :, None]
+        k_cache = torch.where(where, torch.gather(k, 2, source), k_cache)
+        v_cache = torch.where(where, torch.gather(v, 2, source), v_cache)
+
+        cos, sin = rope
+        positions = (start[:, None] + torch.arange(s, device=x.device)).clamp(max=n - 1)
+        q_rot = apply_rope(q, cos[positions][:, None], sin[positions][:, None], style)
+        k_rot = apply_rope(k_cache, cos, sin, style)
+        visible = slots[None, None, :] <= positions[:, :, None]              # (B, S, N)
+        a_dot = F.scaled_dot_product_attention(                              # eq 6
+            q_rot, expand_kv(k_rot, group), expand_kv(v_cache, group),
+            attn_mask=visible[:, None])
+        return self.combine(q, a_dot, memory, norm), k_cache, v_cache
 
 
 class MLP(nn.Module):
@@ -166,12 +190,18 @@ class Block(nn.Module):
         self.mlp_norm = Norm(cfg.d_model, cfg.norm_kind, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, memory, norm, rope, past=None):
-        """-> (x, k, v): the block's output and the raw keys/values of its new tokens."""
-        a, k, v = self.attn(self.attn_norm(x), memory, norm, rope, past)
+    def forward(self, x, memory, norm, rope):
+        """One segment -> (x, k, v): the block's output and the segment's raw keys/values."""
+        a, k, v = self.attn(self.attn_norm(x), memory, norm, rope)
         x = x + a
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, k, v
+        return x + self.mlp(self.mlp_norm(x)), k, v
+
+    def extend(self, x, memory, norm, rope, k_cache, v_cache, start, length):
+        """Continue a segment from a cache -> (x, k_cache_out, v_cache_out)."""
+        a, k_cache, v_cache = self.attn.extend(self.attn_norm(x), memory, norm, rope, k_cache,
+                                               v_cache, start, length)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
 
 
 class InfiniLM(nn.Module):
@@ -200,25 +230,15 @@ class InfiniLM(nn.Module):
         return memory, norm
 
     # ----------------------------------------------------------------------------- graphs
-    def hidden(self, input_ids: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
-               past: list | None = None):
-        """Run the blocks: -> (final hidden (B, S, d), [(k, v) raw, per layer])."""
-        x = self.embed(input_ids)
+    def rope(self, length: int, dtype: torch.dtype, device: torch.device):
+        """cos, sin (length, hd) for segment positions 0 .. length-1, shared by all layers."""
         cfg = self.cfg
-        length = input_ids.shape[1] + (0 if past is None else past[0][0].shape[2])
-        rope = rope_tables(0, length, cfg.head_dim, cfg.rope_theta, cfg.rope_style, x.dtype,
-                           x.device)
-        new_kv = []
-        for i, block in enumerate(self.layers):
-            x, k, v = block(x, memory[i], norm[i], rope, None if past is None else past[i])
-            new_kv.append((k, v))
-        return self.final_norm(x), new_kv
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return rope_tables(0, length, cfg.head_dim, cfg.rope_theta, cfg.rope_style, dtype,
+                           device)
 
     def fold(self, memory: torch.Tensor, norm: torch.Tensor, kv: list):
-        """Write a segment's raw keys/values into every layer's memory (eq 8 or 9)."""
+        """Write a segment's raw keys/values [(k, v) per layer] into every layer's memory
+        (eq 8 or 9) -> (memory_out, norm_out)."""
         memories, norms = [], []
         for i, (k, v) in enumerate(kv):
             m, z = memory_op.memory_update(memory[i], norm[i], k, v, self.cfg.update_rule,
@@ -230,9 +250,54 @@ class InfiniLM(nn.Module):
     def step(self, input_ids: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor):
         """One segment: input_ids (B, S) with S <= segment_len, memory (L, B, Hkv, dk, dv),
         norm (L, B, Hkv, dk) -> (logits (B, S, V), memory_out, norm_out)."""
-        hidden, kv = self.hidden(input_ids, memory, norm)
+        x = self.embed(input_ids)
+        rope = self.rope(input_ids.shape[1], x.dtype, x.device)
+        kv = []
+        for i, block in enumerate(self.layers):
+            x, k, v = block(x, memory[i], norm[i], rope)
+            kv.append((k, v))
         memory_out, norm_out = self.fold(memory, norm, kv)
-        return self.logits(hidden), memory_out, norm_out
+        return self.lm_head(self.final_norm(x)), memory_out, norm_out
+
+    # ------------------------------------------------------------------------- decoding
+    def init_cache(self, batch: int, device: torch.device | str | None = None):
+        """Empty K/V caches of one segment: (L, B, Hkv, N, hd) each, in the weights' dtype."""
+        cfg = self.cfg
+        device = self.embed.weight.device if device is None else device
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
+        dtype = self.embed.weight.dtype
+        return (torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device))
+
+    def extend(self, input_ids: torch.Tensor, start: torch.Tensor, length: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, memory: torch.Tensor,
+               norm: torch.Tensor):
+        """Continue the current segment of each sequence from its K/V cache.
+
+        input_ids (B, S): tokens at segment positions start .. start+S-1, of which the first
+        length[b] are real (the rest is padding, its logits meaningless); start, length (B,)
+        int64 with start + length <= N; caches (L, B, Hkv, N, hd); memory/norm are read, not
+        written. -> (logits (B, S, V), k_cache_out, v_cache_out). Decoding is S = 1.
+        """
+        x = self.embed(input_ids)
+        rope = self.rope(self.cfg.segment_len, x.dtype, x.device)
+        k_out, v_out = [], []
+        for i, block in enumerate(self.layers):
+            x, k, v = block.extend(x, memory[i], norm[i], rope, k_cache[i], v_cache[i], start,
+                                   length)
+            k_out.append(k)
+            v_out.append(v)
+        return self.lm_head(self.final_norm(x)), torch.stack(k_out), torch.stack(v_out)
+
+    def fold_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, memory: torch.Tensor,
+                   norm: torch.Tensor, fold: torch.Tensor):
+        """Write each full segment held in the caches into memory, where fold[b] is true
+        (others keep their state) -> (memory_out, norm_out)."""
+        kv = [(k_cache[i], v_cache[i]) for i in range(self.cfg.n_layers)]
+        memory_new, norm_new = self.fold(memory, norm, kv)
+        mask = fold.to(torch.bool)
+        return (torch.where(mask[None, :, None, None, None], memory_new, memory),
+                torch.where(mask[None, :, None, None], norm_new, norm))
 
     def forward(self, input_ids: torch.Tensor, memory: torch.Tensor | None = None,
                 norm: torch.Tensor | None = None):

@@ -28,7 +28,7 @@ from . import memory_op
 from .checkpoint import dtype_from_name, dtype_name, load_checkpoint, read_checkpoint
 from .errors import InfiniTrtError
 from .files import atomic_dir, sha256_file
-from .io_spec import GraphSpec, segment_graph
+from .io_spec import EXTEND, FOLD, SEGMENT, GraphSpec, extend_graph, fold_graph, segment_graph
 from .manifest import Manifest, package_version
 from .model import InfiniLM
 
@@ -49,9 +49,39 @@ class SegmentStep(torch.nn.Module):
         return logits.float(), memory_out, norm_out
 
 
+class ExtendStep(SegmentStep):
+    """forward = InfiniLM.extend (decoding), logits in float32."""
+
+    def forward(self, input_ids, start, length, k_cache, v_cache, memory, norm):
+        logits, k_out, v_out = self.model.extend(input_ids, start, length, k_cache, v_cache,
+                                                 memory, norm)
+        return logits.float(), k_out, v_out
+
+
+class FoldStep(SegmentStep):
+    """forward = InfiniLM.fold_cache (decoding: a completed segment into memory)."""
+
+    def forward(self, k_cache, v_cache, memory, norm, fold):
+        return self.model.fold_cache(k_cache, v_cache, memory, norm, fold)
+
+
+# graph name -> (module wrapping the model, file name, description)
+GRAPHS = {
+    SEGMENT: (SegmentStep, "model.onnx",
+              "segment step: (input_ids, memory, norm) -> (logits, memory_out, norm_out)"),
+    EXTEND: (ExtendStep, "extend.onnx",
+             "decoding: (input_ids, start, length, k_cache, v_cache, memory, norm) -> "
+             "(logits, k_cache_out, v_cache_out)"),
+    FOLD: (FoldStep, "fold.onnx",
+           "decoding: (k_cache, v_cache, memory, norm, fold) -> (memory_out, norm_out)"),
+}
+
+
 def example_inputs(spec: GraphSpec, sizes: dict[str, int]) -> tuple[torch.Tensor, ...]:
-    """Zero inputs of the spec's shapes (sizes >= 2, so that torch.export keeps axes dynamic)."""
-    return tuple(torch.zeros(t.shape(sizes), dtype=getattr(torch, t.dtype)) for t in spec.inputs)
+    """Zero inputs of the spec's shapes (sizes >= 2, so that torch.export keeps axes dynamic);
+    `length` inputs are ones, so that the traced graph writes into the cache."""
+    return tuple((torch.ones if t.name == "length" else torch.zeros)(
+        t.shape(sizes), dtype=getattr(torch, t.dtype)) for t in spec.inputs)
 
 
 @contextlib.contextmanager
@@ -146,21 +176,22 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
     if dtype == "float64":
         raise InfiniTrtError("float64 is the reference dtype; export fp32, fp16 or bf16")
     plugin = memory_op_mode == "plugin"
-    spec = segment_graph(cfg)
+    if cfg.segment_len < 2:
+        raise InfiniTrtError("segment_len must be at least 2 to export")
+    specs = [segment_graph(cfg), extend_graph(cfg, dtype), fold_graph(cfg, dtype)]
+    sizes = {"batch": 2, "seq": min(3, cfg.segment_len)}
     graphs = {}
     with atomic_dir(output, force=force) as tmp:
-        log(f"tracing the segment graph ({cfg.n_layers} layers, {dtype}, opset {opset}) ...")
-        sizes = {"batch": 2, "seq": min(3, cfg.segment_len)} if cfg.segment_len > 1 else None
-        if sizes is None:
-            raise InfiniTrtError("segment_len must be at least 2 to export")
-        proto = trace_to_onnx(SegmentStep(model.eval()), spec, example_inputs(spec, sizes),
-                              opset, plugin)
-        proto = finalize(proto, spec, cfg.update_rule if plugin else None, opset,
-                         doc="infini-trt segment step: (input_ids, memory, norm) -> "
-                             "(logits, memory_out, norm_out)")
-        log("saving and checking model.onnx ...")
-        files = save_onnx(proto, tmp / "model.onnx")
-        graphs[spec.name] = {"file": "model.onnx", "files": files, "io": spec.to_dict()}
+        for spec in specs:
+            wrapper, file, doc = GRAPHS[spec.name]
+            log(f"tracing the {spec.name} graph ({cfg.n_layers} layers, {dtype}, opset {opset})")
+            proto = trace_to_onnx(wrapper(model.eval()), spec, example_inputs(spec, sizes),
+                                  opset, plugin)
+            has_update = spec.name != EXTEND
+            proto = finalize(proto, spec, cfg.update_rule if plugin and has_update else None,
+                             opset, doc=f"infini-trt {doc}")
+            files = save_onnx(proto, tmp / file)
+            graphs[spec.name] = {"file": file, "files": files, "io": spec.to_dict()}
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         manifest = Manifest(

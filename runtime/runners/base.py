@@ -52,6 +52,32 @@ class Runner:
         ids = self.check_ids(input_ids)
         return self._step(ids)
 
+    def extend(self, input_ids, start, length) -> torch.Tensor:
+        """Decoding: continue each sequence's current segment from its K/V cache.
+
+        input_ids (B, S) are tokens at segment positions start[b] .. start[b]+S-1, of which the
+        first length[b] are real (the rest padding: their logits mean nothing and they are not
+        written); start + length <= segment_len. -> float32 logits (B, S, V). The caches live
+        in the runner; `reset` empties them; memory and norm are read, not changed."""
+        ids = self.check_ids(input_ids)
+        start = self._check_positions("start", start)
+        length = self._check_positions("length", length)
+        if (start + length > self.config.segment_len).any():
+            raise InputError(f"start + length must not pass the segment length "
+                             f"{self.config.segment_len}")
+        if (length > ids.shape[1]).any():
+            raise InputError("length must not exceed the number of tokens given")
+        return self._extend(ids, start, length)
+
+    def fold(self, mask) -> None:
+        """Decoding: write the full segment in the caches into memory for the sequences where
+        mask (B,) is true; the caller then starts their next segment at position 0."""
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (self.batch,):
+            raise InputError(f"fold mask must have shape ({self.batch},), got {mask.shape}")
+        if mask.any():
+            self._fold(mask)
+
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         """The current (memory, norm) as host arrays."""
         raise NotImplementedError
@@ -64,6 +90,12 @@ class Runner:
 
     def _step(self, ids: np.ndarray) -> torch.Tensor:
         raise NotImplementedError
+
+    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError(f"the {self.backend} runner does not decode")
+
+    def _fold(self, mask: np.ndarray) -> None:
+        raise NotImplementedError(f"the {self.backend} runner does not decode")
 
     # checks ------------------------------------------------------------------------------
     def check_ids(self, input_ids) -> np.ndarray:
@@ -87,6 +119,15 @@ class Runner:
             raise InputError(f"token id {bad} is outside the vocabulary [0, "
                              f"{self.config.vocab_size})")
         return np.ascontiguousarray(ids, dtype=np.int64)
+
+    def _check_positions(self, name: str, values) -> np.ndarray:
+        arr = np.asarray(values)
+        if arr.dtype.kind not in "iu" or arr.shape != (self.batch,):
+            raise InputError(f"{name} must be {self.batch} integers, got {arr.dtype} "
+                             f"{tuple(arr.shape)}")
+        if (arr < 0).any():
+            raise InputError(f"{name} must not be negative")
+        return arr.astype(np.int64)
 
     def check_state(self, memory: np.ndarray, norm: np.ndarray) -> None:
         cfg, b = self.config, self.batch

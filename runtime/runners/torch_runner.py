@@ -30,6 +30,22 @@ class TorchRunner(Runner):
 
     def _reset(self, batch: int) -> None:
         self.memory, self.norm = self.model.init_state(batch, self.device)
+        self.k_cache = self.v_cache = None
+
+    @torch.inference_mode()
+    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
+        if self.k_cache is None:
+            self.k_cache, self.v_cache = self.model.init_cache(self.batch, self.device)
+        tensors = [torch.from_numpy(a).to(self.device) for a in (ids, start, length)]
+        logits, self.k_cache, self.v_cache = self.model.extend(
+            *tensors, self.k_cache, self.v_cache, self.memory, self.norm)
+        return logits.float()
+
+    @torch.inference_mode()
+    def _fold(self, mask: np.ndarray) -> None:
+        self.memory, self.norm = self.model.fold_cache(
+            self.k_cache, self.v_cache, self.memory, self.norm,
+            torch.from_numpy(mask).to(self.device))
 
     @torch.inference_mode()
     def _step(self, ids: np.ndarray) -> torch.Tensor:

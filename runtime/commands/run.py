@@ -1,0 +1,104 @@
+"""`run`: prefill a prompt of any length, then stream the generated text."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .options import BACKEND_CHOICE, DEVICE_CHOICE
+
+
+@click.command()
+@click.argument("model", type=click.Path())
+@click.option("--prompt", "prompts", multiple=True,
+              help="Prompt text. Repeat for a batch of prompts (of any lengths).")
+@click.option("--prompt-file", "prompt_files", multiple=True, type=click.Path(dir_okay=False),
+              help="Read a prompt from a file (text, or .npy token ids). Repeatable.")
+@click.option("--backend", type=BACKEND_CHOICE, default="onnxruntime")
+@click.option("--device", type=DEVICE_CHOICE, default=None,
+              help="Where to run [default: cuda when the backend has it, else cpu].")
+@click.option("--max-new-tokens", default=64, type=click.IntRange(1))
+@click.option("--greedy", is_flag=True, help="Greedy decoding (the default unless "
+              "--temperature, --top-k or --top-p is given).")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--top-k", type=click.IntRange(0), default=None, help="0: off.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0)
+@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible).")
+@click.option("--stop", "stops", multiple=True, help="Stop at this string. Repeatable.")
+@click.option("--eos/--no-eos", default=True, help="Stop at the tokenizer's end token.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (tokens, text, timings, peak memory).")
+@click.option("--progress/--no-progress", default=None,
+              help="Prefill progress bar [default: on a terminal].")
+def run(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...], backend: str,
+        device: str | None, max_new_tokens: int, greedy: bool, temperature: float | None,
+        top_k: int | None, top_p: float | None, repetition_penalty: float, seed: int | None,
+        stops: tuple[str, ...], eos: bool, as_json: bool, progress: bool | None) -> None:
+    """Generate text after a prompt of any length, at constant memory.
+
+    MODEL is a native checkpoint or an export directory. The prompt is prefilled segment by
+    segment (with a progress bar), then the text is streamed to stdout as it is generated."""
+    from infini_trt.export.errors import InputError
+    from infini_trt.runtime.generate import generate
+    from infini_trt.runtime.runners import open_runner
+    from infini_trt.runtime.sampling import SamplingConfig
+    from infini_trt.runtime.score import read_tokens
+    from infini_trt.runtime.tokenizer import model_tokenizer
+
+    if not prompts and not prompt_files:
+        raise InputError("give --prompt TEXT or --prompt-file FILE")
+    sample = not greedy and any(v is not None for v in (temperature, top_k, top_p))
+    with open_runner(model, backend, device=device) as runner:
+        tokenizer = model_tokenizer(model, runner.config.vocab_size)
+        token_lists = [tokenizer.encode(p) for p in prompts]
+        token_lists += [read_tokens(f, tokenizer)[0][0] for f in prompt_files]
+        if any(len(t) == 0 for t in token_lists):
+            raise InputError("a prompt is empty")
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=not sample,
+                             temperature=temperature or 1.0, top_k=top_k or 0,
+                             top_p=top_p or 1.0, repetition_penalty=repetition_penalty,
+                             seed=seed, eos_id=tokenizer.eos_id if eos else None, stop=stops)
+        streamer = None if as_json or len(token_lists) > 1 else _Streamer(tokenizer)
+        result = generate(runner, token_lists, cfg, tokenizer,
+                          on_token=streamer, progress=progress)
+    if streamer is not None:
+        streamer.finish()
+    if as_json:
+        data = result.to_dict()
+        for seq, text in zip(data["sequences"], list(prompts) + list(prompt_files)):
+            seq["prompt"] = text
+        click.echo(json.dumps(data, indent=2))
+        return
+    if len(token_lists) > 1:
+        for i, seq in enumerate(result.sequences):
+            click.echo(f"--- [{i}] {seq.prompt_tokens:,} prompt tokens, {seq.finish_reason}")
+            click.echo(seq.text)
+    click.echo(f"[{result.backend}] prefill {result.prompt_tokens:,} tokens at "
+               f"{result.prefill_tokens_per_s:,.0f} tokens/s, first token after "
+               f"{result.time_to_first_token:.2f} s, decode {result.decode_tokens_per_s:,.1f} "
+               f"tokens/s, peak RSS {result.peak_rss_mb:,.0f} MiB", err=True)
+
+
+class _Streamer:
+    """Prints the text of one sequence as it grows (waiting out incomplete UTF-8)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, b: int, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        sys.stdout.write(text[len(self.printed):])
+        sys.stdout.flush()
+        self.printed = text
+
+    def finish(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+COMMANDS = [run]
