@@ -165,8 +165,10 @@ def save_onnx(proto: onnx.ModelProto, path: Path) -> dict[str, str]:
 def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plugin",
                  opset: int = 20, force: bool = False, source: dict | None = None,
                  tokenizer: Path | None = None,
-                 log: Callable[[str], None] = lambda s: None) -> Manifest:
-    """Export `model` (already in its export dtype) into the directory `output`."""
+                 log: Callable[[str], None] = lambda s: None,
+                 graphs: tuple[str, ...] = (SEGMENT, EXTEND, FOLD)) -> Manifest:
+    """Export `model` (already in its export dtype) into the directory `output`: the segment
+    graph, and the decoding graphs (extend, fold) unless `graphs` leaves them out."""
     if memory_op_mode not in MEMORY_OPS:
         raise InfiniTrtError(f"--memory-op must be one of {', '.join(MEMORY_OPS)}")
     if opset not in OPSETS:
@@ -178,7 +180,8 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
     plugin = memory_op_mode == "plugin"
     if cfg.segment_len < 2:
         raise InfiniTrtError("segment_len must be at least 2 to export")
-    specs = [segment_graph(cfg), extend_graph(cfg, dtype), fold_graph(cfg, dtype)]
+    specs = [spec for spec in (segment_graph(cfg), extend_graph(cfg, dtype),
+                               fold_graph(cfg, dtype)) if spec.name in graphs]
     sizes = {"batch": 2, "seq": min(3, cfg.segment_len)}
     graphs = {}
     with atomic_dir(output, force=force) as tmp:

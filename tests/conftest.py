@@ -1,8 +1,13 @@
 import os
 import sys
 
-import pytest
-import torch
+# Triton runs kernels on CPU tensors only in its interpreter, a mode fixed when Triton is first
+# imported (torch.export imports it): set it before anything, for tests/plugins. On a GPU
+# machine, TRITON_INTERPRET=0 runs those tests compiled instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))      # tests/naive.py, tests/helpers.py
 
@@ -30,3 +35,27 @@ def tiny_cfg():
 @pytest.fixture
 def tiny_model(tiny_cfg):
     return random_model(tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """exported(cfg, seed=0, dtype=torch.float32, memory_op="plugin", graphs=all)
+    -> (checkpoint_dir, export_dir) of a random model, exported once per session."""
+    from infini_trt.export import save_checkpoint
+    from infini_trt.export.onnx_export import export_model
+
+    made = {}
+
+    def make(cfg, seed=0, dtype=torch.float32, memory_op="plugin",
+             graphs=("segment", "extend", "fold")):
+        key = (cfg, seed, dtype, memory_op, tuple(graphs))
+        if key not in made:
+            root = tmp_path_factory.mktemp("exported")
+            model = random_model(cfg, seed=seed, dtype=dtype)
+            save_checkpoint(model, root / "ckpt")
+            export_model(model, root / "onnx", memory_op_mode=memory_op, graphs=tuple(graphs),
+                         source={"checkpoint": str(root / "ckpt")})
+            made[key] = (root / "ckpt", root / "onnx")
+        return made[key]
+
+    return make

@@ -73,6 +73,10 @@ class OrtRunner(Runner):
         self.dtype = self.manifest.dtype
         self.providers, self.device = providers_for(self._ort, device)
         self.threads = threads
+        if self.dtype == "bfloat16" and self.device == "cpu":
+            raise InfiniTrtError("onnxruntime's CPU provider has no bfloat16 kernels; export "
+                                 "with --dtype fp32 or fp16 for onnxruntime on the CPU, or run "
+                                 "this export with --backend tensorrt")
         self.torch_device = torch.device(self.device)
         self.sessions: dict = {}
         self.session(SEGMENT)                       # fail early on a bad file

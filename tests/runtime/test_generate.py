@@ -1,0 +1,149 @@
+"""Generation: prefill + token-by-token decoding reproduces the logits of the sequence
+forward (the definition) on every backend, and sampling behaves as configured."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from helpers import assert_close
+from infini_trt.export import load_checkpoint, preset
+from infini_trt.export.errors import InfiniTrtError, InputError
+from infini_trt.runtime.cli import main
+from infini_trt.runtime.generate import generate, prefill
+from infini_trt.runtime.runners import open_runner
+from infini_trt.runtime.sampling import (SamplingConfig, apply_repetition_penalty, next_tokens,
+                                         top_k_filter, top_p_filter)
+from infini_trt.runtime.tokenizer import ByteTokenizer
+
+TINY = preset("tiny")
+N = TINY.segment_len
+
+
+def teacher_forced_decode(runner, sequences, prompt_lengths):
+    """Prefill each prompt, then feed the rest of its sequence one token per call (as
+    decoding does). -> per sequence, logits (T - P + 1, V) predicting tokens P .. T."""
+    prompts = [s[:p] for s, p in zip(sequences, prompt_lengths)]
+    last, position = prefill(runner, prompts, progress=False)
+    out = [[last[b]] for b in range(len(sequences))]
+    steps = max(len(s) - p for s, p in zip(sequences, prompt_lengths))
+    for i in range(steps):
+        active = np.array([p + i < len(s) for s, p in zip(sequences, prompt_lengths)])
+        ids = np.array([[s[p + i] if a else 0] for s, p, a in
+                        zip(sequences, prompt_lengths, active)], dtype=np.int64)
+        logits = runner.extend(ids, position, active.astype(np.int64))
+        for b in np.flatnonzero(active):
+            out[b].append(logits[b, 0])
+        position += active
+        full = position == N
+        runner.fold(full)
+        position[full] = 0
+    return [torch.stack(o) for o in out]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_prefill_and_decode_equal_the_sequence_forward(exported, backend, rule):
+    """Prompts inside one segment, ending exactly at a boundary, and across many segments,
+    batched together, each continued token by token over more segment boundaries."""
+    ckpt, out = exported(TINY.replace(update_rule=rule))
+    rng = np.random.default_rng(5)
+    prompt_lengths = [5, N, 3 * N + 7, 2 * N]
+    sequences = [rng.integers(0, 256, p + 2 * N + 3) for p in prompt_lengths]
+    model = load_checkpoint(ckpt, dtype=torch.float64)
+    with open_runner(out, backend) as runner:
+        got = teacher_forced_decode(runner, sequences, prompt_lengths)
+    for seq, p, g in zip(sequences, prompt_lengths, got):
+        with torch.no_grad():
+            want = model(torch.from_numpy(seq)[None])[0][0, p - 1:]
+        assert_close(want, g, 1e-5, what=f"prompt of {p} tokens")
+
+
+def test_greedy_run_equals_argmax_of_score_logits(exported, tmp_path):
+    """`run --json` greedy tokens are the argmax of `score` logits at every generated
+    position (same model, same backend)."""
+    _, out = exported(TINY)
+    prompt = "The pass key is 12345. Remember it. " * 3
+    result = CliRunner().invoke(main, ["run", str(out), "--prompt", prompt, "--max-new-tokens",
+                                       "40", "--json", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    generated = data["sequences"][0]["token_ids"]
+    assert len(generated) == 40
+    ids = np.array(ByteTokenizer().encode(prompt) + generated)
+    np.save(tmp_path / "ids.npy", ids)
+    result = CliRunner().invoke(main, ["score", str(out), "--tokens", str(tmp_path / "ids.npy"),
+                                       "--logits-out", str(tmp_path / "logits.npy"),
+                                       "--no-progress"])
+    assert result.exit_code == 0, result.output
+    logits = np.load(tmp_path / "logits.npy")
+    p = len(ids) - len(generated)
+    assert logits[p - 1:-1].argmax(-1).tolist() == generated
+    timings = data["timings"]
+    assert timings["prefill_tokens_per_s"] > 0 and timings["decode_tokens_per_s"] > 0
+    assert data["peak_rss_mb"] > 0
+
+
+def test_sampling_is_reproducible_with_a_seed(exported):
+    _, out = exported(TINY)
+    cfg = SamplingConfig(max_new_tokens=12, greedy=False, temperature=1.5, top_k=50,
+                         top_p=0.95, seed=7)
+    with open_runner(out, "onnxruntime") as runner:
+        a = generate(runner, [[1, 2, 3], [4] * 40], cfg, progress=False)
+        b = generate(runner, [[1, 2, 3], [4] * 40], cfg, progress=False)
+        c = generate(runner, [[1, 2, 3], [4] * 40],
+                     SamplingConfig(**{**cfg.__dict__, "seed": 8}), progress=False)
+    tokens = lambda r: [s.token_ids for s in r.sequences]
+    assert tokens(a) == tokens(b)
+    assert tokens(a) != tokens(c)
+
+
+def test_eos_and_stop_strings_end_a_sequence(exported):
+    _, out = exported(TINY)
+    tok = ByteTokenizer()
+    with open_runner(out, "torch") as runner:
+        free = generate(runner, [tok.encode("abc")], SamplingConfig(max_new_tokens=10),
+                        tok, progress=False).sequences[0]
+        eos = free.token_ids[3]
+        stopped = generate(runner, [tok.encode("abc")],
+                           SamplingConfig(max_new_tokens=10, eos_id=eos), tok,
+                           progress=False).sequences[0]
+        stop = tok.decode(free.token_ids[4:6])
+        by_string = generate(runner, [tok.encode("abc")],
+                             SamplingConfig(max_new_tokens=10, stop=(stop,)), tok,
+                             progress=False).sequences[0]
+    first_eos = free.token_ids.index(eos)
+    assert stopped.finish_reason == "eos" and stopped.token_ids == free.token_ids[:first_eos + 1]
+    assert by_string.finish_reason == "stop"
+    assert stop not in by_string.text and free.text.startswith(by_string.text)
+
+
+def test_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(top_k_filter(logits, 2)).tolist() == [[True, False, False, True]]
+    probs = torch.softmax(logits, -1)[0]                       # 0.032 0.644 0.237 0.087
+    kept = ~torch.isinf(top_p_filter(logits, 0.7))
+    assert kept.tolist() == [[False, True, True, False]]      # 0.644 < 0.7 <= 0.644 + 0.237
+    assert (~torch.isinf(top_p_filter(logits, float(probs[1]) / 2))).sum() == 1
+    seen = torch.tensor([[True, True, False, False]])
+    penalized = apply_repetition_penalty(torch.tensor([[-1.0, 3.0, 2.0, 0.0]]), seen, 2.0)
+    assert penalized.tolist() == [[-2.0, 1.5, 2.0, 0.0]]
+    cfg = SamplingConfig(greedy=False, temperature=1.0, top_k=1, seed=0)
+    assert next_tokens(logits, cfg, seen & False, torch.Generator()).tolist() == [1]
+
+
+def test_bad_generation_requests(exported):
+    _, out = exported(TINY)
+    with pytest.raises(InfiniTrtError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+    with open_runner(out, "onnxruntime") as runner:
+        with pytest.raises(InputError, match="at least one token"):
+            generate(runner, [[]], SamplingConfig(), progress=False)
+        with pytest.raises(InputError, match=r"prompt token ids must be in \[0, 256\)"):
+            generate(runner, [[300]], SamplingConfig(), progress=False)
+        runner.reset(1)
+        with pytest.raises(InputError, match="must not pass the segment length"):
+            runner.extend(np.zeros((1, 2), np.int64), [N - 1], [2])
+    result = CliRunner().invoke(main, ["run", str(out)])
+    assert result.exit_code == 1 and "give --prompt" in result.output

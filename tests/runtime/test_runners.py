@@ -1,0 +1,146 @@
+"""Every runner against the float64 PyTorch reference, over many segments with the state
+carried, and the same clear errors for bad inputs on every backend."""
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_close
+from infini_trt.export import load_checkpoint, preset
+from infini_trt.export.errors import InfiniTrtError, InputError
+from infini_trt.runtime.loop import stream
+from infini_trt.runtime.runners import open_runner
+
+TINY = preset("tiny")
+N = TINY.segment_len
+
+
+def reference(ckpt, tokens):
+    model = load_checkpoint(ckpt, dtype=torch.float64)
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens))
+
+
+def streamed(runner, tokens):
+    logits = torch.cat([lg for _, lg in stream(runner, tokens, progress=False)], dim=1)
+    return (logits, *runner.state())
+
+
+CASES = [
+    pytest.param(TINY, 2, "plugin", id="gqa-linear-batch2"),
+    pytest.param(TINY.replace(update_rule="delta"), 3, "plugin", id="gqa-delta-batch3"),
+    pytest.param(TINY.replace(n_kv_heads=4, empty_memory="bypass"), 1, "plugin", id="mha-bypass"),
+    pytest.param(TINY.replace(update_rule="delta"), 2, "portable", id="delta-portable"),
+]
+
+
+@pytest.mark.parametrize("cfg,batch,memory_op", CASES)
+def test_onnxruntime_matches_reference_over_8_segments(exported, cfg, batch, memory_op):
+    ckpt, out = exported(cfg, memory_op=memory_op, graphs=("segment",))
+    tokens = np.random.default_rng(1).integers(0, 256, (batch, 8 * N + 13))  # + a partial one
+    want = reference(ckpt, tokens)
+    with open_runner(out, "onnxruntime") as runner:
+        got = streamed(runner, tokens)
+    for name, w, g in zip(("logits", "memory", "norm"), want, got):
+        assert_close(w, g, 1e-5, what=name)
+
+
+def test_torch_runner_from_export_dir_uses_its_checkpoint(exported):
+    ckpt, out = exported(TINY, graphs=("segment",))
+    tokens = np.random.default_rng(2).integers(0, 256, (1, 3 * N))
+    want = reference(ckpt, tokens)
+    with open_runner(out, "torch") as runner:
+        assert runner.dtype == "float32"
+        got = streamed(runner, tokens)
+    assert_close(want[0], got[0], 1e-5)
+
+
+def test_fp16_export_within_tolerance(exported):
+    """The fp16 graph in onnxruntime against the float64 reference of the same weights."""
+    ckpt, out = exported(TINY, dtype=torch.float16, graphs=("segment",))
+    tokens = np.random.default_rng(3).integers(0, 256, (2, 8 * N + 5))
+    want = reference(ckpt, tokens)
+    with open_runner(out, "onnxruntime") as runner:
+        got = streamed(runner, tokens)
+    for name, w, g in zip(("logits", "memory", "norm"), want, got):
+        assert_close(w, g, 2e-2, what=name)
+
+
+def test_bf16_export_within_tolerance(exported):
+    """onnxruntime's CPU provider has no bf16 kernels (a clear error says so); the bf16 graph
+    runs in ONNX's reference evaluator instead, over 8 segments with the state carried."""
+    from onnx.reference import ReferenceEvaluator
+
+    ckpt, out = exported(TINY, dtype=torch.bfloat16, graphs=("segment",))
+    with pytest.raises(InfiniTrtError, match="no bfloat16 kernels"):
+        open_runner(out, "onnxruntime", device="cpu")
+    tokens = np.random.default_rng(3).integers(0, 256, (2, 8 * N + 5))
+    want = reference(ckpt, tokens)
+    graph = ReferenceEvaluator(str(out / "model.onnx"))
+    memory = np.zeros(TINY.memory_shape(2), np.float32)
+    norm = np.zeros(TINY.norm_shape(2), np.float32)
+    logits = []
+    for s in range(0, tokens.shape[1], N):
+        lg, memory, norm = graph.run(None, {"input_ids": tokens[:, s:s + N], "memory": memory,
+                                            "norm": norm})
+        logits.append(lg)
+    for name, w, g in zip(("logits", "memory", "norm"), want,
+                          (np.concatenate(logits, axis=1), memory, norm)):
+        assert_close(w, g, 6e-2, what=name)
+
+
+def test_state_round_trip_continues_the_stream(exported):
+    """set_state(state()) on a fresh runner continues exactly where the first one was."""
+    ckpt, out = exported(TINY, graphs=("segment",))
+    tokens = np.random.default_rng(4).integers(0, 256, (2, 4 * N))
+    with open_runner(out, "onnxruntime") as a, open_runner(out, "onnxruntime") as b:
+        full = streamed(a, tokens)[0]
+        a.reset(2)
+        head = streamed(a, tokens[:, :2 * N])[0]
+        b.reset(2)
+        b.set_state(*a.state())
+        tail = torch.cat([b.step(tokens[:, s:s + N]) for s in (2 * N, 3 * N)], dim=1)
+    assert torch.equal(full, torch.cat([head, tail], dim=1))
+
+
+BAD_IDS = [
+    pytest.param(np.array([[1, 2, 256]]), "token id 256 is outside the vocabulary", id="out-of-vocab"),
+    pytest.param(np.array([[1, -1]]), "token id -1 is outside the vocabulary", id="negative"),
+    pytest.param(np.array([[1.0, 2.0]]), "must be integers", id="float-ids"),
+    pytest.param(np.zeros((1, N + 1), np.int64), "a segment step takes 1 to 32 tokens", id="too-long"),
+    pytest.param(np.zeros((2, 4), np.int64), "must have shape (batch=1, seq)", id="wrong-batch"),
+    pytest.param(np.zeros(4, np.int64), "must have shape (batch=1, seq)", id="1d"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("ids,message", BAD_IDS)
+def test_bad_inputs_are_refused_clearly(exported, backend, ids, message):
+    _, out = exported(TINY, graphs=("segment",))
+    with open_runner(out, backend) as runner:
+        runner.reset(1)
+        with pytest.raises(InputError) as info:
+            runner.step(ids)
+    assert message in str(info.value)
+
+
+def test_bad_state_shape_and_missing_model(exported, tmp_path):
+    _, out = exported(TINY, graphs=("segment",))
+    with open_runner(out, "onnxruntime") as runner:
+        runner.reset(2)
+        with pytest.raises(InputError, match="memory must have shape"):
+            runner.set_state(np.zeros((2, 1, 2, 16, 16), np.float32), np.zeros((2, 2, 2, 16)))
+    with pytest.raises(InfiniTrtError, match="no such checkpoint"):
+        open_runner(tmp_path / "missing", "onnxruntime")
+    with pytest.raises(InfiniTrtError, match="unknown backend"):
+        open_runner(out, "jax")
+
+
+def test_onnxruntime_reports_a_corrupt_graph(exported, tmp_path):
+    import shutil
+
+    _, out = exported(TINY, graphs=("segment",))
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(InfiniTrtError, match="onnxruntime cannot load"):
+        open_runner(broken, "onnxruntime")

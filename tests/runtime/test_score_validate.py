@@ -1,0 +1,125 @@
+"""`score` and `validate` end to end through the CLI, against the reference."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from helpers import assert_close
+from infini_trt.export import load_checkpoint, preset
+from infini_trt.runtime.cli import main
+from infini_trt.runtime.runners.base import Runner
+from infini_trt.runtime.runners.torch_runner import TorchRunner
+from infini_trt.runtime.validate import validate
+
+TINY = preset("tiny")
+N = TINY.segment_len
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_score_logits_and_perplexity_match_the_reference(exported, tmp_path, backend):
+    ckpt, out = exported(TINY, graphs=("segment",))
+    tokens = np.random.default_rng(6).integers(0, 256, (2, 5 * N + 9))
+    np.save(tmp_path / "t.npy", tokens)
+    result = invoke("score", out, "--tokens", tmp_path / "t.npy", "--backend", backend,
+                    "--logits-out", tmp_path / "l.npy", "--json", "--no-progress")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    with torch.no_grad():
+        want = load_checkpoint(ckpt, dtype=torch.float64)(torch.from_numpy(tokens))[0]
+    assert_close(want, np.load(tmp_path / "l.npy"), 1e-5)
+    logp = torch.log_softmax(want[:, :-1], -1).gather(-1, torch.from_numpy(tokens[:, 1:, None]))
+    assert data["nll"] == pytest.approx(float(-logp.mean()), rel=1e-5)
+    assert data["perplexity"] == pytest.approx(float(torch.exp(-logp.mean())), rel=1e-5)
+    assert data["predicted"] == 2 * (tokens.shape[1] - 1) and data["tokens_per_s"] > 0
+
+
+def test_score_text_file_uses_the_byte_tokenizer(exported, tmp_path):
+    ckpt, _ = exported(TINY, graphs=("segment",))
+    (tmp_path / "t.txt").write_text("héllo world, " * 20)
+    result = invoke("score", ckpt, "--tokens", tmp_path / "t.txt", "--backend", "torch",
+                    "--json", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["tokens"] == len("héllo world, ".encode()) * 20
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "no such token file"),
+    (np.array([[0.5, 1.5]]), "token ids must be integers"),
+    (np.array([1, 999]), "token id 999 is outside the vocabulary"),
+    (np.zeros((1, 1, 1), np.int64), "must hold token ids of shape"),
+], ids=["missing", "floats", "out-of-vocab", "3d"])
+def test_score_bad_token_files(exported, tmp_path, content, message):
+    _, out = exported(TINY, graphs=("segment",))
+    path = tmp_path / "t.npy"
+    if content is not None:
+        np.save(path, content)
+    result = invoke("score", out, "--tokens", path, "--logits-out", tmp_path / "l.npy",
+                    "--no-progress")
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "l.npy").exists()
+
+
+def test_validate_cli_passes_and_writes_report(exported, tmp_path):
+    ckpt, out = exported(TINY, graphs=("segment",))
+    result = invoke("validate", ckpt, "--onnx", out, "--segments", 8, "--report",
+                    tmp_path / "r.json", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "PASSED" in result.output and "onnxruntime-cpu" in result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] and report["segments"] == 8 and 0 < report["partial_segment_tokens"] < N
+    ort = report["backends"][-1]
+    assert ort["greedy_agreement"] >= 0.99
+    assert len(ort["outputs"]["memory_out"]["per_segment"]) == 9
+    assert ort["outputs"]["logits"]["rel_rms"] <= 1e-5
+
+
+def test_validate_cli_fails_with_exit_1(exported):
+    ckpt, out = exported(TINY, graphs=("segment",))
+    result = invoke("validate", ckpt, "--onnx", out, "--segments", 1, "--tol", "1e-12",
+                    "--no-progress")
+    assert result.exit_code == 1 and "FAILED" in result.output
+
+
+def test_validate_refuses_an_export_of_another_model(exported):
+    ckpt, _ = exported(TINY, graphs=("segment",))
+    _, other = exported(TINY.replace(update_rule="delta"), graphs=("segment",))
+    result = invoke("validate", ckpt, "--onnx", other, "--no-progress")
+    assert result.exit_code == 1 and "another config" in result.output
+
+
+class NaNAfter(Runner):
+    """A backend that goes wrong in its third segment: validation must catch it."""
+
+    backend = "broken"
+
+    def __init__(self, inner):
+        self.inner, self.config, self.calls = inner, inner.config, 0
+
+    def _reset(self, batch):
+        self.inner.reset(batch)
+        self.calls = 0
+
+    def _step(self, ids):
+        self.calls += 1
+        logits = self.inner.step(ids)
+        return logits * float("nan") if self.calls == 3 else logits
+
+    def state(self):
+        return self.inner.state()
+
+
+def test_validate_catches_nan_in_a_late_segment(tiny_model):
+    ref = TorchRunner(tiny_model)
+    bad = NaNAfter(TorchRunner(copy.deepcopy(tiny_model).float()))
+    report = validate(ref, [bad], segments=4, batch=1, progress=False)
+    logits = report.backends[0].outputs["logits"]
+    assert not report.passed and not logits.finite
+    assert [e.finite for e in logits.per_segment] == [True, True, False, True, True]
