@@ -2,10 +2,15 @@
 
     logits, memory, norm = model.step(input_ids, memory, norm)   # one segment, pure in the state
     logits, memory, norm = model(input_ids)                      # any length: the definition
+    logits, k_cache, v_cache = model.extend(ids, start, length, k_cache, v_cache, memory, norm)
+    memory, norm = model.fold_cache(k_cache, v_cache, memory, norm, fold)
 
 `step` is the per-segment recurrent graph that is exported; `forward` splits a sequence into
 segments of `segment_len` tokens from its start and loops `step`, which defines the logits that
-every other path (ONNX Runtime, TensorRT, token-by-token decoding) must reproduce.
+every other path (ONNX Runtime, TensorRT, token-by-token decoding) must reproduce. `extend` and
+`fold_cache` are the decoding path: tokens continue the current segment from a K/V cache of its
+raw keys and values (cost O(segment length) per token), and a completed segment is folded into
+the memory.
 
 Per block: x += attn(norm(x)); x += mlp(norm(x)). Attention is local causal softmax attention
 inside the segment (RoPE, positions restart at 0 in each segment) gated with a retrieval from

@@ -20,7 +20,7 @@ def load(path):
 
 @pytest.mark.parametrize("rule", ["linear", "delta"])
 def test_plugin_mode_has_one_custom_node_per_layer_and_its_function(exported, rule):
-    ckpt, out = exported(TINY.replace(update_rule=rule), graphs=("segment", "fold"))
+    ckpt, out = exported(TINY.replace(update_rule=rule))
     for graph_file in ("model.onnx", "fold.onnx"):
         model = load(out / graph_file)
         custom = [n for n in model.graph.node if n.domain == contract.NAMESPACE]

@@ -26,43 +26,38 @@ def streamed(runner, tokens):
 
 
 CASES = [
-    pytest.param(TINY, 2, "plugin", id="gqa-linear-batch2"),
-    pytest.param(TINY.replace(update_rule="delta"), 3, "plugin", id="gqa-delta-batch3"),
-    pytest.param(TINY.replace(n_kv_heads=4, empty_memory="bypass"), 1, "plugin", id="mha-bypass"),
-    pytest.param(TINY.replace(update_rule="delta"), 2, "portable", id="delta-portable"),
+    pytest.param(TINY, 2, "plugin", torch.float32, 1e-5, id="gqa-linear-batch2"),
+    pytest.param(TINY.replace(update_rule="delta"), 3, "plugin", torch.float32, 1e-5,
+                 id="gqa-delta-batch3"),
+    pytest.param(TINY.replace(n_kv_heads=4, empty_memory="bypass"), 1, "plugin", torch.float32,
+                 1e-5, id="mha-bypass"),
+    pytest.param(TINY.replace(update_rule="delta"), 2, "portable", torch.float32, 1e-5,
+                 id="delta-portable"),
+    # fp16 graph against the float64 reference of the same (fp16-rounded) weights
+    pytest.param(TINY, 2, "plugin", torch.float16, 2e-2, id="fp16"),
 ]
 
 
-@pytest.mark.parametrize("cfg,batch,memory_op", CASES)
-def test_onnxruntime_matches_reference_over_8_segments(exported, cfg, batch, memory_op):
-    ckpt, out = exported(cfg, memory_op=memory_op, graphs=("segment",))
+@pytest.mark.parametrize("cfg,batch,memory_op,dtype,tol", CASES)
+def test_onnxruntime_matches_reference_over_8_segments(exported, cfg, batch, memory_op, dtype,
+                                                        tol):
+    ckpt, out = exported(cfg, dtype=dtype, memory_op=memory_op, graphs=("segment",))
     tokens = np.random.default_rng(1).integers(0, 256, (batch, 8 * N + 13))  # + a partial one
     want = reference(ckpt, tokens)
     with open_runner(out, "onnxruntime") as runner:
         got = streamed(runner, tokens)
     for name, w, g in zip(("logits", "memory", "norm"), want, got):
-        assert_close(w, g, 1e-5, what=name)
+        assert_close(w, g, tol, what=name)
 
 
 def test_torch_runner_from_export_dir_uses_its_checkpoint(exported):
-    ckpt, out = exported(TINY, graphs=("segment",))
+    ckpt, out = exported(TINY)
     tokens = np.random.default_rng(2).integers(0, 256, (1, 3 * N))
     want = reference(ckpt, tokens)
     with open_runner(out, "torch") as runner:
         assert runner.dtype == "float32"
         got = streamed(runner, tokens)
     assert_close(want[0], got[0], 1e-5)
-
-
-def test_fp16_export_within_tolerance(exported):
-    """The fp16 graph in onnxruntime against the float64 reference of the same weights."""
-    ckpt, out = exported(TINY, dtype=torch.float16, graphs=("segment",))
-    tokens = np.random.default_rng(3).integers(0, 256, (2, 8 * N + 5))
-    want = reference(ckpt, tokens)
-    with open_runner(out, "onnxruntime") as runner:
-        got = streamed(runner, tokens)
-    for name, w, g in zip(("logits", "memory", "norm"), want, got):
-        assert_close(w, g, 2e-2, what=name)
 
 
 def test_bf16_export_within_tolerance(exported):
@@ -90,7 +85,7 @@ def test_bf16_export_within_tolerance(exported):
 
 def test_state_round_trip_continues_the_stream(exported):
     """set_state(state()) on a fresh runner continues exactly where the first one was."""
-    ckpt, out = exported(TINY, graphs=("segment",))
+    ckpt, out = exported(TINY)
     tokens = np.random.default_rng(4).integers(0, 256, (2, 4 * N))
     with open_runner(out, "onnxruntime") as a, open_runner(out, "onnxruntime") as b:
         full = streamed(a, tokens)[0]
@@ -115,7 +110,7 @@ BAD_IDS = [
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 @pytest.mark.parametrize("ids,message", BAD_IDS)
 def test_bad_inputs_are_refused_clearly(exported, backend, ids, message):
-    _, out = exported(TINY, graphs=("segment",))
+    _, out = exported(TINY)
     with open_runner(out, backend) as runner:
         runner.reset(1)
         with pytest.raises(InputError) as info:
@@ -124,7 +119,7 @@ def test_bad_inputs_are_refused_clearly(exported, backend, ids, message):
 
 
 def test_bad_state_shape_and_missing_model(exported, tmp_path):
-    _, out = exported(TINY, graphs=("segment",))
+    _, out = exported(TINY)
     with open_runner(out, "onnxruntime") as runner:
         runner.reset(2)
         with pytest.raises(InputError, match="memory must have shape"):
@@ -138,7 +133,7 @@ def test_bad_state_shape_and_missing_model(exported, tmp_path):
 def test_onnxruntime_reports_a_corrupt_graph(exported, tmp_path):
     import shutil
 
-    _, out = exported(TINY, graphs=("segment",))
+    _, out = exported(TINY)
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     (broken / "model.onnx").write_bytes(b"not an onnx file")

@@ -24,7 +24,7 @@ def invoke(*args):
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_score_logits_and_perplexity_match_the_reference(exported, tmp_path, backend):
-    ckpt, out = exported(TINY, graphs=("segment",))
+    ckpt, out = exported(TINY)
     tokens = np.random.default_rng(6).integers(0, 256, (2, 5 * N + 9))
     np.save(tmp_path / "t.npy", tokens)
     result = invoke("score", out, "--tokens", tmp_path / "t.npy", "--backend", backend,
@@ -41,7 +41,7 @@ def test_score_logits_and_perplexity_match_the_reference(exported, tmp_path, bac
 
 
 def test_score_text_file_uses_the_byte_tokenizer(exported, tmp_path):
-    ckpt, _ = exported(TINY, graphs=("segment",))
+    ckpt, _ = exported(TINY)
     (tmp_path / "t.txt").write_text("héllo world, " * 20)
     result = invoke("score", ckpt, "--tokens", tmp_path / "t.txt", "--backend", "torch",
                     "--json", "--no-progress")
@@ -56,7 +56,7 @@ def test_score_text_file_uses_the_byte_tokenizer(exported, tmp_path):
     (np.zeros((1, 1, 1), np.int64), "must hold token ids of shape"),
 ], ids=["missing", "floats", "out-of-vocab", "3d"])
 def test_score_bad_token_files(exported, tmp_path, content, message):
-    _, out = exported(TINY, graphs=("segment",))
+    _, out = exported(TINY)
     path = tmp_path / "t.npy"
     if content is not None:
         np.save(path, content)
@@ -68,7 +68,7 @@ def test_score_bad_token_files(exported, tmp_path, content, message):
 
 
 def test_validate_cli_passes_and_writes_report(exported, tmp_path):
-    ckpt, out = exported(TINY, graphs=("segment",))
+    ckpt, out = exported(TINY)
     result = invoke("validate", ckpt, "--onnx", out, "--segments", 8, "--report",
                     tmp_path / "r.json", "--no-progress")
     assert result.exit_code == 0, result.output
@@ -82,15 +82,15 @@ def test_validate_cli_passes_and_writes_report(exported, tmp_path):
 
 
 def test_validate_cli_fails_with_exit_1(exported):
-    ckpt, out = exported(TINY, graphs=("segment",))
+    ckpt, out = exported(TINY)
     result = invoke("validate", ckpt, "--onnx", out, "--segments", 1, "--tol", "1e-12",
                     "--no-progress")
     assert result.exit_code == 1 and "FAILED" in result.output
 
 
 def test_validate_refuses_an_export_of_another_model(exported):
-    ckpt, _ = exported(TINY, graphs=("segment",))
-    _, other = exported(TINY.replace(update_rule="delta"), graphs=("segment",))
+    ckpt, _ = exported(TINY)
+    _, other = exported(TINY.replace(update_rule="delta"))
     result = invoke("validate", ckpt, "--onnx", other, "--no-progress")
     assert result.exit_code == 1 and "another config" in result.output
 
