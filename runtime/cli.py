@@ -13,7 +13,7 @@ import click
 
 from infini_trt.export.errors import InfiniTrtError
 
-COMMAND_MODULES = ["checkpoint", "convert", "export", "score", "run", "validate"]
+COMMAND_MODULES = ["checkpoint", "convert", "export", "build", "score", "run", "validate"]
 
 
 class Group(click.Group):

@@ -18,21 +18,32 @@ import click
                    "all [default: by dtype, 1e-5 for fp32]. Repeatable.")
 @click.option("--min-greedy", type=click.FloatRange(0, 1), default=None,
               help="Minimum greedy next-token agreement [default: by dtype, 0.99 for fp32].")
+@click.option("--engine", type=click.Path(dir_okay=False), default=None,
+              help="Also compare TensorRT: an engine that `infini-trt build` recorded in the "
+                   "export (its segment engine file).")
+@click.option("--cuda-graphs", is_flag=True,
+              help="Run the TensorRT engine through CUDA graphs (with --engine).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Write the full report (per segment) as JSON.")
 @click.option("--progress/--no-progress", default=None)
 def validate(checkpoint: str, export_dir: str, segments: int, batch: int, seed: int,
-             tolerances: tuple[str, ...], min_greedy: float | None, report: str | None,
-             progress: bool | None) -> None:
-    """Compare PyTorch and ONNX Runtime with the float64 reference over many segments.
+             tolerances: tuple[str, ...], min_greedy: float | None, engine: str | None,
+             cuda_graphs: bool, report: str | None, progress: bool | None) -> None:
+    """Compare PyTorch, ONNX Runtime (and TensorRT with --engine) with the float64 reference
+    over many segments.
 
     Each backend carries its own state across all segments. Exits 1 if any output is
     outside its tolerance, has NaN/Inf, or greedy agreement is too low."""
     from infini_trt.export.files import atomic_file
     from infini_trt.runtime.validate import parse_tolerances, validate_export
 
+    extra = []
+    if engine is not None:
+        from infini_trt.runtime.runners.trt_runner import TrtRunner
+
+        extra.append(TrtRunner(export_dir, engine=engine, cuda_graphs=cuda_graphs))
     result = validate_export(checkpoint, export_dir, segments, batch, seed,
-                             parse_tolerances(list(tolerances)), min_greedy,
+                             parse_tolerances(list(tolerances)), min_greedy, extra=extra,
                              progress=progress, log=click.echo)
     click.echo(result.table())
     if report:
