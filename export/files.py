@@ -12,6 +12,12 @@ from typing import Iterator
 from .errors import InfiniTrtError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_output_dir(path: Path, force: bool) -> None:
     """Refuse to overwrite a non-empty directory unless `force`; refuse a file in the way."""
     if path.exists() and not path.is_dir():
@@ -30,6 +36,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     check_output_dir(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())          # mkdtemp makes 0700; outputs get the usual mode
     try:
         yield tmp
     except BaseException:
@@ -48,6 +55,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(0o666 & ~_umask())          # mkstemp makes 0600
     try:
         yield tmp
     except BaseException:

@@ -101,3 +101,13 @@ def test_save_refuses_non_empty_directory_and_leaves_it_alone(ckpt):
     save_checkpoint(init_weights(InfiniLM(preset("tiny")), 1), ckpt, force=True)
     assert (ckpt / "model.safetensors").read_bytes() != before
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt"], "temporary files left"
+
+
+def test_outputs_get_the_usual_permissions(ckpt):
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((ckpt / "config.json").stat().st_mode) == 0o666 & ~mask
