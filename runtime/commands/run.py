@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .options import BACKEND_CHOICE, DEVICE_CHOICE
+from .options import BACKEND_CHOICE, DEVICE_CHOICE, engine_options, runner_options
 
 
 @click.command()
@@ -32,10 +32,12 @@ from .options import BACKEND_CHOICE, DEVICE_CHOICE
               help="Print one JSON object (tokens, text, timings, peak memory).")
 @click.option("--progress/--no-progress", default=None,
               help="Prefill progress bar [default: on a terminal].")
+@engine_options
 def run(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...], backend: str,
         device: str | None, max_new_tokens: int, greedy: bool, temperature: float | None,
         top_k: int | None, top_p: float | None, repetition_penalty: float, seed: int | None,
-        stops: tuple[str, ...], eos: bool, as_json: bool, progress: bool | None) -> None:
+        stops: tuple[str, ...], eos: bool, as_json: bool, progress: bool | None,
+        engine: str | None, cuda_graphs: bool) -> None:
     """Generate text after a prompt of any length, at constant memory.
 
     MODEL is a native checkpoint or an export directory. The prompt is prefilled segment by
@@ -50,7 +52,8 @@ def run(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...], bac
     if not prompts and not prompt_files:
         raise InputError("give --prompt TEXT or --prompt-file FILE")
     sample = not greedy and any(v is not None for v in (temperature, top_k, top_p))
-    with open_runner(model, backend, device=device) as runner:
+    options = runner_options(backend, engine, cuda_graphs)
+    with open_runner(model, backend, device=device, **options) as runner:
         tokenizer = model_tokenizer(model, runner.config.vocab_size)
         token_lists = [tokenizer.encode(p) for p in prompts]
         token_lists += [read_tokens(f, tokenizer)[0][0] for f in prompt_files]

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from .options import BACKEND_CHOICE, DEVICE_CHOICE
+from .options import BACKEND_CHOICE, DEVICE_CHOICE, engine_options, runner_options
 
 
 @click.command()
@@ -21,8 +21,10 @@ from .options import BACKEND_CHOICE, DEVICE_CHOICE
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: on a terminal].")
+@engine_options
 def score(model: str, token_file: str, backend: str, device: str | None,
-          logits_out: str | None, as_json: bool, progress: bool | None) -> None:
+          logits_out: str | None, as_json: bool, progress: bool | None, engine: str | None,
+          cuda_graphs: bool) -> None:
     """Teacher-forced logits and perplexity of a token sequence of any length.
 
     MODEL is a native checkpoint or an export directory (a checkpoint is exported first, and
@@ -31,7 +33,8 @@ def score(model: str, token_file: str, backend: str, device: str | None,
     from infini_trt.runtime.score import read_tokens, score as run_score
     from infini_trt.runtime.tokenizer import model_tokenizer
 
-    with open_runner(model, backend, device=device) as runner:
+    options = runner_options(backend, engine, cuda_graphs)
+    with open_runner(model, backend, device=device, **options) as runner:
         text_tokenizer = _Lazy(lambda: model_tokenizer(model, runner.config.vocab_size))
         tokens, was_1d = read_tokens(token_file, text_tokenizer)
         result = run_score(runner, tokens, logits_out, squeeze=was_1d, progress=progress)
