@@ -13,7 +13,8 @@ import click
 
 from infini_trt.export.errors import InfiniTrtError
 
-COMMAND_MODULES = ["checkpoint", "convert", "export", "build", "score", "run", "validate"]
+COMMAND_MODULES = ["checkpoint", "convert", "export", "build", "score", "run", "validate",
+                   "passkey"]
 
 
 class Group(click.Group):
