@@ -21,10 +21,14 @@ from .options import BACKEND_CHOICE, DEVICE_CHOICE
 @click.option("--seed", default=0, help="Seed of the keys.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
               help="Write the full result (every cell and answer) to this JSON file.")
+@click.option("--check/--no-check", default=True,
+              help="Before the grid, check the exported graph against the float64 PyTorch "
+                   "reference over 3 segments (onnxruntime/tensorrt).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: on a terminal].")
 def passkey(model: str | None, backend: str, device: str | None, lengths: str, depths: str,
-            trials: int, seed: int, json_file: str | None, progress: bool | None) -> None:
+            trials: int, seed: int, json_file: str | None, check: bool,
+            progress: bool | None) -> None:
     """Passkey retrieval far beyond the training length: accuracy by length x depth.
 
     A 5-digit key hidden in filler text at a chosen depth, at least one segment before the
@@ -42,6 +46,8 @@ def passkey(model: str | None, backend: str, device: str | None, lengths: str, d
         model = str(bundled_model())
         click.echo(f"model: the bundled passkey model ({model})")
     gen, length_list, depth_list = open_task(model, lengths, depths)   # checks before export
+    if backend != "torch":
+        model = _export_and_check(model, backend, check)
     with open_runner(model, backend, device=device) as runner:
         click.echo(f"backend: {runner.description}; segments of {runner.config.segment_len} "
                    f"tokens; {trials} trials per cell, seed {seed}")
@@ -53,6 +59,40 @@ def passkey(model: str | None, backend: str, device: str | None, lengths: str, d
         with atomic_file(json_file) as tmp:
             tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         click.echo(f"result written to {json_file}")
+
+
+def _export_and_check(model: str, backend: str, check: bool) -> str:
+    """The export directory of `model` (exported and cached if it is a checkpoint), after a
+    quick parity check of its segment graph with the float64 reference of the checkpoint."""
+    from pathlib import Path
+
+    from infini_trt.export.errors import InfiniTrtError
+    from infini_trt.export.manifest import is_export_dir, read_manifest
+    from infini_trt.runtime.cache import cached_export
+    from infini_trt.runtime.validate import validate_export
+
+    if is_export_dir(model):
+        export_dir, checkpoint = model, read_manifest(model).source.get("checkpoint")
+    else:
+        export_dir, checkpoint = str(cached_export(model, log=click.echo)), model
+    if not check or backend != "onnxruntime":
+        return export_dir
+    if not checkpoint or not Path(checkpoint).is_dir():
+        click.echo("parity check skipped: the export's checkpoint is not available")
+        return export_dir
+    report = validate_export(checkpoint, export_dir, segments=2, batch=1, include_torch=False,
+                             progress=False)
+    backend_report = report.backends[0]
+    logits = backend_report.outputs["logits"]
+    memory = backend_report.outputs["memory_out"]
+    click.echo(f"parity check: {backend_report.backend} vs {report.reference} over "
+               f"{report.segments} segments + {report.partial} tokens: logits rel RMS "
+               f"{logits.rel_rms:.1e}, memory rel RMS {memory.rel_rms:.1e}, greedy agreement "
+               f"{backend_report.greedy_agreement:.0%}: {'ok' if report.passed else 'FAILED'}")
+    if not report.passed:
+        raise InfiniTrtError("the exported graph does not match the PyTorch reference; run "
+                             "`infini-trt validate` for the full report")
+    return export_dir
 
 
 COMMANDS = [passkey]
