@@ -91,7 +91,8 @@ def _state(cfg: InfiniConfig):
 
 def _cache(cfg: InfiniConfig, dtype: str):
     dims = (cfg.n_layers, "batch", cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
-    return (("k_cache", dtype, dims, "raw keys of the current segment, one slot per position"),
+    return (("k_cache", dtype, dims, "keys of the current segment, rotated at their position "
+                                     "(RoPE), one slot per position"),
             ("v_cache", dtype, dims, "values of the current segment"))
 
 

@@ -37,6 +37,12 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
     engines: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None   # export/quantize.py: int8 weights (ORT only)
+
+    @property
+    def precision(self) -> str:
+        """The dtype of the graphs, or the quantization method ("int8") when quantized."""
+        return self.quantization["method"] if self.quantization else self.dtype
 
     def graph(self, name: str) -> GraphSpec:
         if name not in self.graphs:
@@ -57,7 +63,7 @@ class Manifest:
                 "config": self.config.to_dict(), "dtype": self.dtype,
                 "memory_op": self.memory_op, "opset": self.opset, "plugin": self.plugin,
                 "tokenizer": self.tokenizer, "source": self.source, "graphs": self.graphs,
-                "engines": self.engines}
+                "engines": self.engines, "quantization": self.quantization}
 
     def write(self, directory: Path | None = None) -> Path:
         target = (directory or self.path) / MANIFEST_FILE
@@ -92,7 +98,8 @@ def read_manifest(path: str | Path) -> Manifest:
                             dtype=data["dtype"], memory_op=data["memory_op"],
                             opset=data["opset"], graphs=data["graphs"], plugin=data["plugin"],
                             tokenizer=data.get("tokenizer"), source=data.get("source", {}),
-                            versions=data.get("versions", {}), engines=data.get("engines", {}))
+                            versions=data.get("versions", {}), engines=data.get("engines", {}),
+                            quantization=data.get("quantization"))
     except KeyError as exc:
         raise InfiniTrtError(f"{file}: missing field {exc}") from None
     except InfiniTrtError as exc:

@@ -9,8 +9,8 @@
 segments of `segment_len` tokens from its start and loops `step`, which defines the logits that
 every other path (ONNX Runtime, TensorRT, token-by-token decoding) must reproduce. `extend` and
 `fold_cache` are the decoding path: tokens continue the current segment from a K/V cache of its
-raw keys and values (cost O(segment length) per token), and a completed segment is folded into
-the memory.
+keys (rotated at their position) and values (cost O(segment length) per token), and a completed
+segment is folded into the memory (keys rotated back first).
 
 Per block: x += attn(norm(x)); x += mlp(norm(x)). Attention is local causal softmax attention
 inside the segment (RoPE, positions restart at 0 in each segment) gated with a retrieval from
@@ -85,6 +85,26 @@ def expand_kv(t: torch.Tensor, group: int) -> torch.Tensor:
     return t[:, :, None].expand(b, h, group, n, d).reshape(b, h * group, n, d)
 
 
+def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                start: torch.Tensor, length: torch.Tensor):
+    """Caches (B, Hkv, N, hd) with the first length[b] of the S new keys/values (B, Hkv, S, hd)
+    written into slots start[b] .. start[b]+length[b]-1; other slots unchanged.
+
+    A scatter of S slots (not a pass over all N): padding token j >= length writes the last
+    real token's value into that token's own slot again, and a sequence with length 0 writes
+    back what its slot held, so that no two writes to one slot differ."""
+    b, h, s, hd = k.shape
+    last = (length - 1).clamp(min=0)[:, None]                                # (B, 1)
+    source = torch.minimum(torch.arange(s, device=k.device)[None, :], last)  # (B, S)
+    slot = (start[:, None] + source).clamp(max=k_cache.shape[2] - 1)
+    source = source[:, None, :, None].expand(b, h, s, hd)
+    slot = slot[:, None, :, None].expand(b, h, s, hd)
+    empty = (length == 0)[:, None, None, None]
+    k_new = torch.where(empty, torch.gather(k_cache, 2, slot), torch.gather(k, 2, source))
+    v_new = torch.where(empty, torch.gather(v_cache, 2, slot), torch.gather(v, 2, source))
+    return k_cache.scatter(2, slot, k_new), v_cache.scatter(2, slot, v_new)
+
+
 class Attention(nn.Module):
     """Local causal attention gated with the compressive memory (eq 7, 10, 11)."""
 
@@ -141,31 +161,27 @@ class Attention(nn.Module):
                v_cache: torch.Tensor, start: torch.Tensor, length: torch.Tensor):
         """Continue a segment from a cache (decoding). x (B, S, d) are tokens at segment
         positions start .. start+S-1 of which the first `length` (B,) are real; k_cache and
-        v_cache (B, Hkv, N, hd) hold the raw keys/values of slots 0 .. start-1; rope: cos, sin
-        (N, hd) for positions 0 .. N-1.
+        v_cache (B, Hkv, N, hd) hold the keys, rotated at their position (RoPE), and the values
+        of slots 0 .. start-1; rope: cos, sin (N, hd) for positions 0 .. N-1.
 
         Returns (out (B, S, d), k_cache_out, v_cache_out) with the new tokens written into
-        slots start .. start+length-1; other slots are unchanged.
+        slots start .. start+length-1; other slots are unchanged. Keys are rotated once, when
+        written, so a decoded token costs one pass over the cache (the attention), not a
+        rotation of all N slots.
         """
         group, style = self.cfg.group_size, self.cfg.rope_style
         q, k, v = self.project(x)
         s, n = x.shape[1], k_cache.shape[2]
-        slots = torch.arange(n, device=x.device)
-        offset = slots[None, :] - start[:, None]                             # (B, N)
-        written = (offset >= 0) & (offset < length[:, None])
-        source = offset.clamp(0, s - 1)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        where = written[:, None, :, None]
-        k_cache = torch.where(where, torch.gather(k, 2, source), k_cache)
-        v_cache = torch.where(where, torch.gather(v, 2, source), v_cache)
-
         cos, sin = rope
         positions = (start[:, None] + torch.arange(s, device=x.device)).clamp(max=n - 1)
-        q_rot = apply_rope(q, cos[positions][:, None], sin[positions][:, None], style)
-        k_rot = apply_rope(k_cache, cos, sin, style)
+        cos_at, sin_at = cos[positions][:, None], sin[positions][:, None]   # (B, 1, S, hd)
+        k_cache, v_cache = write_cache(k_cache, v_cache, apply_rope(k, cos_at, sin_at, style),
+                                       v, start, length)
+        slots = torch.arange(n, device=x.device)
         visible = slots[None, None, :] <= positions[:, :, None]              # (B, S, N)
         a_dot = F.scaled_dot_product_attention(                              # eq 6
-            q_rot, expand_kv(k_rot, group), expand_kv(v_cache, group),
-            attn_mask=visible[:, None])
+            apply_rope(q, cos_at, sin_at, style), expand_kv(k_cache, group),
+            expand_kv(v_cache, group), attn_mask=visible[:, None])
         return self.combine(q, a_dot, memory, norm), k_cache, v_cache
 
 
@@ -297,8 +313,11 @@ class InfiniLM(nn.Module):
     def fold_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, memory: torch.Tensor,
                    norm: torch.Tensor, fold: torch.Tensor):
         """Write each full segment held in the caches into memory, where fold[b] is true
-        (others keep their state) -> (memory_out, norm_out)."""
-        kv = [(k_cache[i], v_cache[i]) for i in range(self.cfg.n_layers)]
+        (others keep their state) -> (memory_out, norm_out). The memory takes un-rotated keys:
+        the cached ones are rotated back (by minus their angle) first."""
+        cos, sin = self.rope(self.cfg.segment_len, k_cache.dtype, k_cache.device)
+        kv = [(apply_rope(k_cache[i], cos, -sin, self.cfg.rope_style), v_cache[i])
+              for i in range(self.cfg.n_layers)]
         memory_new, norm_new = self.fold(memory, norm, kv)
         mask = fold.to(torch.bool)
         return (torch.where(mask[None, :, None, None, None], memory_new, memory),

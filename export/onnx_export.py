@@ -31,6 +31,7 @@ from .files import atomic_dir, sha256_file
 from .io_spec import EXTEND, FOLD, SEGMENT, GraphSpec, extend_graph, fold_graph, segment_graph
 from .manifest import Manifest, package_version
 from .model import InfiniLM
+from .quantize import check_method as check_quantize, quantization_record, quantize_graph
 
 MEMORY_OPS = ("plugin", "portable")
 OPSETS = range(18, 24)
@@ -166,9 +167,11 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
                  opset: int = 20, force: bool = False, source: dict | None = None,
                  tokenizer: Path | None = None,
                  log: Callable[[str], None] = lambda s: None,
-                 graphs: tuple[str, ...] = (SEGMENT, EXTEND, FOLD)) -> Manifest:
+                 graphs: tuple[str, ...] = (SEGMENT, EXTEND, FOLD),
+                 quantize: str | None = None) -> Manifest:
     """Export `model` (already in its export dtype) into the directory `output`: the segment
-    graph, and the decoding graphs (extend, fold) unless `graphs` leaves them out."""
+    graph, and the decoding graphs (extend, fold) unless `graphs` leaves them out.
+    `quantize="int8"`: int8 weights for ONNX Runtime (export/quantize.py)."""
     if memory_op_mode not in MEMORY_OPS:
         raise InfiniTrtError(f"--memory-op must be one of {', '.join(MEMORY_OPS)}")
     if opset not in OPSETS:
@@ -177,6 +180,8 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
     dtype = dtype_name(model.embed.weight.dtype)
     if dtype == "float64":
         raise InfiniTrtError("float64 is the reference dtype; export fp32, fp16 or bf16")
+    if quantize is not None:
+        check_quantize(quantize, dtype)
     plugin = memory_op_mode == "plugin"
     if cfg.segment_len < 2:
         raise InfiniTrtError("segment_len must be at least 2 to export")
@@ -194,6 +199,9 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
             proto = finalize(proto, spec, cfg.update_rule if plugin and has_update else None,
                              opset, doc=f"infini-trt {doc}")
             files = save_onnx(proto, tmp / file)
+            if quantize is not None and spec.name != FOLD:
+                log(f"quantizing the {spec.name} graph ({quantize})")
+                files = quantize_graph(tmp / file, quantize)
             graphs[spec.name] = {"file": file, "files": files, "io": spec.to_dict()}
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
@@ -206,15 +214,18 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
                     if plugin else None),
             source=source or {},
             versions={name: package_version(name) for name in
-                      ("infini-trt", "torch", "onnx", "onnxscript")})
+                      ("infini-trt", "torch", "onnx", "onnxscript")},
+            quantization=quantization_record(quantize) if quantize else None)
         manifest.write(tmp)
     return manifest
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | None = None,
                       memory_op_mode: str = "plugin", opset: int = 20, force: bool = False,
-                      log: Callable[[str], None] = lambda s: None) -> Manifest:
-    """Load a native checkpoint, cast it to `dtype` (default: its own) and export it."""
+                      log: Callable[[str], None] = lambda s: None,
+                      quantize: str | None = None) -> Manifest:
+    """Load a native checkpoint, cast it to `dtype` (default: its own) and export it
+    (`quantize="int8"`: with int8 weights, for ONNX Runtime)."""
     ckpt = read_checkpoint(checkpoint)
     model = load_checkpoint(checkpoint)
     if dtype is not None:
@@ -223,4 +234,4 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | N
     source = {"checkpoint": str(ckpt.path.resolve()), "weights_sha256": sha256_file(weights),
               "checkpoint_dtype": dtype_name(ckpt.dtype)}
     return export_model(model, output, memory_op_mode, opset, force, source,
-                        ckpt.tokenizer_path, log)
+                        ckpt.tokenizer_path, log, quantize=quantize)

@@ -14,7 +14,7 @@ import click
 from infini_trt.export.errors import InfiniTrtError
 
 COMMAND_MODULES = ["checkpoint", "convert", "export", "build", "score", "run", "validate",
-                   "passkey"]
+                   "passkey", "bench"]
 
 
 class Group(click.Group):

@@ -16,16 +16,19 @@ from .options import DTYPE_CHOICE
               help="plugin: one custom node per layer (+ its ONNX function); "
                    "portable: plain ONNX ops.")
 @click.option("--opset", default=20, type=click.IntRange(18, 23), help="ONNX opset.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="int8: int8 weights (per channel) for ONNX Runtime on the CPU; activations "
+                   "quantized per call; state, caches and attention stay fp32.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 def export(checkpoint: str, output: str, dtype: str | None, memory_op: str, opset: int,
-           force: bool) -> None:
+           quantize: str | None, force: bool) -> None:
     """Export a checkpoint to an ONNX segment-step graph with its manifest."""
     from infini_trt.export.onnx_export import export_checkpoint
 
     manifest = export_checkpoint(checkpoint, output, dtype=dtype, memory_op_mode=memory_op,
-                                 opset=opset, force=force, log=click.echo)
+                                 opset=opset, force=force, log=click.echo, quantize=quantize)
     files = ", ".join(f for g in manifest.graphs.values() for f in g["files"])
-    click.echo(f"wrote {output}: {files}, manifest.json ({manifest.dtype}, "
+    click.echo(f"wrote {output}: {files}, manifest.json ({manifest.precision}, "
                f"memory op: {memory_op}, opset {opset})")
 
 

@@ -3,7 +3,10 @@ so that the state never makes a round trip through host memory.
 
 Every bound buffer is a torch tensor on the session's device (CPU or CUDA): memory and norm
 (and the decoding caches) stay where they are between calls, each call writing the other
-buffer of a pair, and the logits come back as a torch tensor without a copy.
+buffer of a pair. The token ids, segment positions and fold mask are copied into buffers
+allocated once per `reset`, and each graph keeps one IOBinding that is re-bound only where a
+buffer's address or shape changed, so a decoding call allocates nothing but the logits it
+returns (a fresh tensor that the caller owns).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infini_trt.export.errors import InfiniTrtError, MissingDependencyError
+from infini_trt.export.errors import InfiniTrtError, InputError, MissingDependencyError
 from infini_trt.export.io_spec import EXTEND, FOLD, SEGMENT
 from infini_trt.export.manifest import read_manifest
 
@@ -33,8 +36,13 @@ def import_onnxruntime():
 
 
 def session_options(ort, threads: int | None = None):
+    """All graph optimisations (ONNX Runtime's fusions: FusedMatMul, MatMulNBits, QuickGelu,
+    ...), sequential execution (one graph runs at a time; its kernels use the intra-op pool
+    of `threads` threads, default one per physical core)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
@@ -62,6 +70,26 @@ def element_type(dtype: torch.dtype):
             torch.bool: np.bool_}[dtype]
 
 
+class Binding:
+    """One graph's session and IOBinding, kept between calls: a name is re-bound only when its
+    tensor's address, shape or dtype changed (ping-pong buffers alternate between two)."""
+
+    def __init__(self, session, device: str):
+        self.session, self.device = session, device
+        self.io = session.io_binding()
+        self.bound: dict[str, tuple] = {}
+
+    def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        for names, bind in ((inputs, self.io.bind_input), (outputs, self.io.bind_output)):
+            for name, tensor in names.items():
+                key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+                if self.bound.get(name) != key:
+                    bind(name, self.device, 0, element_type(tensor.dtype), list(tensor.shape),
+                         tensor.data_ptr())
+                    self.bound[name] = key
+        self.session.run_with_iobinding(self.io)
+
+
 class OrtRunner(Runner):
     backend = "onnxruntime"
 
@@ -79,12 +107,12 @@ class OrtRunner(Runner):
                                  "this export with --backend tensorrt")
         self.torch_device = torch.device(self.device)
         self.sessions: dict = {}
+        self.bindings: dict[str, Binding] = {}
         self.session(SEGMENT)                       # fail early on a bad file
-        self.io = None
 
     @property
     def description(self) -> str:
-        return f"onnxruntime-{self.device} ({self.dtype})"
+        return f"onnxruntime-{self.device} ({self.manifest.precision})"
 
     def session(self, graph: str):
         """The InferenceSession of one graph, loaded on first use."""
@@ -101,17 +129,19 @@ class OrtRunner(Runner):
     def _run(self, graph: str, inputs: dict[str, torch.Tensor],
              outputs: dict[str, torch.Tensor]) -> None:
         """Run one graph with every input and output bound to a torch tensor (zero-copy)."""
-        io = self.session(graph).io_binding()
-        for names, bind in ((inputs, io.bind_input), (outputs, io.bind_output)):
-            for name, tensor in names.items():
-                bind(name, self.device, 0, element_type(tensor.dtype), list(tensor.shape),
-                     tensor.data_ptr())
-        self.session(graph).run_with_iobinding(io)
+        if graph not in self.bindings:
+            self.bindings[graph] = Binding(self.session(graph), self.device)
+        self.bindings[graph].run(inputs, outputs)
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.torch_device)
+    def _load(self, buffer: torch.Tensor, array: np.ndarray) -> torch.Tensor:
+        """Copy `array` into the start of the flat `buffer` -> a view of the array's shape
+        (the same address every call, so the binding stays)."""
+        view = buffer[:array.size].view(array.shape)
+        view.copy_(torch.from_numpy(array))
+        return view
 
     def _logits(self, ids: np.ndarray) -> torch.Tensor:
+        """A fresh logits tensor: the caller keeps it (prefill holds some across calls)."""
         return torch.empty((*ids.shape, self.config.vocab_size), device=self.torch_device)
 
     # state ---------------------------------------------------------------------------------
@@ -121,6 +151,10 @@ class OrtRunner(Runner):
         self.norm = [torch.zeros(cfg.norm_shape(batch), device=device) for _ in "ab"]
         self.current = 0
         self.caches = None            # decoding: allocated on first extend
+        self.ids = torch.zeros(batch * cfg.segment_len, dtype=torch.int64, device=device)
+        self.start, self.length = (torch.zeros(batch, dtype=torch.int64, device=device)
+                                   for _ in "sl")
+        self.fold_mask = torch.zeros(batch, dtype=torch.bool, device=device)
 
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         return (self.memory[self.current].cpu().numpy().copy(),
@@ -136,7 +170,7 @@ class OrtRunner(Runner):
         cur, nxt = self.current, 1 - self.current
         logits = self._logits(ids)
         self._run(SEGMENT,
-                  {"input_ids": self._tensor(ids), "memory": self.memory[cur],
+                  {"input_ids": self._load(self.ids, ids), "memory": self.memory[cur],
                    "norm": self.norm[cur]},
                   {"logits": logits, "memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
         self.current = nxt
@@ -154,18 +188,21 @@ class OrtRunner(Runner):
                                         self.caches[1 - self.cache_current])
         logits = self._logits(ids)
         self._run(EXTEND,
-                  {"input_ids": self._tensor(ids), "start": self._tensor(start),
-                   "length": self._tensor(length), "k_cache": k_in, "v_cache": v_in,
+                  {"input_ids": self._load(self.ids, ids),
+                   "start": self._load(self.start, start),
+                   "length": self._load(self.length, length), "k_cache": k_in, "v_cache": v_in,
                    "memory": self.memory[self.current], "norm": self.norm[self.current]},
                   {"logits": logits, "k_cache_out": k_out, "v_cache_out": v_out})
         self.cache_current = 1 - self.cache_current
         return logits
 
     def _fold(self, mask: np.ndarray) -> None:
+        if self.caches is None:
+            raise InputError("fold() needs a segment in the K/V cache: call extend() first")
         cur, nxt = self.current, 1 - self.current
         k_cache, v_cache = self.caches[self.cache_current]
         self._run(FOLD,
                   {"k_cache": k_cache, "v_cache": v_cache, "memory": self.memory[cur],
-                   "norm": self.norm[cur], "fold": self._tensor(mask)},
+                   "norm": self.norm[cur], "fold": self._load(self.fold_mask, mask)},
                   {"memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
         self.current = nxt

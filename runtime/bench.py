@@ -1,0 +1,297 @@
+"""`bench`: speed and memory of one model on every backend, beside its peers, in one run.
+
+For each subject (a backend of this model, or a peer) and each context length L:
+
+    prefill   B prompts of L random tokens, streamed as a user's prompt is (`generate.prefill`:
+              full segments through the segment graph, the rest through the K/V cache);
+              every call timed -> tokens/s, per-segment latency p50/p95/p99
+    TTFT      prefill plus the choice of the first token (greedy)
+    decode    D more tokens, one per sequence per call (extend, fold at segment ends), greedy
+              -> tokens/s and inter-token latency
+    memory    peak RSS of the process over that length (and peak CUDA memory on a GPU)
+
+Each subject runs in a fresh process (`isolate`), so that its peak RSS is its own; it is
+warmed up first (both graphs, and a fold). The machine's fp32/bf16 matmul rate and memory
+bandwidth are measured in the same run (`roofline.py`) and turn the figures into prefill
+efficiency (model FLOPs/s over the matmul rate) and decode bandwidth use (bytes moved per
+token x tokens/s over the bandwidth). Ratios are taken against PyTorch eager of the same run.
+
+Subjects:  torch[:bf16|:fp16]   PyTorch eager (TorchRunner)
+           onnxruntime          ONNX Runtime on the fp32 export (IO binding)
+           onnxruntime:int8     ONNX Runtime on the int8-weight export (export/quantize.py)
+           tensorrt             TensorRT (needs a CUDA GPU; skipped with the reason otherwise)
+Peers:     infini-transformer-pytorch   lucidrains' eager model at the same shape
+           full-attention               the quadratic baseline (runtime/baselines.py)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from infini_trt.export.config import InfiniConfig
+from infini_trt.export.errors import InfiniTrtError
+
+from . import roofline
+from .bench_measure import measure, warm_up
+
+BACKENDS = ("torch", "torch:bf16", "torch:fp16", "onnxruntime", "onnxruntime:int8", "tensorrt")
+PEERS = ("infini-transformer-pytorch", "full-attention")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    lengths: tuple[int, ...]
+    batch: int = 1
+    decode_tokens: int = 64
+    seed: int = 0
+    threads: int | None = None        # CPU threads for torch and ONNX Runtime [default: all]
+    budget_s: float = 600.0           # skip a length whose prefill is estimated to take longer
+    isolate: bool = True              # each subject in a fresh process
+    calibrate_s: float = 1.0          # seconds for each measurement of the machine
+
+
+@dataclass
+class Subject:
+    """What one worker opens: picklable, resolved in the parent (exports made there)."""
+
+    name: str                         # as given: "onnxruntime:int8", "full-attention", ...
+    kind: str                         # torch | onnxruntime | tensorrt | lucidrains | full-attention
+    path: str | None = None           # checkpoint or export directory
+    precision: str = "float32"        # weights: float32 | bfloat16 | float16 | int8
+    label: str = ""                   # the runner's description, filled in by the worker
+    status: str = "ok"                # ok | skipped
+    reason: str = ""
+    points: list[dict] = field(default_factory=list)
+
+    @property
+    def infini(self) -> bool:
+        return self.kind != "full-attention"
+
+
+# ------------------------------------------------------------------------------ subjects
+def open_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings):
+    """The runner of one subject (in the worker process)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    if subject.kind == "torch":
+        from .runners.torch_runner import TorchRunner
+
+        return TorchRunner.from_checkpoint(subject.path, dtype=subject.precision)
+    if subject.kind == "onnxruntime":
+        from .runners.ort_runner import OrtRunner
+
+        return OrtRunner(subject.path, threads=settings.threads)
+    if subject.kind == "tensorrt":
+        from .runners import open_runner
+
+        return open_runner(subject.path, "tensorrt")
+    if subject.kind == "lucidrains":
+        from .baselines import LucidrainsRunner
+
+        return LucidrainsRunner(cfg, seed=settings.seed)
+    from infini_trt.export.model import InfiniLM, init_weights
+
+    from .baselines import FullAttentionRunner
+
+    return FullAttentionRunner(init_weights(InfiniLM(cfg), settings.seed), capacity=1)
+
+
+def estimate_seconds(subject: Subject, cfg: InfiniConfig, length: int, batch: int,
+                     matmul_rate: float) -> float:
+    """A rough prefill time for `length`: scaled from this subject's last point by model
+    FLOPs, or (first length) the FLOPs at a quarter of the matmul rate."""
+    flops = batch * roofline.prefill_flops(cfg, length, full_attention=not subject.infini)
+    last = next((p for p in reversed(subject.points) if "skipped" not in p), None)
+    if last is None:
+        return flops / (0.25 * matmul_rate)
+    done = last["batch"] * roofline.prefill_flops(cfg, last["length"],
+                                                   full_attention=not subject.infini)
+    return last["prefill_s"] * flops / done
+
+
+def cache_bytes(subject: Subject, cfg: InfiniConfig, length: int, batch: int) -> int:
+    """K/V cache of the full-attention baseline at `length` tokens (0 for Infini)."""
+    if subject.infini:
+        return 0
+    return 2 * cfg.n_layers * batch * cfg.n_kv_heads * length * cfg.head_dim * 4
+
+
+def run_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings,
+                matmul_rate: float, log: Callable[[str], None] = print) -> Subject:
+    """Open, warm up and measure one subject at every length (within the budget)."""
+    import psutil
+
+    try:
+        runner = open_subject(subject, cfg, settings)
+    except (InfiniTrtError, ImportError) as exc:
+        subject.status, subject.reason = "skipped", str(exc).splitlines()[0]
+        log(f"{subject.name}: skipped: {subject.reason}")
+        return subject
+    with runner:
+        subject.label = runner.description
+        warm_up(runner, settings.batch)
+        for length in settings.lengths:
+            estimate = estimate_seconds(subject, cfg, length, settings.batch, matmul_rate)
+            need = cache_bytes(subject, cfg, length + settings.decode_tokens, settings.batch)
+            if estimate > settings.budget_s:
+                why = f"prefill estimated at {estimate:,.3g} s > --budget {settings.budget_s:,.3g} s"
+            elif need > 0.8 * psutil.virtual_memory().available:
+                why = f"K/V cache of {need / 2**30:,.1f} GiB > 80% of the available memory"
+            else:
+                why = ""
+            if why:
+                subject.points.append({"length": length, "batch": settings.batch,
+                                       "skipped": why})
+                log(f"{subject.name:28s} {length:>9,d} tokens: skipped ({why})")
+                continue
+            point = measure(runner, length, settings.batch, settings.decode_tokens,
+                            settings.seed + length)
+            subject.points.append(point)
+            log(f"{subject.name:28s} {length:>9,d} tokens: prefill "
+                f"{point['prefill_tokens_per_s']:>9,.0f} tok/s, decode "
+                f"{point['decode_tokens_per_s']:>8,.1f} tok/s, peak RSS "
+                f"{point['peak_rss_mb']:>7,.0f} MiB")
+    return subject
+
+
+def _isolated(fn, *args):
+    """fn(*args) in a fresh (spawned) process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            raise InfiniTrtError("the benchmark process died (out of memory?)") from None
+
+
+# ------------------------------------------------------------------------------ resolving
+def model_config(model: str | Path) -> InfiniConfig:
+    from infini_trt.export.checkpoint import read_checkpoint
+    from infini_trt.export.manifest import is_export_dir, read_manifest
+
+    return read_manifest(model).config if is_export_dir(model) else read_checkpoint(model).config
+
+
+def quantized_export(export_dir: Path, method: str, log: Callable[[str], None]) -> Path:
+    """The int8 copy of an fp32 export, made once and kept in the export cache."""
+    from infini_trt.export.manifest import is_export_dir, package_version
+    from infini_trt.export.quantize import quantize_export
+
+    from .cache import cache_root
+
+    key = hashlib.sha256(json.dumps(
+        {"manifest": (export_dir / "manifest.json").read_text(), "method": method,
+         "onnxruntime": package_version("onnxruntime")}).encode()).hexdigest()[:20]
+    target = cache_root() / "quantized" / key
+    if not is_export_dir(target):
+        log(f"quantizing {export_dir} ({method}) into {target} (cached for next time) ...")
+        quantize_export(export_dir, target, method, force=True, log=log)
+    return target
+
+
+def resolve(name: str, model: Path, log: Callable[[str], None]) -> Subject:
+    """A subject name -> what its worker opens (exports made here, once, and cached)."""
+    from infini_trt.export.manifest import is_export_dir, read_manifest
+
+    from .cache import cached_export
+
+    backend, _, variant = name.partition(":")
+    if name in PEERS:
+        return Subject(name, "lucidrains" if name == PEERS[0] else name)
+    if name not in BACKENDS:
+        raise InfiniTrtError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)} "
+                             f"(peers: {', '.join(PEERS)})")
+    export = is_export_dir(model)
+    if backend == "torch":
+        precision = {"bf16": "bfloat16", "fp16": "float16"}.get(variant, "float32")
+        path = read_manifest(model).source.get("checkpoint") if export else str(model)
+        if not path or not Path(path).is_dir():
+            return Subject(name, "torch", status="skipped",
+                           reason=f"{model} was exported from a checkpoint that is not here")
+        return Subject(name, "torch", path, precision)
+    if backend == "tensorrt":
+        from .engine import gpu
+
+        if gpu() is None:
+            return Subject(name, "tensorrt", status="skipped",
+                           reason="TensorRT runs on a CUDA GPU and none was found")
+        return Subject(name, "tensorrt", str(model if export else cached_export(model, log=log)))
+    directory = model if export else cached_export(model, dtype="float32", log=log)
+    manifest = read_manifest(directory)
+    if variant == "int8" and manifest.precision != "int8":
+        directory = quantized_export(Path(directory), "int8", log)
+    elif variant != "int8" and manifest.precision == "int8":
+        return Subject(name, "onnxruntime", status="skipped",
+                       reason=f"{model} is an int8 export; use onnxruntime:int8")
+    return Subject(name, "onnxruntime", str(directory), "int8" if variant else manifest.dtype)
+
+
+def parse_length(text: str) -> int:
+    """'4K' -> 4096, '1M' -> 1048576, '1000' -> 1000 (K = 1024)."""
+    units = {"k": 1 << 10, "m": 1 << 20}
+    s = text.strip().lower()
+    try:
+        value = int(s[:-1]) * units[s[-1]] if s and s[-1] in units else int(s)
+    except ValueError:
+        raise InfiniTrtError(f"--lengths: {text!r} is not a length like 4096, 4K or 1M") from None
+    if value < 1:
+        raise InfiniTrtError(f"--lengths: {text!r} must be at least 1 token")
+    return value
+
+
+# ------------------------------------------------------------------------------ the run
+def _limits(seconds: float, log: Callable[[str], None]) -> dict[str, float]:
+    """The machine's fp32 and bf16 matmul rates and memory read bandwidth, measured now."""
+    limits = {"matmul_fp32_flops_per_s": roofline.matmul_rate(torch.float32, seconds=seconds),
+              "matmul_bf16_flops_per_s": roofline.matmul_rate(torch.bfloat16, seconds=seconds),
+              "memory_read_bytes_per_s": roofline.memory_bandwidth(seconds=seconds)}
+    log(f"fp32 matmul {limits['matmul_fp32_flops_per_s'] / 1e9:,.0f} GFLOP/s, bf16 matmul "
+        f"{limits['matmul_bf16_flops_per_s'] / 1e9:,.0f} GFLOP/s, memory "
+        f"{limits['memory_read_bytes_per_s'] / 1e9:,.1f} GB/s")
+    return limits
+
+
+def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
+              log: Callable[[str], None] = print) -> dict:
+    """Measure every subject at every length -> the report (a JSON-able dict; see
+    bench_report.py for the derived figures, table and plot)."""
+    model = Path(model)
+    cfg = model_config(model)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    machine = roofline.describe_machine()
+    log("measuring the machine: fp32 and bf16 matmul rate, memory bandwidth ...")
+    limits = _limits(settings.calibrate_s, log)
+    resolved = []
+    for name in dict.fromkeys(subjects):
+        subject = resolve(name, model, log)
+        if subject.status != "ok":
+            log(f"{name}: skipped: {subject.reason}")
+            resolved.append(subject)
+            continue
+        args = (subject, cfg, settings, limits["matmul_fp32_flops_per_s"])
+        try:
+            subject = _isolated(run_subject, *args) if settings.isolate else run_subject(*args)
+        except InfiniTrtError as exc:
+            subject.status, subject.reason = "skipped", str(exc)
+            log(f"{name}: skipped: {exc}")
+        resolved.append(subject)
+    machine["load_average_end"] = roofline.describe_machine()["load_average"]
+    log("measuring the machine again (the best of both runs is its limit) ...")
+    again = _limits(settings.calibrate_s, log)
+    limits = {"start": limits, "end": again} | {k: max(limits[k], again[k]) for k in limits}
+    from .bench_report import derive
+
+    return derive({"model": str(model), "config": cfg.to_dict(),
+                   "parameters": cfg.num_parameters(), "settings": asdict(settings),
+                   "machine": machine, "limits": limits,
+                   "subjects": [asdict(s) | {"infini": s.infini} for s in resolved]})

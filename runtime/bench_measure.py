@@ -1,0 +1,148 @@
+"""How `bench` measures one runner at one context length: the timed prefill and decode loop,
+latency percentiles and the process's peak memory."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import torch
+
+
+class PeakMemory:
+    """Peak resident memory of this process between `reset()` and `peak()`: the kernel's
+    high-water mark (VmHWM, reset through /proc/self/clear_refs) on Linux, else a sampling
+    thread. Also torch's peak CUDA allocation when CUDA is in use."""
+
+    def reset(self) -> None:
+        self._stop = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.mode = "VmHWM"
+        except OSError:
+            self.mode, self._max = "sampled", 0
+            self._stop = threading.Event()
+            threading.Thread(target=self._sample, daemon=True).start()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+
+    def _sample(self) -> None:
+        import psutil
+
+        process = psutil.Process()
+        while not self._stop.is_set():
+            self._max = max(self._max, process.memory_info().rss)
+            self._stop.wait(0.002)
+
+    def peak(self) -> int:
+        if self._stop is not None:
+            self._stop.set()
+            return self._max
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return kib * 1024
+
+    @staticmethod
+    def peak_gpu() -> int | None:
+        from .resources import peak_gpu_bytes
+
+        return peak_gpu_bytes()
+
+
+def _sync(tensor: torch.Tensor) -> None:
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
+class Timed:
+    """A runner whose step/extend calls are timed (seconds, in order); all else passes through."""
+
+    def __init__(self, runner):
+        self.runner, self.seconds, self.tokens = runner, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def _time(self, fn, *args) -> torch.Tensor:
+        t = time.perf_counter()
+        out = fn(*args)
+        _sync(out)
+        self.seconds.append(time.perf_counter() - t)
+        self.tokens.append(int(np.asarray(args[0]).size))
+        return out
+
+    def step(self, ids):
+        return self._time(self.runner.step, ids)
+
+    def extend(self, ids, start, length):
+        return self._time(self.runner.extend, ids, start, length)
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    """p50/p95/p99 (and min, mean, max, count) of latencies, in milliseconds."""
+    if not seconds:
+        return {"count": 0}
+    ms = np.asarray(seconds) * 1e3
+    return {"count": int(ms.size), "min": float(ms.min()), "mean": float(ms.mean()),
+            "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
+            "p99": float(np.percentile(ms, 99)), "max": float(ms.max())}
+
+
+def measure(runner, length: int, batch: int, decode_tokens: int, seed: int) -> dict:
+    """Prefill `batch` random prompts of `length` tokens, then decode `decode_tokens` tokens
+    per sequence (greedy) -> one point: timings, latencies, peak memory."""
+    from .generate import prefill
+
+    cfg = runner.config
+    n = cfg.segment_len
+    prompts = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length))
+    if hasattr(runner, "capacity"):                      # the full-attention cache
+        runner.capacity = length + decode_tokens + 1
+    memory, timed = PeakMemory(), Timed(runner)
+    memory.reset()
+    t0 = time.perf_counter()
+    logits, position = prefill(timed, list(prompts), progress=False)
+    t_prefill = time.perf_counter() - t0
+    token = logits.argmax(-1).cpu().numpy()
+    ttft = time.perf_counter() - t0
+    itl, ones = [], np.ones(batch, dtype=np.int64)
+    for _ in range(decode_tokens):
+        t = time.perf_counter()
+        out = runner.extend(token[:, None], position, ones)
+        position += 1
+        full = position == n
+        runner.fold(full)
+        position[full] = 0
+        token = out[:, 0].argmax(-1).cpu().numpy()
+        itl.append(time.perf_counter() - t)
+    decode_s = float(sum(itl))
+    gpu = memory.peak_gpu()
+    segments, between = percentiles(timed.seconds), percentiles(itl)
+    full = [t for t, ids in zip(timed.seconds, timed.tokens) if ids == batch * n]
+    return {"length": length, "batch": batch, "prefill_s": t_prefill,
+            "prefill_tokens_per_s": batch * length / t_prefill,
+            # robust to a busy machine: a full segment's tokens over its median latency
+            "prefill_tokens_per_s_p50": (batch * n / float(np.median(full))) if full else None,
+            "segment_latency_ms": segments, "ttft_s": ttft,
+            "decode_tokens": batch * decode_tokens, "decode_s": decode_s,
+            "decode_tokens_per_s": batch * decode_tokens / decode_s if decode_s else None,
+            "decode_tokens_per_s_p50": batch * 1e3 / between["p50"] if itl else None,
+            "inter_token_latency_ms": between,
+            "peak_rss_mb": memory.peak() / 2**20, "rss_measure": memory.mode,
+            "peak_gpu_mb": gpu / 2**20 if gpu is not None else None}
+
+
+def warm_up(runner, batch: int) -> None:
+    """Load and run every graph once: a segment, a continuation that fills the next one, and
+    one decoded token that completes it (a fold)."""
+    from .generate import prefill
+
+    n = runner.config.segment_len
+    if hasattr(runner, "capacity"):
+        runner.capacity = 2 * n + 2
+    prompts = np.zeros((batch, 2 * n - 1), dtype=np.int64)
+    logits, position = prefill(runner, list(prompts), progress=False)
+    runner.extend(logits.argmax(-1).cpu().numpy()[:, None], position,
+                  np.ones(batch, dtype=np.int64))
+    runner.fold(position + 1 == n)

@@ -1,0 +1,160 @@
+"""The figures `bench` derives from its measurements, its table, and its plot.
+
+Derived per point (subject x length):
+    prefill_efficiency   model FLOPs of the prefill per second / measured fp32 matmul rate
+                         (roofline.prefill_flops: useful, causal FLOPs; int8 and bf16 are also
+                         set against the fp32 rate, so they can pass 100%)
+    decode_bytes_per_token, decode_bandwidth_use
+                         roofline.decode_bytes_per_token (weights / B + K/V cache + state)
+                         x decode tokens/s / measured memory read bandwidth
+    vs_torch             prefill and decode tokens/s over PyTorch eager's at the same length
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from infini_trt.export.config import InfiniConfig
+
+from . import roofline
+
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+
+
+def _subject_config(cfg: InfiniConfig, subject: dict) -> InfiniConfig:
+    """The shape whose FLOPs a subject computes (lucidrains has one K/V head per head)."""
+    return cfg.replace(n_kv_heads=cfg.n_heads) if subject["kind"] == "lucidrains" else cfg
+
+
+def derive(report: dict) -> dict:
+    """Add efficiencies, bytes per token and ratios to PyTorch eager to every point."""
+    cfg = InfiniConfig.from_dict(report["config"])
+    limits = report["limits"]
+    torch_points = {p["length"]: p for s in report["subjects"] if s["name"] == "torch"
+                    for p in s["points"] if "skipped" not in p}
+    for subject in report["subjects"]:
+        shape = _subject_config(cfg, subject)
+        full = not subject["infini"]
+        weight_bytes = BYTES.get(subject["precision"], 4)
+        cache_value_bytes = 4 if weight_bytes == 1 else weight_bytes
+        for p in subject["points"]:
+            if "skipped" in p:
+                continue
+            flops = p["batch"] * roofline.prefill_flops(shape, p["length"], full_attention=full)
+            p["prefill_flops"] = flops
+            p["prefill_efficiency"] = flops / p["prefill_s"] / limits["matmul_fp32_flops_per_s"]
+            cache_len = p["length"] + p["decode_tokens"] // (2 * p["batch"]) if full \
+                else cfg.segment_len
+            moved = roofline.decode_bytes_per_token(shape, p["batch"], weight_bytes, cache_len,
+                                                    cache_value_bytes, memory=not full)
+            p["decode_bytes_per_token"] = moved
+            if p["decode_tokens_per_s"]:
+                p["decode_bandwidth_use"] = (moved["total"] * p["decode_tokens_per_s"]
+                                             / limits["memory_read_bytes_per_s"])
+                p["decode_weight_bandwidth_use"] = (moved["weights"] * p["decode_tokens_per_s"]
+                                                    / limits["memory_read_bytes_per_s"])
+            base = torch_points.get(p["length"])
+            if base is not None:
+                p["vs_torch"] = {
+                    "prefill": p["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
+                    "decode": (p["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+                               if p["decode_tokens_per_s"] and base["decode_tokens_per_s"]
+                               else None)}
+    return report
+
+
+def _length(n: int) -> str:
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _ratio(p: dict, key: str) -> str:
+    r = (p.get("vs_torch") or {}).get(key)
+    return f"{r:5.2f}x" if r is not None else "     -"
+
+
+def table(report: dict) -> str:
+    """The figures against context length, one row per subject and length."""
+    limits, machine = report["limits"], report["machine"]
+    s = report["settings"]
+    lines = [f"model {report['model']}: {report['parameters']:,} parameters, segment "
+             f"{report['config']['segment_len']}, batch {s['batch']}, "
+             f"{s['decode_tokens']} decoded tokens per sequence",
+             f"machine: {machine['cpu']}, {machine['cores']} cores, load average "
+             f"{_load(machine.get('load_average'))} -> {_load(machine.get('load_average_end'))}; "
+             f"fp32 matmul {limits['matmul_fp32_flops_per_s'] / 1e9:,.0f} GFLOP/s, bf16 "
+             f"{limits['matmul_bf16_flops_per_s'] / 1e9:,.0f} GFLOP/s, memory read "
+             f"{limits['memory_read_bytes_per_s'] / 1e9:,.1f} GB/s",
+             f"{'length':>6s}  {'subject':28s} {'prefill tok/s':>13s} {'vs torch':>8s} "
+             f"{'segment p50/p95/p99 ms':>24s} {'TTFT s':>8s} {'decode tok/s':>12s} "
+             f"{'vs torch':>8s} {'peak RSS MiB':>12s} {'prefill eff':>11s} {'decode BW':>9s}"]
+    lengths = sorted({p["length"] for sub in report["subjects"] for p in sub["points"]})
+    for length in lengths:
+        for sub in report["subjects"]:
+            p = next((q for q in sub["points"] if q["length"] == length), None)
+            if p is None:
+                continue
+            head = f"{_length(length):>6s}  {sub['name']:28s}"
+            if "skipped" in p:
+                lines.append(f"{head} skipped: {p['skipped']}")
+                continue
+            lat = p["segment_latency_ms"]
+            decode = p["decode_tokens_per_s"]
+            lines.append(
+                f"{head} {p['prefill_tokens_per_s']:>13,.0f} {_ratio(p, 'prefill'):>8s} "
+                f"{lat['p50']:>8,.1f}/{lat['p95']:>7,.1f}/{lat['p99']:>7,.1f} "
+                f"{p['ttft_s']:>8.2f} {decode or 0:>12,.1f} {_ratio(p, 'decode'):>8s} "
+                f"{p['peak_rss_mb']:>12,.0f} {p['prefill_efficiency']:>10.0%} "
+                f"{p.get('decode_bandwidth_use', 0):>9.0%}")
+    for sub in report["subjects"]:
+        if sub["status"] != "ok":
+            lines.append(f"{sub['name']}: skipped: {sub['reason']}")
+    return "\n".join(lines)
+
+
+def _load(load) -> str:
+    return "/".join(f"{x:.1f}" for x in load) if load else "?"
+
+
+def plot(report: dict, path: str | Path) -> None:
+    """Prefill and decode tokens/s and peak RSS against context length (log x), one line per
+    subject, written as a PNG."""
+    try:
+        import matplotlib
+    except ImportError:
+        from infini_trt.export.errors import MissingDependencyError
+
+        raise MissingDependencyError("matplotlib", "bench --plot",
+                                     "pip install 'infini-trt[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    panels = (("prefill_tokens_per_s", "prefill tokens/s"),
+              ("decode_tokens_per_s", "decode tokens/s"), ("peak_rss_mb", "peak RSS (MiB)"))
+    for ax, (key, title) in zip(axes, panels):
+        for sub in report["subjects"]:
+            points = [p for p in sub["points"] if "skipped" not in p and p.get(key)]
+            if points:
+                ax.plot([p["length"] for p in points], [p[key] for p in points], marker="o",
+                        label=sub["label"] or sub["name"])
+        ax.set_xscale("log", base=2)
+        if key == "peak_rss_mb":
+            ax.set_ylim(bottom=0)
+        else:
+            ax.set_yscale("log")
+        lengths = sorted({p["length"] for sub in report["subjects"] for p in sub["points"]})
+        ax.set_xticks(lengths, [_length(n) for n in lengths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8)
+    cfg = report["config"]
+    fig.suptitle(f"infini-trt bench: {report['parameters'] / 1e6:,.1f}M parameters, "
+                 f"d={cfg['d_model']}, L={cfg['n_layers']}, N={cfg['segment_len']}, "
+                 f"batch {report['settings']['batch']} ({report['machine']['cpu']})")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)

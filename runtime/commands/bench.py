@@ -1,0 +1,68 @@
+"""`bench`: speed, memory and scaling on every backend, beside the peers."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def _names(text: str) -> list[str]:
+    return [] if text.strip().lower() in ("", "none") else [t.strip() for t in text.split(",")]
+
+
+@click.command()
+@click.argument("model", type=click.Path())
+@click.option("--backends", default="torch,onnxruntime,onnxruntime:int8,tensorrt",
+              help="Comma-separated: torch, torch:bf16, torch:fp16, onnxruntime, "
+                   "onnxruntime:int8, tensorrt. One that cannot run here is skipped with "
+                   "the reason.")
+@click.option("--peers", default="infini-transformer-pytorch,full-attention",
+              help="Comma-separated peers at the same shape, or 'none': "
+                   "infini-transformer-pytorch (lucidrains, eager), full-attention (the "
+                   "quadratic KV-cache baseline).")
+@click.option("--lengths", default="4K,16K,64K",
+              help="Context lengths to prefill (4096, 4K, 1M; K = 1024).")
+@click.option("--batch", default=1, type=click.IntRange(1), help="Sequences per call.")
+@click.option("--decode-tokens", default=64, type=click.IntRange(1),
+              help="Tokens decoded per sequence after each prefill.")
+@click.option("--threads", default=None, type=click.IntRange(1),
+              help="CPU threads for PyTorch and ONNX Runtime [default: all cores].")
+@click.option("--budget", default=600.0, type=click.FloatRange(min=1),
+              help="Skip a length whose prefill is estimated to take longer (seconds).")
+@click.option("--seed", default=0, help="Seed of the random prompts (and peers' weights).")
+@click.option("--calibrate", default=1.0, type=click.FloatRange(min=0.01),
+              help="Seconds for each measurement of the machine (matmul rates, bandwidth).")
+@click.option("--isolate/--no-isolate", default=True,
+              help="Run each subject in a fresh process, so that its peak RSS is its own.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
+              help="Write every figure as JSON.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG: throughput and memory against length (log x).")
+def bench(model: str, backends: str, peers: str, lengths: str, batch: int, decode_tokens: int,
+          threads: int | None, budget: float, seed: int, calibrate: float, isolate: bool,
+          json_file: str | None, plot_file: str | None) -> None:
+    """Prefill tokens/s, segment latency p50/p95/p99, time to first token, decode tokens/s
+    and peak RSS of MODEL on each backend and of its peers, against context length.
+
+    MODEL is a native checkpoint or an export directory. Figures are set against the
+    machine's fp32 matmul rate and memory bandwidth, measured in the same run, and against
+    PyTorch eager."""
+    from infini_trt.export.files import atomic_file
+    from infini_trt.runtime.bench import BenchSettings, parse_length, run_bench
+    from infini_trt.runtime.bench_report import plot, table
+
+    settings = BenchSettings(tuple(parse_length(x) for x in lengths.split(",")), batch,
+                             decode_tokens, seed, threads, budget, isolate, calibrate)
+    report = run_bench(model, _names(backends) + _names(peers), settings, log=click.echo)
+    click.echo(table(report))
+    if json_file:
+        with atomic_file(json_file) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {json_file}")
+    if plot_file:
+        with atomic_file(plot_file) as tmp:
+            plot(report, tmp)
+        click.echo(f"wrote {plot_file}")
+
+
+COMMANDS = [bench]

@@ -1,0 +1,92 @@
+"""int8 weights for ONNX Runtime: what is quantized, what is not, and parity with the float64
+reference within the stated default tolerance."""
+import json
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from infini_trt.export import preset
+from infini_trt.export.errors import InfiniTrtError
+from infini_trt.export.manifest import read_manifest
+from infini_trt.export.quantize import quantize_export
+from infini_trt.runtime.cli import main
+from infini_trt.runtime.validate import DEFAULT_MIN_GREEDY, DEFAULT_TOLERANCES, validate_export
+
+TINY = preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def int8_export(exported, tmp_path_factory):
+    ckpt, out = exported(TINY)
+    target = tmp_path_factory.mktemp("int8") / "onnx"
+    quantize_export(out, target)
+    return ckpt, out, target
+
+
+def _ops(path):
+    model = onnx.load(str(path))
+    constants = {t.name for t in model.graph.initializer}
+    ops = [n.op_type for n in model.graph.node]
+    weight_matmuls = [n for n in model.graph.node
+                      if n.op_type == "MatMul" and n.input[1] in constants]
+    return ops, weight_matmuls
+
+
+def test_int8_export_quantizes_the_projections_only(int8_export):
+    _, fp32, int8 = int8_export
+    manifest = read_manifest(int8)
+    assert manifest.precision == "int8" and manifest.dtype == "float32"
+    assert manifest.quantization["bits"] == 8
+    projections = 4 * TINY.n_layers + 1                  # qkv, o, gate_up, down; LM head
+    for graph in ("segment", "extend"):
+        ops, weight_matmuls = _ops(manifest.graph_file(graph))
+        assert ops.count("MatMulNBits") == projections, graph
+        assert weight_matmuls == [], graph               # no float32 projection left
+        assert ops.count("LinearMemoryUpdate") == (TINY.n_layers if graph == "segment" else 0)
+        assert ops.count("Gather") >= 1                  # the embedding lookup stays float32
+    # the fold graph has no weights: copied unchanged
+    assert manifest.graphs["fold"]["files"] == read_manifest(fp32).graphs["fold"]["files"]
+    io = manifest.graph("segment")
+    assert io.input("memory").dtype == io.output("memory_out").dtype == "float32"
+
+
+def test_int8_export_passes_validate_with_its_default_tolerance(int8_export):
+    ckpt, _, int8 = int8_export
+    report = validate_export(ckpt, int8, segments=4, batch=2, include_torch=False)
+    assert report.dtype == "int8"
+    ort = report.backends[0]
+    assert ort.backend == "onnxruntime-cpu (int8)"
+    assert ort.min_greedy == DEFAULT_MIN_GREEDY["int8"]
+    for name, out in ort.outputs.items():
+        assert out.tolerance == DEFAULT_TOLERANCES["int8"][name]
+    assert report.passed, report.table()
+    # and it is really quantized: far from float32 parity
+    assert ort.outputs["logits"].rel_rms > 1e-4
+
+
+def test_quantize_refusals(int8_export, exported, tmp_path):
+    _, _, int8 = int8_export
+    with pytest.raises(InfiniTrtError, match="already quantized"):
+        quantize_export(int8, tmp_path / "again")
+    _, fp16 = exported(TINY, dtype=torch.float16, graphs=("segment",))
+    with pytest.raises(InfiniTrtError, match="--dtype fp32"):
+        quantize_export(fp16, tmp_path / "fp16")
+    assert not (tmp_path / "fp16").exists()
+
+
+def test_export_cli_refuses_int8_of_fp16(exported, tmp_path):
+    ckpt, _ = exported(TINY)
+    result = CliRunner().invoke(main, ["export", str(ckpt), "-o", str(tmp_path / "x"),
+                                       "--dtype", "fp16", "--quantize", "int8"])
+    assert result.exit_code == 1
+    assert "--dtype fp32" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_manifest_of_int8_export_is_json_with_the_record(int8_export):
+    _, _, int8 = int8_export
+    data = json.loads((int8 / "manifest.json").read_text())
+    assert data["quantization"]["op"] == "MatMulNBits"
+    assert data["source"]["quantized_from"]

@@ -1,0 +1,249 @@
+"""`bench`: the FLOP and byte formulas against counted values, the peers against their own
+definitions, and a short run of the whole benchmark (tiny preset, short lengths)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import random_model
+from helpers import assert_close
+from infini_trt.export import InfiniLM, init_weights, preset
+from infini_trt.export.errors import InfiniTrtError
+from infini_trt.export.model import apply_rope, expand_kv, rope_tables
+from infini_trt.runtime import roofline
+from infini_trt.runtime.baselines import FullAttentionRunner, LucidrainsRunner
+from infini_trt.runtime.bench import BenchSettings, parse_length, run_bench
+from infini_trt.runtime.bench_measure import PeakMemory
+from infini_trt.runtime.bench_report import table
+from infini_trt.runtime.cli import main
+
+TINY = preset("tiny")
+N = TINY.segment_len
+
+
+def counted_flops(fn) -> int:
+    """Matmul FLOPs torch counts while fn runs (SDPA through its math path, so counted)."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as c:
+        fn()
+    return c.get_total_flops()
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY.replace(update_rule="delta"),
+                                 TINY.replace(n_kv_heads=4)], ids=["gqa-linear", "delta", "mha"])
+def test_segment_flops_equal_counted(cfg):
+    model = init_weights(InfiniLM(cfg), 0).eval()
+    batch, s = 2, 20
+    memory, norm = model.init_state(batch)
+    ids = torch.randint(0, cfg.vocab_size, (batch, s))
+    got = counted_flops(lambda: model.step(ids, memory, norm))
+    assert got == batch * roofline.segment_flops(cfg, s, dense=True)
+
+
+def test_causal_pairs_count_the_mask():
+    for start, length in [(0, 1), (0, 32), (100, 7), (5, 1)]:
+        keys = torch.arange(start + length)
+        mask = keys[None, :] <= (start + torch.arange(length))[:, None]
+        assert roofline.causal_pairs(start, length) == int(mask.sum())
+
+
+def test_prefill_flops_sum_of_chunks():
+    cfg = TINY
+    linear = 2 * roofline.matmul_params(cfg) + roofline.memory_flops_per_token(cfg)
+    for tokens in (N, 5 * N, 3 * N + 7):
+        chunks = [min(N, tokens - i) for i in range(0, tokens, N)]
+        want = sum(c * linear + roofline.attention_flops(cfg, c * (c + 1) / 2) for c in chunks)
+        assert roofline.prefill_flops(cfg, tokens) == pytest.approx(want)
+    # full attention: every token attends to all earlier ones, no memory terms
+    want = 1000 * 2 * roofline.matmul_params(cfg) + roofline.attention_flops(cfg, 1000 * 1001 / 2)
+    assert roofline.prefill_flops(cfg, 1000, full_attention=True) == pytest.approx(want)
+
+
+def test_full_attention_flops_equal_counted():
+    cfg = TINY
+    runner = FullAttentionRunner(init_weights(InfiniLM(cfg), 0), capacity=3 * N)
+    runner.reset(1)
+    runner.step(np.zeros((1, N), np.int64))
+    s = 9
+    got = counted_flops(lambda: runner.step(np.zeros((1, s), np.int64)))
+    # a dense kernel computes all s x (N + s) scores of the chunk
+    want = s * 2 * roofline.matmul_params(cfg) + roofline.attention_flops(cfg, s * (N + s))
+    assert got == want
+
+
+def test_matmul_params_and_decode_bytes_count_the_weights():
+    model = InfiniLM(TINY)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert roofline.matmul_params(TINY) == linear
+    moved = roofline.decode_bytes_per_token(TINY, batch=4, bytes_per_weight=1, cache_len=N)
+    assert moved["weights"] == linear / 4
+    k_cache, _ = model.init_cache(1)
+    memory, norm = model.init_state(1)
+    assert moved["cache"] == 2 * k_cache.numel() * 4
+    assert moved["state"] == (memory.numel() + norm.numel()) * 4
+    assert moved["total"] == moved["weights"] + moved["cache"] + moved["state"]
+
+
+def full_attention_reference(model, ids):
+    """Causal attention over the whole sequence at once, RoPE at absolute positions."""
+    cfg = model.cfg
+    x = model.embed(ids)
+    cos, sin = rope_tables(0, ids.shape[1], cfg.head_dim, cfg.rope_theta, cfg.rope_style,
+                           x.dtype, x.device)
+    for block in model.layers:
+        q, k, v = block.attn.project(block.attn_norm(x))
+        q, k = apply_rope(q, cos, sin, cfg.rope_style), apply_rope(k, cos, sin, cfg.rope_style)
+        a = F.scaled_dot_product_attention(q, expand_kv(k, cfg.group_size),
+                                           expand_kv(v, cfg.group_size), is_causal=True)
+        x = x + block.attn.o_proj(a.transpose(1, 2).flatten(2))
+        x = x + block.mlp(block.mlp_norm(x))
+    return model.lm_head(model.final_norm(x))
+
+
+def test_full_attention_baseline_prefill_and_decode_equal_one_pass():
+    from infini_trt.runtime.generate import prefill
+
+    model = random_model(TINY, seed=3)
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 2 * N + 5 + 6))
+    with torch.no_grad():
+        want = full_attention_reference(model, torch.from_numpy(tokens))
+    runner = FullAttentionRunner(model, capacity=tokens.shape[1])
+    last, position = prefill(runner, list(tokens[:, :2 * N + 5]), progress=False)
+    got = [last]
+    for i in range(2 * N + 5, tokens.shape[1] - 1):
+        got.append(runner.extend(tokens[:, i:i + 1], position, np.ones(2, np.int64))[:, 0])
+        position += 1
+    assert_close(want[:, 2 * N + 4:-1], torch.stack(got, 1), 1e-6)   # float32 logits
+
+
+def test_lucidrains_runner_follows_its_model():
+    """Its segment loop, then token-by-token decoding with its K/V cache, give the logits of
+    its own forward over the segment."""
+    pytest.importorskip("infini_transformer_pytorch")
+    runner = LucidrainsRunner(TINY, seed=1)
+    tokens = np.random.default_rng(2).integers(0, 256, (1, 2 * N))
+    runner.reset(1)
+    runner.step(tokens[:, :N])
+    memories = runner.memories
+    logits, position = [], np.zeros(1, np.int64)
+    for i in range(N, 2 * N):
+        logits.append(runner.extend(tokens[:, i:i + 1], position, np.ones(1, np.int64))[:, 0])
+        position += 1
+    runner.fold(position == N)
+    with torch.no_grad():
+        want, _, _ = runner.model(torch.from_numpy(tokens[:, N:]), past_memories=memories,
+                                  return_new_memories=True)
+    assert_close(want, torch.stack(logits, 1), 1e-5)
+    assert runner.memories is not memories and runner.cached_kv is None
+
+
+def test_peak_memory_sees_an_allocation():
+    meter = PeakMemory()
+    meter.reset()
+    before = meter.peak()
+    block = torch.ones(64 << 20, dtype=torch.uint8)          # 64 MiB, touched
+    assert meter.peak() >= before + (60 << 20)
+    del block
+
+
+def test_parse_length():
+    assert [parse_length(x) for x in ("4K", "16k", "1M", "1000")] == [4096, 16384, 1 << 20, 1000]
+    for bad in ("4X", "0", "", "-1K"):
+        with pytest.raises(InfiniTrtError):
+            parse_length(bad)
+
+
+@pytest.fixture(scope="module")
+def short_run(exported, tmp_path_factory):
+    ckpt, out = exported(TINY)
+    subjects = ["torch", "onnxruntime", "onnxruntime:int8", "tensorrt",
+                "infini-transformer-pytorch", "full-attention"]
+    settings = BenchSettings(lengths=(2 * N, 4 * N + 5), batch=2, decode_tokens=3,
+                             isolate=False, threads=1, calibrate_s=0.1)
+    with pytest.MonkeyPatch.context() as mp:                  # the int8 copy goes here
+        mp.setenv("INFINI_TRT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return run_bench(out, subjects, settings, log=lambda s: None)
+
+
+def test_bench_measures_every_subject_or_says_why(short_run):
+    report = short_run
+    json.dumps(report)                                        # JSON-able as it is
+    names = [s["name"] for s in report["subjects"]]
+    assert names[:3] == ["torch", "onnxruntime", "onnxruntime:int8"]
+    trt = next(s for s in report["subjects"] if s["name"] == "tensorrt")
+    if not torch.cuda.is_available():
+        assert trt["status"] == "skipped" and "GPU" in trt["reason"]
+    limits = report["limits"]
+    assert limits["matmul_fp32_flops_per_s"] > 1e9
+    assert limits["matmul_fp32_flops_per_s"] == max(limits["start"]["matmul_fp32_flops_per_s"],
+                                                    limits["end"]["matmul_fp32_flops_per_s"])
+    assert report["limits"]["memory_read_bytes_per_s"] > 1e8
+    for subject in report["subjects"]:
+        if subject["status"] != "ok":
+            continue
+        assert [p["length"] for p in subject["points"]] == [2 * N, 4 * N + 5]
+        for p in subject["points"]:
+            assert p["prefill_tokens_per_s"] > 0 and p["decode_tokens_per_s"] > 0
+            assert p["prefill_tokens_per_s_p50"] > 0 and p["decode_tokens_per_s_p50"] > 0
+            assert p["decode_tokens"] == 2 * 3
+            assert p["ttft_s"] >= p["prefill_s"] > 0
+            lat = p["segment_latency_ms"]
+            assert lat["count"] >= 2 and lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+            assert p["inter_token_latency_ms"]["count"] == 3
+            assert p["peak_rss_mb"] > 50
+            assert 0 < p["prefill_efficiency"] and 0 < p["decode_bandwidth_use"]
+            assert p["vs_torch"]["prefill"] > 0
+    torch_points = report["subjects"][0]["points"]
+    assert all(p["vs_torch"] == {"prefill": 1.0, "decode": 1.0} for p in torch_points)
+    int8 = report["subjects"][2]
+    assert int8["precision"] == "int8" and "int8" in int8["label"]
+    assert int8["points"][0]["decode_bytes_per_token"]["weights"] == \
+        roofline.matmul_params(TINY) / 2
+
+
+def test_bench_table_and_plot(short_run, tmp_path):
+    text = table(short_run)
+    assert "prefill tok/s" in text and "onnxruntime:int8" in text
+    assert "tensorrt: skipped" in text or torch.cuda.is_available()
+    pytest.importorskip("matplotlib")
+    from infini_trt.runtime.bench_report import plot
+
+    plot(short_run, tmp_path / "b.png")
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_budget_skips_a_length(exported):
+    ckpt, _ = exported(TINY)
+    settings = BenchSettings(lengths=(N, 64 * N), decode_tokens=1, isolate=False, threads=1,
+                             budget_s=1e-6, calibrate_s=0.1)
+    report = run_bench(ckpt, ["full-attention"], settings, log=lambda s: None)
+    points = report["subjects"][0]["points"]
+    assert all("budget" in p["skipped"] for p in points)
+
+
+def test_bench_cli(exported, tmp_path):
+    _, out = exported(TINY)
+    result = CliRunner().invoke(main, [
+        "bench", str(out), "--backends", "onnxruntime", "--peers", "none", "--lengths", "64",
+        "--decode-tokens", "2", "--threads", "1", "--no-isolate", "--calibrate", "0.1",
+        "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["subjects"][0]["points"][0]["length"] == 64
+    bad = CliRunner().invoke(main, ["bench", str(out), "--backends", "onnx", "--peers", "none",
+                                    "--no-isolate"])
+    assert bad.exit_code == 1 and "unknown backend 'onnx'" in bad.output
+    assert "Traceback" not in bad.output
+
+
+def test_bench_isolated_subject(exported):
+    """Each subject in its own process: the report comes back the same way."""
+    ckpt, _ = exported(TINY)
+    settings = BenchSettings(lengths=(N,), decode_tokens=2, threads=1, calibrate_s=0.1)
+    report = run_bench(ckpt, ["full-attention"], settings, log=lambda s: None)
+    point = report["subjects"][0]["points"][0]
+    assert report["subjects"][0]["status"] == "ok" and point["decode_tokens_per_s"] > 0
