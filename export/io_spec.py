@@ -89,11 +89,16 @@ def _state(cfg: InfiniConfig):
             ("norm", "float32", (L, "batch", H, dk), "normalizer z, per layer"))
 
 
-def _cache(cfg: InfiniConfig, dtype: str):
-    dims = (cfg.n_layers, "batch", cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
-    return (("k_cache", dtype, dims, "keys of the current segment, rotated at their position "
-                                     "(RoPE), one slot per position"),
-            ("v_cache", dtype, dims, "values of the current segment"))
+def _cache(cfg: InfiniConfig, dtype: str, layer: int | None = None):
+    """The decoding caches (`InfiniLM.init_cache`): all layers, or one layer's slice."""
+    lead = (cfg.n_layers, "batch") if layer is None else ("batch",)
+    suffix = "" if layer is None else f"_{layer}"
+    n, hd = cfg.segment_len, cfg.head_dim
+    return (TensorSpec(f"k_cache{suffix}", dtype, (*lead, cfg.n_kv_heads, hd, n),
+                       "keys of the current segment, rotated at their position (RoPE), "
+                       "transposed: one column per slot"),
+            TensorSpec(f"v_cache{suffix}", dtype, (*lead, cfg.n_kv_heads, n, hd),
+                       "values of the current segment, one row per slot"))
 
 
 def segment_graph(cfg: InfiniConfig) -> GraphSpec:
@@ -113,25 +118,27 @@ def segment_graph(cfg: InfiniConfig) -> GraphSpec:
 
 
 def extend_graph(cfg: InfiniConfig, dtype: str) -> GraphSpec:
-    """Decoding: continue the current segment from the K/V cache (`InfiniLM.extend`):
-    (input_ids, start, length, k_cache, v_cache, memory, norm) -> (logits, k_cache_out,
-    v_cache_out). The caches are in the graph's compute `dtype`; memory/norm are only read."""
+    """Decoding: continue the current segment from the caches (`InfiniLM.extend`):
+    (input_ids, start, memory, norm, k_cache_0 .. k_cache_{L-1}, v_cache_0 .. v_cache_{L-1})
+    -> (logits, k_new, v_new). Every layer's cache is its own input, so a runner binds the
+    slices of its one cache buffer and nothing is copied; the graph only reads them and
+    returns the new tokens' rows, which the runner writes in place (`write_cache`). The
+    caches are in the graph's compute `dtype`; memory and norm are only read."""
     memory, norm = _state(cfg)
-    k_cache, v_cache = _cache(cfg, dtype)
+    caches = [_cache(cfg, dtype, i) for i in range(cfg.n_layers)]
+    rows = (cfg.n_layers, "batch", cfg.n_kv_heads, "seq", cfg.head_dim)
     return GraphSpec(
         name=EXTEND,
         inputs=(TensorSpec("input_ids", "int64", ("batch", "seq"),
                            "tokens at segment positions start .. start+seq-1"),
                 TensorSpec("start", "int64", ("batch",), "segment position of the first token"),
-                TensorSpec("length", "int64", ("batch",), "how many of the tokens are real"),
-                TensorSpec(*k_cache), TensorSpec(*v_cache), TensorSpec(*memory),
-                TensorSpec(*norm)),
+                TensorSpec(*memory), TensorSpec(*norm),
+                *(k for k, _ in caches), *(v for _, v in caches)),
         outputs=(TensorSpec("logits", "float32", ("batch", "seq", cfg.vocab_size),
                             "next-token logits"),
-                 TensorSpec("k_cache_out", dtype, k_cache[2], "k_cache with the tokens written"),
-                 TensorSpec("v_cache_out", dtype, v_cache[2], "v_cache with the tokens written")),
+                 TensorSpec("k_new", dtype, rows, "the new tokens' keys, rotated"),
+                 TensorSpec("v_new", dtype, rows, "the new tokens' values")),
         axes={"batch": (1, None), "seq": (1, cfg.segment_len)},
-        state={"k_cache": "k_cache_out", "v_cache": "v_cache_out"},
     )
 
 
@@ -142,8 +149,7 @@ def fold_graph(cfg: InfiniConfig, dtype: str) -> GraphSpec:
     k_cache, v_cache = _cache(cfg, dtype)
     return GraphSpec(
         name=FOLD,
-        inputs=(TensorSpec(*k_cache), TensorSpec(*v_cache), TensorSpec(*memory),
-                TensorSpec(*norm),
+        inputs=(k_cache, v_cache, TensorSpec(*memory), TensorSpec(*norm),
                 TensorSpec("fold", "bool", ("batch",), "which sequences completed a segment")),
         outputs=(TensorSpec("memory_out", "float32", memory[2], "M after the fold"),
                  TensorSpec("norm_out", "float32", norm[2], "z after the fold")),

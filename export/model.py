@@ -2,15 +2,17 @@
 
     logits, memory, norm = model.step(input_ids, memory, norm)   # one segment, pure in the state
     logits, memory, norm = model(input_ids)                      # any length: the definition
-    logits, k_cache, v_cache = model.extend(ids, start, length, k_cache, v_cache, memory, norm)
+    logits, k_new, v_new = model.extend(ids, start, memory, norm, k_caches, v_caches)
+    write_cache(k_cache, v_cache, k_new, v_new, start, length)    # the caller's, in place
     memory, norm = model.fold_cache(k_cache, v_cache, memory, norm, fold)
 
 `step` is the per-segment recurrent graph that is exported; `forward` splits a sequence into
 segments of `segment_len` tokens from its start and loops `step`, which defines the logits that
 every other path (ONNX Runtime, TensorRT, token-by-token decoding) must reproduce. `extend` and
 `fold_cache` are the decoding path: tokens continue the current segment from a K/V cache of its
-keys (rotated at their position) and values (cost O(segment length) per token), and a completed
-segment is folded into the memory (keys rotated back first).
+keys (rotated at their position) and values (cost O(segment length) per token; the graph only
+reads the caches and returns the new rows), and a completed segment is folded into the memory
+(keys rotated back first).
 
 Per block: x += attn(norm(x)); x += mlp(norm(x)). Attention is local causal softmax attention
 inside the segment (RoPE, positions restart at 0 in each segment) gated with a retrieval from
@@ -46,7 +48,7 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         if self.kind == "rms":
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)   # ORT fuses this form
         else:
             h = F.normalize(h, dim=-1, eps=self.eps) * math.sqrt(h.shape[-1])
         return self.weight * h.to(x.dtype)
@@ -85,24 +87,20 @@ def expand_kv(t: torch.Tensor, group: int) -> torch.Tensor:
     return t[:, :, None].expand(b, h, group, n, d).reshape(b, h * group, n, d)
 
 
-def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                start: torch.Tensor, length: torch.Tensor):
-    """Caches (B, Hkv, N, hd) with the first length[b] of the S new keys/values (B, Hkv, S, hd)
-    written into slots start[b] .. start[b]+length[b]-1; other slots unchanged.
+def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
+                v_new: torch.Tensor, start, length) -> None:
+    """Write new tokens into the decoding caches, in place (the runners' job, not the graph's).
 
-    A scatter of S slots (not a pass over all N): padding token j >= length writes the last
-    real token's value into that token's own slot again, and a sequence with length 0 writes
-    back what its slot held, so that no two writes to one slot differ."""
-    b, h, s, hd = k.shape
-    last = (length - 1).clamp(min=0)[:, None]                                # (B, 1)
-    source = torch.minimum(torch.arange(s, device=k.device)[None, :], last)  # (B, S)
-    slot = (start[:, None] + source).clamp(max=k_cache.shape[2] - 1)
-    source = source[:, None, :, None].expand(b, h, s, hd)
-    slot = slot[:, None, :, None].expand(b, h, s, hd)
-    empty = (length == 0)[:, None, None, None]
-    k_new = torch.where(empty, torch.gather(k_cache, 2, slot), torch.gather(k, 2, source))
-    v_new = torch.where(empty, torch.gather(v_cache, 2, slot), torch.gather(v, 2, source))
-    return k_cache.scatter(2, slot, k_new), v_cache.scatter(2, slot, v_new)
+    k_cache (L, B, Hkv, hd, N): rotated keys, stored transposed so that attention reads them
+    without a transpose; v_cache (L, B, Hkv, N, hd); k_new, v_new (L, B, Hkv, S, hd) from
+    `InfiniLM.extend`. The first length[b] new tokens go to slots start[b] .. on; the rest of
+    the S (padding) are dropped.
+    """
+    for b, (s, n) in enumerate(zip(start, length)):
+        s, n = int(s), int(n)
+        if n:
+            k_cache[:, b, :, :, s:s + n] = k_new[:, b, :, :n].transpose(-1, -2)
+            v_cache[:, b, :, s:s + n] = v_new[:, b, :, :n]
 
 
 class Attention(nn.Module):
@@ -158,31 +156,39 @@ class Attention(nn.Module):
 
     def extend(self, x: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
                rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
-               v_cache: torch.Tensor, start: torch.Tensor, length: torch.Tensor):
-        """Continue a segment from a cache (decoding). x (B, S, d) are tokens at segment
-        positions start .. start+S-1 of which the first `length` (B,) are real; k_cache and
-        v_cache (B, Hkv, N, hd) hold the keys, rotated at their position (RoPE), and the values
-        of slots 0 .. start-1; rope: cos, sin (N, hd) for positions 0 .. N-1.
+               v_cache: torch.Tensor, start: torch.Tensor):
+        """Continue a segment from a cache (decoding). x (B, S, d): tokens at segment positions
+        start .. start+S-1; k_cache (B, Hkv, hd, N): the rotated keys of slots 0 .. start-1,
+        transposed; v_cache (B, Hkv, N, hd); rope: cos, sin (N, hd) for positions 0 .. N-1.
+        The caches are only read (slots >= start are ignored).
 
-        Returns (out (B, S, d), k_cache_out, v_cache_out) with the new tokens written into
-        slots start .. start+length-1; other slots are unchanged. Keys are rotated once, when
-        written, so a decoded token costs one pass over the cache (the attention), not a
-        rotation of all N slots.
+        Returns (out (B, S, d), k_new, v_new): the new tokens' rotated keys and values
+        (B, Hkv, S, hd), for the caller to write into the caches (`write_cache`). Each token
+        attends to the cache and to the new tokens up to itself: two matmuls over the cache as
+        it lies, no copy of it, one softmax over both (eq 6).
         """
-        group, style = self.cfg.group_size, self.cfg.rope_style
+        cfg = self.cfg
+        group, style = cfg.group_size, cfg.rope_style
         q, k, v = self.project(x)
-        s, n = x.shape[1], k_cache.shape[2]
+        b, h, s, hd = q.shape
+        hkv, n = cfg.n_kv_heads, v_cache.shape[2]
         cos, sin = rope
         positions = (start[:, None] + torch.arange(s, device=x.device)).clamp(max=n - 1)
         cos_at, sin_at = cos[positions][:, None], sin[positions][:, None]   # (B, 1, S, hd)
-        k_cache, v_cache = write_cache(k_cache, v_cache, apply_rope(k, cos_at, sin_at, style),
-                                       v, start, length)
-        slots = torch.arange(n, device=x.device)
-        visible = slots[None, None, :] <= positions[:, :, None]              # (B, S, N)
-        a_dot = F.scaled_dot_product_attention(                              # eq 6
-            apply_rope(q, cos_at, sin_at, style), expand_kv(k_cache, group),
-            expand_kv(v_cache, group), attn_mask=visible[:, None])
-        return self.combine(q, a_dot, memory, norm), k_cache, v_cache
+        k_new = apply_rope(k, cos_at, sin_at, style)                        # (B, Hkv, S, hd)
+        q_rot = apply_rope(q, cos_at, sin_at, style) * hd ** -0.5
+        q_rot = q_rot.reshape(b, hkv, group * s, hd)                       # grouped by KV head
+        old = torch.arange(n, device=x.device)[None, :] < start[:, None]    # (B, N)
+        new_token = torch.arange(s, device=x.device)
+        causal = (new_token[None, :] <= new_token[:, None]).repeat(group, 1)   # (G*S, S)
+        neg = torch.finfo(q_rot.dtype).min
+        scores_old = (q_rot @ k_cache).masked_fill(~old[:, None, None, :], neg)
+        scores_new = (q_rot @ k_new.transpose(-1, -2)).masked_fill(~causal, neg)
+        weights = torch.softmax(torch.cat((scores_old, scores_new), dim=-1).float(), dim=-1)
+        weights = weights.to(v.dtype)
+        a_dot = weights[..., :n] @ v_cache + weights[..., n:] @ v          # (B, Hkv, G*S, hd)
+        a_dot = a_dot.reshape(b, h, s, hd)
+        return self.combine(q, a_dot, memory, norm), k_new, v
 
 
 class MLP(nn.Module):
@@ -217,12 +223,12 @@ class Block(nn.Module):
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), k, v
 
-    def extend(self, x, memory, norm, rope, k_cache, v_cache, start, length):
-        """Continue a segment from a cache -> (x, k_cache_out, v_cache_out)."""
-        a, k_cache, v_cache = self.attn.extend(self.attn_norm(x), memory, norm, rope, k_cache,
-                                               v_cache, start, length)
+    def extend(self, x, memory, norm, rope, k_cache, v_cache, start):
+        """Continue a segment from a cache -> (x, k_new, v_new)."""
+        a, k_new, v_new = self.attn.extend(self.attn_norm(x), memory, norm, rope, k_cache,
+                                           v_cache, start)
         x = x + a
-        return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
+        return x + self.mlp(self.mlp_norm(x)), k_new, v_new
 
 
 class InfiniLM(nn.Module):
@@ -282,41 +288,43 @@ class InfiniLM(nn.Module):
 
     # ------------------------------------------------------------------------- decoding
     def init_cache(self, batch: int, device: torch.device | str | None = None):
-        """Empty K/V caches of one segment: (L, B, Hkv, N, hd) each, in the weights' dtype."""
+        """Empty caches of one segment, in the weights' dtype: k_cache (L, B, Hkv, hd, N)
+        (rotated keys, transposed) and v_cache (L, B, Hkv, N, hd). Layer i's slices are
+        contiguous: they are what `extend` takes."""
         cfg = self.cfg
         device = self.embed.weight.device if device is None else device
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
         dtype = self.embed.weight.dtype
-        return (torch.zeros(shape, dtype=dtype, device=device),
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
+        return (torch.zeros(shape, dtype=dtype, device=device).transpose(-1, -2).contiguous(),
                 torch.zeros(shape, dtype=dtype, device=device))
 
-    def extend(self, input_ids: torch.Tensor, start: torch.Tensor, length: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, memory: torch.Tensor,
-               norm: torch.Tensor):
-        """Continue the current segment of each sequence from its K/V cache.
+    def extend(self, input_ids: torch.Tensor, start: torch.Tensor, memory: torch.Tensor,
+               norm: torch.Tensor, k_caches, v_caches):
+        """Continue the current segment of each sequence from its caches (decoding).
 
-        input_ids (B, S): tokens at segment positions start .. start+S-1, of which the first
-        length[b] are real (the rest is padding, its logits meaningless); start, length (B,)
-        int64 with start + length <= N; caches (L, B, Hkv, N, hd); memory/norm are read, not
-        written. -> (logits (B, S, V), k_cache_out, v_cache_out). Decoding is S = 1.
+        input_ids (B, S): tokens at segment positions start[b] .. start[b]+S-1 (start + S may
+        pass N only for padding, whose outputs mean nothing); memory/norm are read, not
+        written; k_caches, v_caches: per layer (B, Hkv, hd, N) and (B, Hkv, N, hd), read only.
+        -> (logits (B, S, V), k_new, v_new (L, B, Hkv, S, hd)): the new tokens' rotated keys
+        and values, which `write_cache` puts into the caches. Decoding is S = 1.
         """
         x = self.embed(input_ids)
         rope = self.rope(self.cfg.segment_len, x.dtype, x.device)
         k_out, v_out = [], []
         for i, block in enumerate(self.layers):
-            x, k, v = block.extend(x, memory[i], norm[i], rope, k_cache[i], v_cache[i], start,
-                                   length)
+            x, k, v = block.extend(x, memory[i], norm[i], rope, k_caches[i], v_caches[i], start)
             k_out.append(k)
             v_out.append(v)
         return self.lm_head(self.final_norm(x)), torch.stack(k_out), torch.stack(v_out)
 
     def fold_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, memory: torch.Tensor,
                    norm: torch.Tensor, fold: torch.Tensor):
-        """Write each full segment held in the caches into memory, where fold[b] is true
-        (others keep their state) -> (memory_out, norm_out). The memory takes un-rotated keys:
-        the cached ones are rotated back (by minus their angle) first."""
+        """Write each full segment held in the caches (`init_cache` layout) into memory, where
+        fold[b] is true (others keep their state) -> (memory_out, norm_out). The memory takes
+        un-rotated keys: the cached ones are rotated back (by minus their angle) first."""
         cos, sin = self.rope(self.cfg.segment_len, k_cache.dtype, k_cache.device)
-        kv = [(apply_rope(k_cache[i], cos, -sin, self.cfg.rope_style), v_cache[i])
+        keys = k_cache.transpose(-1, -2)                                     # (L, B, Hkv, N, hd)
+        kv = [(apply_rope(keys[i], cos, -sin, self.cfg.rope_style), v_cache[i])
               for i in range(self.cfg.n_layers)]
         memory_new, norm_new = self.fold(memory, norm, kv)
         mask = fold.to(torch.bool)

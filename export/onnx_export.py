@@ -51,12 +51,15 @@ class SegmentStep(torch.nn.Module):
 
 
 class ExtendStep(SegmentStep):
-    """forward = InfiniLM.extend (decoding), logits in float32."""
+    """forward = InfiniLM.extend (decoding), one cache input per layer, logits in float32."""
 
-    def forward(self, input_ids, start, length, k_cache, v_cache, memory, norm):
-        logits, k_out, v_out = self.model.extend(input_ids, start, length, k_cache, v_cache,
-                                                 memory, norm)
-        return logits.float(), k_out, v_out
+    fixed_args = 4            # input_ids, start, memory, norm; then *caches (varargs)
+
+    def forward(self, input_ids, start, memory, norm, *caches):
+        layers = self.model.cfg.n_layers
+        logits, k_new, v_new = self.model.extend(input_ids, start, memory, norm,
+                                                 caches[:layers], caches[layers:])
+        return logits.float(), k_new, v_new
 
 
 class FoldStep(SegmentStep):
@@ -71,18 +74,16 @@ GRAPHS = {
     SEGMENT: (SegmentStep, "model.onnx",
               "segment step: (input_ids, memory, norm) -> (logits, memory_out, norm_out)"),
     EXTEND: (ExtendStep, "extend.onnx",
-             "decoding: (input_ids, start, length, k_cache, v_cache, memory, norm) -> "
-             "(logits, k_cache_out, v_cache_out)"),
+             "decoding: (input_ids, start, memory, norm, k_cache_i.., v_cache_i..) -> "
+             "(logits, k_new, v_new)"),
     FOLD: (FoldStep, "fold.onnx",
            "decoding: (k_cache, v_cache, memory, norm, fold) -> (memory_out, norm_out)"),
 }
 
 
 def example_inputs(spec: GraphSpec, sizes: dict[str, int]) -> tuple[torch.Tensor, ...]:
-    """Zero inputs of the spec's shapes (sizes >= 2, so that torch.export keeps axes dynamic);
-    `length` inputs are ones, so that the traced graph writes into the cache."""
-    return tuple((torch.ones if t.name == "length" else torch.zeros)(
-        t.shape(sizes), dtype=getattr(torch, t.dtype)) for t in spec.inputs)
+    """Zero inputs of the spec's shapes (sizes >= 2, so that torch.export keeps axes dynamic)."""
+    return tuple(torch.zeros(t.shape(sizes), dtype=getattr(torch, t.dtype)) for t in spec.inputs)
 
 
 @contextlib.contextmanager
@@ -110,8 +111,14 @@ def trace_to_onnx(module: torch.nn.Module, spec: GraphSpec, example: tuple,
         program = torch.onnx.export(
             module, example, dynamo=True, opset_version=opset, optimize=True,
             input_names=spec.input_names, output_names=spec.output_names,
-            dynamic_shapes=spec.torch_dynamic_shapes(), verbose=False)
+            dynamic_shapes=_grouped(spec.torch_dynamic_shapes(), module), verbose=False)
     return program.model_proto
+
+
+def _grouped(shapes: tuple, module: torch.nn.Module) -> tuple:
+    """torch.export wants the dynamic shapes of a *varargs parameter as one tuple."""
+    fixed = getattr(module, "fixed_args", None)
+    return shapes if fixed is None else (*shapes[:fixed], tuple(shapes[fixed:]))
 
 
 def _path_name(node: onnx.NodeProto) -> str:

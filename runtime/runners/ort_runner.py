@@ -19,6 +19,7 @@ import torch
 from infini_trt.export.errors import InfiniTrtError, InputError, MissingDependencyError
 from infini_trt.export.io_spec import EXTEND, FOLD, SEGMENT
 from infini_trt.export.manifest import read_manifest
+from infini_trt.export.model import write_cache
 
 from .base import Runner
 
@@ -152,8 +153,7 @@ class OrtRunner(Runner):
         self.current = 0
         self.caches = None            # decoding: allocated on first extend
         self.ids = torch.zeros(batch * cfg.segment_len, dtype=torch.int64, device=device)
-        self.start, self.length = (torch.zeros(batch, dtype=torch.int64, device=device)
-                                   for _ in "sl")
+        self.start = torch.zeros(batch, dtype=torch.int64, device=device)
         self.fold_mask = torch.zeros(batch, dtype=torch.bool, device=device)
 
     def state(self) -> tuple[np.ndarray, np.ndarray]:
@@ -177,30 +177,35 @@ class OrtRunner(Runner):
         return logits
 
     def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
+        """Each layer's cache slice is bound as its own input (no copy); the graph returns the
+        new rows, written into the caches here."""
+        cfg = self.config
         if self.caches is None:
-            spec = self.manifest.graph(EXTEND).input("k_cache")
-            shape = spec.shape({"batch": self.batch})
+            spec = self.manifest.graph(EXTEND).input("k_cache_0")
             dtype = TORCH_DTYPES[spec.dtype]
-            self.caches = [[torch.zeros(shape, dtype=dtype, device=self.torch_device)
-                            for _ in "kv"] for _ in "ab"]
-            self.cache_current = 0
-        (k_in, v_in), (k_out, v_out) = (self.caches[self.cache_current],
-                                        self.caches[1 - self.cache_current])
+            shape = (cfg.n_layers, self.batch, cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
+            self.caches = (torch.zeros(shape, dtype=dtype, device=self.torch_device)
+                           .transpose(-1, -2).contiguous(),
+                           torch.zeros(shape, dtype=dtype, device=self.torch_device))
+            self.new_rows = [torch.empty(int(np.prod(shape)), dtype=dtype,
+                                         device=self.torch_device) for _ in "kv"]
+        k_cache, v_cache = self.caches
+        rows = (cfg.n_layers, self.batch, cfg.n_kv_heads, ids.shape[1], cfg.head_dim)
+        k_new, v_new = (buffer[:int(np.prod(rows))].view(rows) for buffer in self.new_rows)
         logits = self._logits(ids)
-        self._run(EXTEND,
-                  {"input_ids": self._load(self.ids, ids),
-                   "start": self._load(self.start, start),
-                   "length": self._load(self.length, length), "k_cache": k_in, "v_cache": v_in,
-                   "memory": self.memory[self.current], "norm": self.norm[self.current]},
-                  {"logits": logits, "k_cache_out": k_out, "v_cache_out": v_out})
-        self.cache_current = 1 - self.cache_current
+        inputs = {"input_ids": self._load(self.ids, ids), "start": self._load(self.start, start),
+                  "memory": self.memory[self.current], "norm": self.norm[self.current]}
+        for i in range(cfg.n_layers):
+            inputs[f"k_cache_{i}"], inputs[f"v_cache_{i}"] = k_cache[i], v_cache[i]
+        self._run(EXTEND, inputs, {"logits": logits, "k_new": k_new, "v_new": v_new})
+        write_cache(k_cache, v_cache, k_new, v_new, start, length)
         return logits
 
     def _fold(self, mask: np.ndarray) -> None:
         if self.caches is None:
             raise InputError("fold() needs a segment in the K/V cache: call extend() first")
         cur, nxt = self.current, 1 - self.current
-        k_cache, v_cache = self.caches[self.cache_current]
+        k_cache, v_cache = self.caches
         self._run(FOLD,
                   {"k_cache": k_cache, "v_cache": v_cache, "memory": self.memory[cur],
                    "norm": self.norm[cur], "fold": self._load(self.fold_mask, mask)},

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from infini_trt.export.checkpoint import dtype_from_name, dtype_name, load_checkpoint
-from infini_trt.export.model import InfiniLM
+from infini_trt.export.errors import InputError
+from infini_trt.export.model import InfiniLM, write_cache
 
 from .base import Runner
 
@@ -36,13 +37,16 @@ class TorchRunner(Runner):
     def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
         if self.k_cache is None:
             self.k_cache, self.v_cache = self.model.init_cache(self.batch, self.device)
-        tensors = [torch.from_numpy(a).to(self.device) for a in (ids, start, length)]
-        logits, self.k_cache, self.v_cache = self.model.extend(
-            *tensors, self.k_cache, self.v_cache, self.memory, self.norm)
+        tokens, begin = (torch.from_numpy(a).to(self.device) for a in (ids, start))
+        logits, k_new, v_new = self.model.extend(tokens, begin, self.memory, self.norm,
+                                                 self.k_cache, self.v_cache)
+        write_cache(self.k_cache, self.v_cache, k_new, v_new, start, length)
         return logits.float()
 
     @torch.inference_mode()
     def _fold(self, mask: np.ndarray) -> None:
+        if self.k_cache is None:
+            raise InputError("fold() needs a segment in the K/V cache: call extend() first")
         self.memory, self.norm = self.model.fold_cache(
             self.k_cache, self.v_cache, self.memory, self.norm,
             torch.from_numpy(mask).to(self.device))

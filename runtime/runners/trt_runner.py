@@ -24,6 +24,7 @@ from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.export.files import sha256_file
 from infini_trt.export.io_spec import EXTEND, FOLD, SEGMENT, GraphSpec
 from infini_trt.export.manifest import read_manifest
+from infini_trt.export.model import write_cache
 
 from .base import Runner
 from .ort_runner import TORCH_DTYPES
@@ -194,7 +195,7 @@ class TrtRunner(Runner):
         self.memory = [self._buffer(cfg.memory_shape(batch)) for _ in "ab"]  # ping-pong
         self.norm = [self._buffer(cfg.norm_shape(batch)) for _ in "ab"]
         self.fold_mask = self._buffer((batch,), torch.bool)
-        self.start, self.length = (self._buffer((batch,), torch.int64) for _ in "sl")
+        self.start = self._buffer((batch,), torch.int64)
         self.current = 0
         self.caches = None
 
@@ -228,25 +229,30 @@ class TrtRunner(Runner):
         return out
 
     def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
+        """Each layer's cache slice is bound as its own input (no copy); the engine returns the
+        new rows, written into the caches here, on the engine's stream."""
+        cfg = self.config
         with self._on_stream():
             if self.caches is None:
-                spec = self.manifest.graph(EXTEND).input("k_cache")
-                shape = spec.shape({"batch": self.batch})
-                dtype = TORCH_DTYPES[spec.dtype]
-                self.caches = [[self._buffer(shape, dtype) for _ in "kv"] for _ in "ab"]
-                self.cache_current = 0
-            (k_in, v_in), (k_out, v_out) = (self.caches[self.cache_current],
-                                            self.caches[1 - self.cache_current])
+                dtype = TORCH_DTYPES[self.manifest.graph(EXTEND).input("k_cache_0").dtype]
+                shape = (cfg.n_layers, self.batch, cfg.n_kv_heads, cfg.segment_len,
+                         cfg.head_dim)
+                self.caches = (self._buffer(shape, dtype).transpose(-1, -2).contiguous(),
+                               self._buffer(shape, dtype))
+                self.new_rows = [self._buffer(int(np.prod(shape)), dtype) for _ in "kv"]
+            k_cache, v_cache = self.caches
+            rows = (cfg.n_layers, self.batch, cfg.n_kv_heads, ids.shape[1], cfg.head_dim)
+            k_new, v_new = (buffer[:int(np.prod(rows))].view(rows) for buffer in self.new_rows)
             tokens, logits = self._tokens(ids)
             self.start.copy_(torch.from_numpy(start))
-            self.length.copy_(torch.from_numpy(length))
-            self.graph_engine(EXTEND).run(
-                {"input_ids": tokens, "start": self.start, "length": self.length,
-                 "k_cache": k_in, "v_cache": v_in, "memory": self.memory[self.current],
-                 "norm": self.norm[self.current]},
-                {"logits": logits, "k_cache_out": k_out, "v_cache_out": v_out})
+            inputs = {"input_ids": tokens, "start": self.start,
+                      "memory": self.memory[self.current], "norm": self.norm[self.current]}
+            for i in range(cfg.n_layers):
+                inputs[f"k_cache_{i}"], inputs[f"v_cache_{i}"] = k_cache[i], v_cache[i]
+            self.graph_engine(EXTEND).run(inputs,
+                                          {"logits": logits, "k_new": k_new, "v_new": v_new})
+            write_cache(k_cache, v_cache, k_new, v_new, start, length)
             out = logits.clone()
-        self.cache_current = 1 - self.cache_current
         return out
 
     def _fold(self, mask: np.ndarray) -> None:
@@ -254,7 +260,7 @@ class TrtRunner(Runner):
             raise InputError("fold() needs a segment in the K/V cache: call extend() first")
         cur, nxt = self.current, 1 - self.current
         with self._on_stream():
-            k_cache, v_cache = self.caches[self.cache_current]
+            k_cache, v_cache = self.caches
             self.fold_mask.copy_(torch.from_numpy(mask))
             self.graph_engine(FOLD).run(
                 {"k_cache": k_cache, "v_cache": v_cache, "memory": self.memory[cur],

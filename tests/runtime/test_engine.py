@@ -50,7 +50,7 @@ def test_profiles_come_from_the_io_table():
     assert seg["memory"] == [[2, b, 2, 16, 16] for b in (1, 4, 4)]
     ext = engines.profile_shapes(extend_graph(TINY, "float16"), max_batch=3)
     assert ext["input_ids"] == [[1, 1], [3, 1], [3, 32]]            # decode tunes for 1 token
-    assert ext["k_cache"][2] == [2, 3, 2, 32, 16] and ext["start"] == [[1], [3], [3]]
+    assert ext["k_cache_1"][2] == [3, 2, 16, 32] and ext["start"] == [[1], [3], [3]]
     with pytest.raises(EngineError, match="at least 1"):
         engines.profile_shapes(segment_graph(TINY), max_batch=0)
 

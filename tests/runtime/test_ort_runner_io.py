@@ -22,7 +22,7 @@ def test_decoding_reuses_buffers_and_bindings(exported):
     for i in range(1, 6):
         logits = runner.extend(tokens + i, position + i, ones)
         now = runner.bindings["extend"].bound
-        for name in ("input_ids", "start", "length", "memory", "norm"):
+        for name in ("input_ids", "start", "memory", "norm", "k_cache_0", "v_cache_1", "k_new"):
             assert now[name] == bound[name], name          # same buffer: not re-bound
         assert now["input_ids"][0] == runner.ids.data_ptr()
         assert logits.data_ptr() != first.data_ptr()
