@@ -19,8 +19,22 @@ def cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "infini-trt"
 
 
+def exporter_code_hash() -> str:
+    """sha256 of the exporter's own source (export/ and plugins/): an export made by other
+    code is another export, even at the same version number."""
+    import infini_trt.export
+    import infini_trt.plugins
+
+    digest = hashlib.sha256()
+    for package in (infini_trt.export, infini_trt.plugins):
+        for root in package.__path__:
+            for path in sorted(Path(root).rglob("*.py")):
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def export_key(checkpoint: Path, dtype: str | None, memory_op: str, opset: int) -> str:
-    parts = {"weights": sha256_file(checkpoint / WEIGHTS_FILE),
+    parts = {"code": exporter_code_hash(), "weights": sha256_file(checkpoint / WEIGHTS_FILE),
              "config": sha256_file(checkpoint / CONFIG_FILE),
              "dtype": dtype, "memory_op": memory_op, "opset": opset,
              "infini-trt": package_version("infini-trt"), "torch": package_version("torch"),

@@ -1,0 +1,22 @@
+"""The export cache: one export per (weights, config, options, exporter code, versions)."""
+from infini_trt.export import InfiniLM, init_weights, preset, save_checkpoint
+from infini_trt.export.manifest import is_export_dir, read_manifest
+from infini_trt.runtime import cache
+
+
+def test_cached_export_is_made_once_and_keyed_by_what_matters(tmp_path, monkeypatch):
+    monkeypatch.setenv("INFINI_TRT_CACHE", str(tmp_path / "cache"))
+    save_checkpoint(init_weights(InfiniLM(preset("tiny")), 0), tmp_path / "a")
+    save_checkpoint(init_weights(InfiniLM(preset("tiny")), 1), tmp_path / "b")
+    first = cache.cached_export(tmp_path / "a", log=lambda s: None)
+    assert is_export_dir(first) and first.parent == tmp_path / "cache" / "exports"
+    made = (first / "manifest.json").stat().st_mtime_ns
+    assert cache.cached_export(tmp_path / "a", log=lambda s: None) == first
+    assert (first / "manifest.json").stat().st_mtime_ns == made          # not exported again
+    assert read_manifest(first).source["checkpoint"] == str((tmp_path / "a").resolve())
+    key = cache.export_key(tmp_path / "a", None, "plugin", 20)
+    assert key != cache.export_key(tmp_path / "b", None, "plugin", 20)   # other weights
+    assert key != cache.export_key(tmp_path / "a", "float16", "plugin", 20)
+    assert key != cache.export_key(tmp_path / "a", None, "portable", 20)
+    monkeypatch.setattr(cache, "exporter_code_hash", lambda: "other code")
+    assert key != cache.export_key(tmp_path / "a", None, "plugin", 20)
