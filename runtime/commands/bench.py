@@ -10,7 +10,7 @@ def _names(text: str) -> list[str]:
     return [] if text.strip().lower() in ("", "none") else [t.strip() for t in text.split(",")]
 
 
-@click.command()
+@click.command(short_help="Speed and memory against context length, beside the peers.")
 @click.argument("model", type=click.Path())
 @click.option("--backends", default="torch,onnxruntime,onnxruntime:int8,tensorrt",
               help="Comma-separated: torch, torch:bf16, torch:fp16, onnxruntime, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 
-@click.command()
+@click.command(short_help="Build TensorRT engines for an export.")
 @click.argument("export_dir", metavar="OUT", type=click.Path())
 @click.option("--engine", type=click.Path(dir_okay=False), default=None,
               help="Engine file of the segment graph (the decoding graphs' engines go beside "

@@ -6,7 +6,7 @@ import click
 from .options import DTYPE_CHOICE
 
 
-@click.command()
+@click.command(short_help="Import a checkpoint trained elsewhere (lucidrains, Hugging Face).")
 @click.option("--from", "source", required=True, type=click.Choice(["lucidrains", "hf"]),
               help="lucidrains: an infini-transformer-pytorch InfiniTransformer state_dict; "
                    "hf: a Hugging Face Llama/Mistral/Qwen2 checkpoint directory.")

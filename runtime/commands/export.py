@@ -6,7 +6,7 @@ import click
 from .options import DTYPE_CHOICE
 
 
-@click.command()
+@click.command(short_help="Export a checkpoint to ONNX graphs and a manifest.")
 @click.argument("checkpoint", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Export directory to write (model.onnx, manifest.json).")
@@ -22,7 +22,8 @@ from .options import DTYPE_CHOICE
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 def export(checkpoint: str, output: str, dtype: str | None, memory_op: str, opset: int,
            quantize: str | None, force: bool) -> None:
-    """Export a checkpoint to an ONNX segment-step graph with its manifest."""
+    """Export a checkpoint to ONNX: the segment step (model.onnx), the decoding graphs
+    (extend.onnx, fold.onnx) and manifest.json (config, I/O table, versions, hashes)."""
     from infini_trt.export.onnx_export import export_checkpoint
 
     manifest = export_checkpoint(checkpoint, output, dtype=dtype, memory_op_mode=memory_op,

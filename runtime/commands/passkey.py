@@ -8,7 +8,7 @@ import click
 from .options import BACKEND_CHOICE, DEVICE_CHOICE
 
 
-@click.command()
+@click.command(short_help="The passkey retrieval grid (the paper's Table 3).")
 @click.argument("model", required=False, type=click.Path())
 @click.option("--backend", type=BACKEND_CHOICE, default="onnxruntime")
 @click.option("--device", type=DEVICE_CHOICE, default=None,

@@ -8,7 +8,7 @@ import click
 from .options import BACKEND_CHOICE, DEVICE_CHOICE, engine_options, runner_options
 
 
-@click.command()
+@click.command(short_help="Teacher-forced logits and perplexity, any length.")
 @click.argument("model", type=click.Path())
 @click.option("--tokens", "token_file", required=True, type=click.Path(),
               help=".npy of int token ids ([T] or [B,T]), or a text file (tokenized with the "

@@ -6,7 +6,7 @@ import json
 import click
 
 
-@click.command()
+@click.command(short_help="Check the exported graphs against the float64 reference.")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--onnx", "export_dir", required=True, type=click.Path(),
               help="Export directory of this checkpoint.")
