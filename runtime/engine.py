@@ -257,6 +257,11 @@ def build_engines(export_dir: str | Path, settings: BuildSettings, engine: str |
     manifest = read_manifest(export_dir)
     if settings.max_batch < 1:
         raise EngineError("--max-batch must be at least 1")
+    if manifest.quantization:
+        # MatMulNBits is an ONNX Runtime contrib op: no TensorRT parser takes it.
+        raise EngineError(f"{manifest.path} holds {manifest.precision} weights for ONNX Runtime "
+                          f"(export --quantize); build engines from an export without "
+                          f"--quantize (TensorRT takes fp32, fp16 or bf16)")
     trt = import_backend(settings.backend)
     version = trt.__version__
     cc, gpu_name = resolve_target(trt, settings)

@@ -85,6 +85,18 @@ def test_export_cli_refuses_int8_of_fp16(exported, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_build_refuses_int8_export_before_touching_tensorrt(int8_export):
+    _, _, int8 = int8_export
+    before = (int8 / "manifest.json").read_text()
+    for backend in ("tensorrt", "tensorrt-rtx"):
+        result = CliRunner().invoke(main, ["build", str(int8), "--backend", backend,
+                                           "--compute-capability", "8.9"])
+        assert result.exit_code == 1
+        assert "without --quantize" in result.output and "Traceback" not in result.output
+    assert (int8 / "manifest.json").read_text() == before
+    assert not (int8 / "engines").exists()
+
+
 def test_manifest_of_int8_export_is_json_with_the_record(int8_export):
     _, _, int8 = int8_export
     data = json.loads((int8 / "manifest.json").read_text())
