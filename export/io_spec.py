@@ -12,7 +12,7 @@ from typing import Any
 
 from .config import InfiniConfig
 
-SEGMENT, EXTEND, FOLD = "segment", "extend", "fold"
+SEGMENT, PREFILL, EXTEND, FOLD = "segment", "prefill", "extend", "fold"
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,18 @@ def segment_graph(cfg: InfiniConfig) -> GraphSpec:
         axes={"batch": (1, None), "seq": (1, cfg.segment_len)},
         state={"memory": "memory_out", "norm": "norm_out"},
     )
+
+
+def prefill_graph(cfg: InfiniConfig) -> GraphSpec:
+    """The segment step for reading a prompt: the segment graph's inputs and state, the
+    logits of the last token only -> (last_logits, memory_out, norm_out)."""
+    segment = segment_graph(cfg)
+    return GraphSpec(
+        name=PREFILL, inputs=segment.inputs,
+        outputs=(TensorSpec("last_logits", "float32", ("batch", cfg.vocab_size),
+                            "next-token logits after the segment's last token"),
+                 *segment.outputs[1:]),
+        axes=segment.axes, state=segment.state)
 
 
 def extend_graph(cfg: InfiniConfig, dtype: str) -> GraphSpec:

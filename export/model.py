@@ -274,9 +274,13 @@ class InfiniLM(nn.Module):
             norms.append(z)
         return torch.stack(memories), torch.stack(norms)
 
-    def step(self, input_ids: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor):
+    def step(self, input_ids: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
+             last_only: bool = False):
         """One segment: input_ids (B, S) with S <= segment_len, memory (L, B, Hkv, dk, dv),
-        norm (L, B, Hkv, dk) -> (logits (B, S, V), memory_out, norm_out)."""
+        norm (L, B, Hkv, dk) -> (logits (B, S, V), memory_out, norm_out).
+
+        last_only: logits of the last token only, (B, V): a prompt being read needs no
+        others, and the LM head is a third of a segment's FLOPs at a 32K vocabulary."""
         x = self.embed(input_ids)
         rope = self.rope(input_ids.shape[1], x.dtype, x.device)
         kv = []
@@ -284,6 +288,8 @@ class InfiniLM(nn.Module):
             x, k, v = block(x, memory[i], norm[i], rope)
             kv.append((k, v))
         memory_out, norm_out = self.fold(memory, norm, kv)
+        if last_only:
+            x = x[:, -1]
         return self.lm_head(self.final_norm(x)), memory_out, norm_out
 
     # ------------------------------------------------------------------------- decoding

@@ -28,7 +28,8 @@ from . import memory_op
 from .checkpoint import dtype_from_name, dtype_name, load_checkpoint, read_checkpoint
 from .errors import InfiniTrtError
 from .files import atomic_dir, sha256_file
-from .io_spec import EXTEND, FOLD, SEGMENT, GraphSpec, extend_graph, fold_graph, segment_graph
+from .io_spec import (EXTEND, FOLD, PREFILL, SEGMENT, GraphSpec, extend_graph, fold_graph,
+                      prefill_graph, segment_graph)
 from .manifest import Manifest, package_version
 from .model import InfiniLM
 from .quantize import check_method as check_quantize, quantization_record, quantize_graph
@@ -47,6 +48,14 @@ class SegmentStep(torch.nn.Module):
 
     def forward(self, input_ids, memory, norm):
         logits, memory_out, norm_out = self.model.step(input_ids, memory, norm)
+        return logits.float(), memory_out, norm_out
+
+
+class PrefillStep(SegmentStep):
+    """forward = InfiniLM.step with the last token's logits only (reading a prompt)."""
+
+    def forward(self, input_ids, memory, norm):
+        logits, memory_out, norm_out = self.model.step(input_ids, memory, norm, last_only=True)
         return logits.float(), memory_out, norm_out
 
 
@@ -73,6 +82,8 @@ class FoldStep(SegmentStep):
 GRAPHS = {
     SEGMENT: (SegmentStep, "model.onnx",
               "segment step: (input_ids, memory, norm) -> (logits, memory_out, norm_out)"),
+    PREFILL: (PrefillStep, "prefill.onnx",
+              "prompt reading: (input_ids, memory, norm) -> (last_logits, memory_out, norm_out)"),
     EXTEND: (ExtendStep, "extend.onnx",
              "decoding: (input_ids, start, memory, norm, k_cache_i.., v_cache_i..) -> "
              "(logits, k_new, v_new)"),
@@ -174,10 +185,11 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
                  opset: int = 20, force: bool = False, source: dict | None = None,
                  tokenizer: Path | None = None,
                  log: Callable[[str], None] = lambda s: None,
-                 graphs: tuple[str, ...] = (SEGMENT, EXTEND, FOLD),
+                 graphs: tuple[str, ...] = (SEGMENT, PREFILL, EXTEND, FOLD),
                  quantize: str | None = None) -> Manifest:
     """Export `model` (already in its export dtype) into the directory `output`: the segment
-    graph, and the decoding graphs (extend, fold) unless `graphs` leaves them out.
+    graph, the prompt-reading graph (prefill) and the decoding graphs (extend, fold), or those
+    of them that `graphs` names.
     `quantize="int8"`: int8 weights for ONNX Runtime (export/quantize.py)."""
     if memory_op_mode not in MEMORY_OPS:
         raise InfiniTrtError(f"--memory-op must be one of {', '.join(MEMORY_OPS)}")
@@ -192,7 +204,7 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
     plugin = memory_op_mode == "plugin"
     if cfg.segment_len < 2:
         raise InfiniTrtError("segment_len must be at least 2 to export")
-    specs = [spec for spec in (segment_graph(cfg), extend_graph(cfg, dtype),
+    specs = [spec for spec in (segment_graph(cfg), prefill_graph(cfg), extend_graph(cfg, dtype),
                                fold_graph(cfg, dtype)) if spec.name in graphs]
     sizes = {"batch": 2, "seq": min(3, cfg.segment_len)}
     graphs = {}

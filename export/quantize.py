@@ -103,7 +103,7 @@ def quantize_export(source: str | Path, output: str | Path, method: str = "int8"
                     force: bool = False, log: Callable[[str], None] = lambda s: None):
     """Write a quantized copy of the float32 export `source` into `output` -> its Manifest.
 
-    The weight-carrying graphs (segment, extend) are quantized; graphs without weights (fold)
+    The weight-carrying graphs (segment, prefill, extend) are quantized; graphs without weights (fold)
     are copied as they are."""
     from .manifest import read_manifest
 

@@ -58,8 +58,9 @@ class FullAttentionRunner(Runner):
         self.length = 0
 
     @torch.inference_mode()
-    def _forward(self, ids: np.ndarray) -> torch.Tensor:
-        """Tokens at positions length .. length+S-1 -> logits (B, S, V); extends the cache."""
+    def _forward(self, ids: np.ndarray, last_only: bool = False) -> torch.Tensor:
+        """Tokens at positions length .. length+S-1 -> logits (B, S, V), or (B, V) of the
+        last token if last_only; extends the cache."""
         cfg, model = self.config, self.model
         pos, s = self.length, ids.shape[1]
         if pos + s > self.capacity:
@@ -83,10 +84,15 @@ class FullAttentionRunner(Runner):
             x = x + attn.o_proj(a.transpose(1, 2).reshape(x.shape[0], s, -1))
             x = x + block.mlp(block.mlp_norm(x))
         self.length += s
+        if last_only:
+            x = x[:, -1]
         return model.lm_head(model.final_norm(x)).float()
 
     def _step(self, ids: np.ndarray) -> torch.Tensor:
         return self._forward(ids)
+
+    def _advance(self, ids: np.ndarray) -> torch.Tensor:
+        return self._forward(ids, last_only=True)
 
     def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
         _equal_lengths(ids, length, "full-attention")

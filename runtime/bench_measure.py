@@ -56,7 +56,8 @@ def _sync(tensor: torch.Tensor) -> None:
 
 
 class Timed:
-    """A runner whose step/extend calls are timed (seconds, in order); all else passes through."""
+    """A runner whose step/advance/extend calls are timed (seconds, in order); all else passes
+    through."""
 
     def __init__(self, runner):
         self.runner, self.seconds, self.tokens = runner, [], []
@@ -74,6 +75,9 @@ class Timed:
 
     def step(self, ids):
         return self._time(self.runner.step, ids)
+
+    def advance(self, ids):
+        return self._time(self.runner.advance, ids)
 
     def extend(self, ids, start, length):
         return self._time(self.runner.extend, ids, start, length)

@@ -1,7 +1,7 @@
 """Generation: prefill a batch of prompts of any lengths, then decode token by token.
 
 Prefill streams the prompts segment by segment: full segments that all prompts share go
-through the segment graph; the rest of each prompt continues through the K/V cache (`extend`)
+through the prefill graph (the segment step with the last token's logits only); the rest of each prompt continues through the K/V cache (`extend`)
 with completed segments folded into memory (`fold`). Decoding then feeds one token per
 sequence per call: the cost of a token is O(segment length), whatever the context length, and
 memory stays constant. The logits equal those of the sequence forward (tests/runtime).
@@ -81,10 +81,10 @@ def prefill(runner: Runner, prompts: list[np.ndarray], progress: bool | None = N
         if shared:
             common = np.stack([p[:shared * n] for p in prompts])
         for r in range(shared):
-            logits = runner.step(common[:, r * n:(r + 1) * n])
+            logits = runner.advance(common[:, r * n:(r + 1) * n])      # last token's only
             bar.update(batch * n)
             for b in np.flatnonzero(lengths == (r + 1) * n):
-                last[b] = logits[b, -1]
+                last[b] = logits[b]
         done = np.full(batch, shared * n)
         position = np.zeros(batch, dtype=np.int64)
         while (done < lengths).any():

@@ -139,10 +139,12 @@ def answer_argmax(runner: Runner, prompts: list, progress: bool | None = None,
         for start in range(0, length, n):
             stop = min(start + n, length)
             ids = np.stack([p.window(start, stop) for p in prompts])
-            logits = runner.step(ids)                                   # (B, S, V)
             lo, hi = max(first, start), min(stop, length - 1)
             if lo < hi:                                                 # answer positions
+                logits = runner.step(ids)                               # (B, S, V)
                 picked.append(logits[:, lo - start:hi - start].argmax(-1).cpu().numpy())
+            else:                                                       # no logits needed
+                runner.advance(ids)
             bar.update(ids.size)
     return np.concatenate(picked, axis=1)
 

@@ -72,15 +72,24 @@ def segment_flops(cfg: InfiniConfig, tokens: int, dense: bool = False) -> float:
     return tokens * linear + attention_flops(cfg, pairs)
 
 
+def lm_head_flops(cfg: InfiniConfig) -> float:
+    """The LM head's share of 2·P, per token whose logits are computed."""
+    return 2.0 * cfg.d_model * cfg.vocab_size
+
+
 def prefill_flops(cfg: InfiniConfig, tokens: int, full_attention: bool = False) -> float:
     """Useful model FLOPs to prefill `tokens` tokens: Infini in segments of N from the start
     (constant cost per token), or the full-attention baseline (every token attends to every
-    earlier one: quadratic)."""
+    earlier one: quadratic). Generation needs the logits of the last prompt token only, so
+    the LM head counts once."""
+    skipped_head = (tokens - 1) * lm_head_flops(cfg)
     if full_attention:
-        return tokens * 2.0 * matmul_params(cfg) + attention_flops(cfg, causal_pairs(0, tokens))
+        return (tokens * 2.0 * matmul_params(cfg) + attention_flops(cfg, causal_pairs(0, tokens))
+                - skipped_head)
     n = cfg.segment_len
     full, rest = divmod(tokens, n)
-    return full * segment_flops(cfg, n) + (segment_flops(cfg, rest) if rest else 0.0)
+    return (full * segment_flops(cfg, n) + (segment_flops(cfg, rest) if rest else 0.0)
+            - skipped_head)
 
 
 def decode_bytes_per_token(cfg: InfiniConfig, batch: int, bytes_per_weight: float,

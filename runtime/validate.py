@@ -169,7 +169,9 @@ def validate(reference: Runner, candidates: list[Runner], segments: int = 8, bat
              progress: bool | None = None, labels: tuple[str, str] = ("", "")
              ) -> ValidationReport:
     """Run `reference` and every candidate over `segments` full segments plus a partial one
-    of random tokens, each carrying its own state, and compare."""
+    of random tokens, each carrying its own state, and compare. Odd segments go through
+    `advance` (the prefill graph: only the last token's logits are compared there), the others
+    through `step`, so that both graphs are checked on the same carried state."""
     cfg = reference.config
     if segments < 1:
         raise InfiniTrtError("--segments must be at least 1")
@@ -190,14 +192,18 @@ def validate(reference: Runner, candidates: list[Runner], segments: int = 8, bat
             ref_state = reference.state()
             bar.update(ids.size)
             ref_next = ref_logits.argmax(-1)
+            prefill = (start // n) % 2 == 1
+            want_logits, want_next = ((ref_logits[:, -1], ref_next[:, -1]) if prefill
+                                      else (ref_logits, ref_next))
             for runner, report in zip(candidates, reports):
-                logits = runner.step(ids).float().cpu().numpy()
+                logits = (runner.advance if prefill else runner.step)(ids).float().cpu().numpy()
                 state = runner.state()
                 bar.update(ids.size)
-                for name, want, got in zip(OUTPUTS, (ref_logits, *ref_state), (logits, *state)):
+                for name, want, got in zip(OUTPUTS, (want_logits, *ref_state),
+                                           (logits, *state)):
                     report.outputs[name].per_segment.append(errors(want, got))
-                report.agree += int((logits.argmax(-1) == ref_next).sum())
-                report.positions += ref_next.size
+                report.agree += int((logits.argmax(-1) == want_next).sum())
+                report.positions += want_next.size
     return ValidationReport(labels[0], labels[1], dtype, segments, n, partial, batch, seed,
                             reference.description, reports)
 

@@ -47,7 +47,7 @@ def exported(tmp_path_factory):
     made = {}
 
     def make(cfg, seed=0, dtype=torch.float32, memory_op="plugin",
-             graphs=("segment", "extend", "fold")):
+             graphs=("segment", "prefill", "extend", "fold")):
         key = (cfg, seed, dtype, memory_op)
         if key not in made or not set(graphs) <= made[key][0]:   # reuse a superset export
             root = tmp_path_factory.mktemp("exported")

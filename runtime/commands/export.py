@@ -22,7 +22,8 @@ from .options import DTYPE_CHOICE
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 def export(checkpoint: str, output: str, dtype: str | None, memory_op: str, opset: int,
            quantize: str | None, force: bool) -> None:
-    """Export a checkpoint to ONNX: the segment step (model.onnx), the decoding graphs
+    """Export a checkpoint to ONNX: the segment step (model.onnx), the same step returning
+    the last token's logits only, for reading prompts (prefill.onnx), the decoding graphs
     (extend.onnx, fold.onnx) and manifest.json (config, I/O table, versions, hashes)."""
     from infini_trt.export.onnx_export import export_checkpoint
 

@@ -15,8 +15,9 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 class Runner:
     """Runs the segment step of one model and carries its state (memory, norm) between calls.
 
-    Subclasses implement `_reset`, `_step`, `state` and `set_state`; `step` checks its input
-    first, so that every backend refuses bad tokens with the same clear message.
+    Subclasses implement `_reset`, `_step`, `state` and `set_state` (decoding: `_extend`,
+    `_fold`; `_advance` where they can do better than `_step`); the public methods check their
+    input first, so that every backend refuses bad input with the same clear message.
     """
 
     backend = "?"
@@ -51,6 +52,12 @@ class Runner:
         float32 logits (B, S, V) (a torch tensor on the runner's device). Advances the state."""
         ids = self.check_ids(input_ids)
         return self._step(ids)
+
+    def advance(self, input_ids) -> torch.Tensor:
+        """`step` for reading a prompt: the same state update, the logits of the last token
+        only, (B, V). Backends with a prefill graph skip the LM head on the other tokens."""
+        ids = self.check_ids(input_ids)
+        return self._advance(ids)
 
     def extend(self, input_ids, start, length) -> torch.Tensor:
         """Decoding: continue each sequence's current segment from its K/V cache.
@@ -90,6 +97,9 @@ class Runner:
 
     def _step(self, ids: np.ndarray) -> torch.Tensor:
         raise NotImplementedError
+
+    def _advance(self, ids: np.ndarray) -> torch.Tensor:
+        return self._step(ids)[:, -1]
 
     def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
         raise NotImplementedError(f"the {self.backend} runner does not decode")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from infini_trt.export.errors import InfiniTrtError, InputError, MissingDependencyError
-from infini_trt.export.io_spec import EXTEND, FOLD, SEGMENT
+from infini_trt.export.io_spec import EXTEND, FOLD, PREFILL, SEGMENT
 from infini_trt.export.manifest import read_manifest
 from infini_trt.export.model import write_cache
 
@@ -109,7 +109,13 @@ class OrtRunner(Runner):
         self.torch_device = torch.device(self.device)
         self.sessions: dict = {}
         self.bindings: dict[str, Binding] = {}
-        self.session(SEGMENT)                       # fail early on a bad file
+        for name, graph in self.manifest.graphs.items():   # fail early on a missing file
+            for file in graph["files"]:
+                if not (self.manifest.path / file).is_file():
+                    raise InfiniTrtError(f"{self.manifest.path / file} ({name} graph) is "
+                                         f"missing; export again")
+        # sessions load on first use: a prompt read by `run` needs the prefill graph, never
+        # the segment graph, and each session holds its own copy of the weights
 
     @property
     def description(self) -> str:
@@ -167,12 +173,22 @@ class OrtRunner(Runner):
 
     # graphs --------------------------------------------------------------------------------
     def _step(self, ids: np.ndarray) -> torch.Tensor:
+        return self._segment(SEGMENT, ids, "logits", self._logits(ids))
+
+    def _advance(self, ids: np.ndarray) -> torch.Tensor:
+        if PREFILL not in self.manifest.graphs:          # an export from before prefill graphs
+            return super()._advance(ids)
+        logits = torch.empty((ids.shape[0], self.config.vocab_size), device=self.torch_device)
+        return self._segment(PREFILL, ids, "last_logits", logits)
+
+    def _segment(self, graph: str, ids: np.ndarray, name: str, logits: torch.Tensor
+                 ) -> torch.Tensor:
+        """One segment through `graph` (segment or prefill), state ping-ponged."""
         cur, nxt = self.current, 1 - self.current
-        logits = self._logits(ids)
-        self._run(SEGMENT,
+        self._run(graph,
                   {"input_ids": self._load(self.ids, ids), "memory": self.memory[cur],
                    "norm": self.norm[cur]},
-                  {"logits": logits, "memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
+                  {name: logits, "memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
         self.current = nxt
         return logits
 

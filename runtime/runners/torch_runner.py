@@ -52,10 +52,14 @@ class TorchRunner(Runner):
             torch.from_numpy(mask).to(self.device))
 
     @torch.inference_mode()
-    def _step(self, ids: np.ndarray) -> torch.Tensor:
+    def _step(self, ids: np.ndarray, last_only: bool = False) -> torch.Tensor:
         tokens = torch.from_numpy(ids).to(self.device)
-        logits, self.memory, self.norm = self.model.step(tokens, self.memory, self.norm)
+        logits, self.memory, self.norm = self.model.step(tokens, self.memory, self.norm,
+                                                         last_only=last_only)
         return logits.float()
+
+    def _advance(self, ids: np.ndarray) -> torch.Tensor:
+        return self._step(ids, last_only=True)
 
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         return self.memory.cpu().numpy(), self.norm.cpu().numpy()

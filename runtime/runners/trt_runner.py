@@ -22,7 +22,7 @@ import torch
 
 from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.export.files import sha256_file
-from infini_trt.export.io_spec import EXTEND, FOLD, SEGMENT, GraphSpec
+from infini_trt.export.io_spec import EXTEND, FOLD, PREFILL, SEGMENT, GraphSpec
 from infini_trt.export.manifest import read_manifest
 from infini_trt.export.model import write_cache
 
@@ -209,21 +209,35 @@ class TrtRunner(Runner):
             self.memory[self.current].copy_(torch.as_tensor(memory, dtype=torch.float32))
             self.norm[self.current].copy_(torch.as_tensor(norm, dtype=torch.float32))
 
-    def _tokens(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids view, logits view) at the fixed buffers' addresses, ids copied in."""
+    def _tokens(self, ids: np.ndarray, last_only: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids view, logits view: (B, S, V), or (B, V) if last_only) at the fixed buffers'
+        addresses, ids copied in."""
         b, s = ids.shape
         view = self.ids[:b * s].view(b, s)
         view.copy_(torch.from_numpy(ids), non_blocking=False)
-        return view, self.logits[:b * s * self.config.vocab_size].view(b, s, -1)
+        shape = (b, self.config.vocab_size) if last_only else (b, s, self.config.vocab_size)
+        return view, self.logits[:int(np.prod(shape))].view(shape)
 
     # graphs ----------------------------------------------------------------------------------
     def _step(self, ids: np.ndarray) -> torch.Tensor:
+        return self._segment(SEGMENT, ids)
+
+    def _advance(self, ids: np.ndarray) -> torch.Tensor:
+        if PREFILL not in self.entry["graphs"]:        # engines of an export without it
+            return super()._advance(ids)
+        return self._segment(PREFILL, ids)
+
+    def _segment(self, graph: str, ids: np.ndarray) -> torch.Tensor:
+        """One segment through `graph` (segment: every token's logits; prefill: the last
+        token's), state ping-ponged."""
         cur, nxt = self.current, 1 - self.current
         with self._on_stream():
-            tokens, logits = self._tokens(ids)
-            self.graph_engine(SEGMENT).run(
+            tokens, logits = self._tokens(ids, last_only=graph == PREFILL)
+            name = "last_logits" if graph == PREFILL else "logits"
+            self.graph_engine(graph).run(
                 {"input_ids": tokens, "memory": self.memory[cur], "norm": self.norm[cur]},
-                {"logits": logits, "memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
+                {name: logits, "memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
             out = logits.clone()
         self.current = nxt
         return out

@@ -21,7 +21,7 @@ def load(path):
 @pytest.mark.parametrize("rule", ["linear", "delta"])
 def test_plugin_mode_has_one_custom_node_per_layer_and_its_function(exported, rule):
     ckpt, out = exported(TINY.replace(update_rule=rule))
-    for graph_file in ("model.onnx", "fold.onnx"):
+    for graph_file in ("model.onnx", "prefill.onnx", "fold.onnx"):
         model = load(out / graph_file)
         custom = [n for n in model.graph.node if n.domain == contract.NAMESPACE]
         assert [n.name for n in custom] == [f"/layers.{i}/memory_update" for i in range(2)]
@@ -76,7 +76,7 @@ def test_manifest_records_config_versions_and_hashes(exported):
     assert data["config"] == TINY.to_dict()
     assert data["dtype"] == "float32" and data["opset"] == 20
     assert data["plugin"]["op_type"] == "LinearMemoryUpdate"
-    assert set(data["graphs"]) == {"segment", "extend", "fold"}
+    assert set(data["graphs"]) == {"segment", "prefill", "extend", "fold"}
     for graph in data["graphs"].values():
         for file, digest in graph["files"].items():
             assert sha256_file(out / file) == digest

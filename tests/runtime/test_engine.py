@@ -60,7 +60,8 @@ def test_rtx_builds_every_graph_on_cpu(export_copy):
     _, out = export_copy
     entry = build_engines(out, RTX)
     manifest = read_manifest(out)
-    assert list(entry["graphs"]) == list(manifest.graphs) == ["segment", "extend", "fold"]
+    assert list(entry["graphs"]) == list(manifest.graphs) == ["segment", "prefill", "extend",
+                                                               "fold"]
     assert manifest.engines["engines/tensorrt-rtx-sm89-b4.engine"] == entry
     assert (entry["backend"], entry["compute_capability"], entry["gpu"]) == \
         ("tensorrt-rtx", "8.9", None)
@@ -149,10 +150,16 @@ def test_trt_runner_against_reference_via_validate(export_copy):
     report = validate_export(ckpt, out, segments=8, batch=2, extra=[runner], progress=False)
     assert [b.backend for b in report.backends][-1] == "tensorrt-onnx-function (float32)"
     assert report.passed, report.table()
-    calls = runner.runtime.engines["segment"].contexts[0].calls
-    assert calls["execute"] == 9                                  # 8 segments + a partial one
-    assert calls["address:input_ids"] == calls["address:logits"] == 1
-    assert calls["address:memory"] == calls["address:memory_out"] == 9       # ping-pong
+    # validate alternates: even segments (and the partial 9th) through the segment engine,
+    # odd ones through the prefill engine
+    segment, prefill = (runner.runtime.engines[g].contexts[0] for g in ("segment", "prefill"))
+    assert (segment.calls["execute"], prefill.calls["execute"]) == (5, 4)
+    assert segment.calls["address:input_ids"] == segment.calls["address:logits"] == 1
+    assert prefill.calls["address:last_logits"] == 1
+    # ping-pong: each engine always sees the same parity here, one buffer in, the other out
+    assert segment.addresses["memory"] == prefill.addresses["memory_out"]
+    assert segment.addresses["memory_out"] == prefill.addresses["memory"]
+    assert segment.addresses["memory"] != segment.addresses["memory_out"]
 
 
 def test_trt_runner_decodes_like_onnxruntime(export_copy):
@@ -164,6 +171,8 @@ def test_trt_runner_decodes_like_onnxruntime(export_copy):
         r.reset(2)
     ids = rng.integers(0, TINY.vocab_size, (2, 20))
     assert torch.equal(trt_runner.step(ids), ort_runner.step(ids))
+    ids = rng.integers(0, TINY.vocab_size, (2, TINY.segment_len))
+    assert torch.equal(trt_runner.advance(ids), ort_runner.advance(ids))      # prefill engine
     prompt = rng.integers(0, TINY.vocab_size, (2, 5))
     start, length = np.zeros(2, np.int64), np.array([5, 3])
     for _ in range(2):

@@ -50,6 +50,43 @@ def test_onnxruntime_matches_reference_over_8_segments(exported, cfg, batch, mem
         assert_close(w, g, tol, what=name)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_advance_reads_a_prompt_like_step(exported, backend, rule):
+    """advance (the prefill graph): the logits of each segment's last token and the state of
+    the sequence forward, over 4 segments and a partial one."""
+    cfg = TINY.replace(update_rule=rule)
+    ckpt, out = exported(cfg, graphs=("segment", "prefill"))
+    tokens = np.random.default_rng(3).integers(0, 256, (2, 4 * N + 9))
+    want_logits, want_memory, want_norm = reference(ckpt, tokens)
+    with open_runner(out, backend) as runner:
+        runner.reset(2)
+        for start in range(0, tokens.shape[1], N):
+            ids = tokens[:, start:start + N]
+            last = runner.advance(ids)
+            assert last.shape == (2, cfg.vocab_size)
+            assert_close(want_logits[:, start + ids.shape[1] - 1], last, 1e-5,
+                         what=f"last logits of the segment at {start}")
+        memory, norm = runner.state()
+        if backend == "onnxruntime":
+            assert set(runner.sessions) == {"prefill"}   # the segment graph was not needed
+    assert_close(want_memory, memory, 1e-5, what="memory")
+    assert_close(want_norm, norm, 1e-5, what="norm")
+
+
+def test_advance_falls_back_to_step_without_a_prefill_graph(exported):
+    from infini_trt.export.manifest import read_manifest
+
+    ckpt, out = exported(TINY, seed=7, graphs=("segment",))    # an export of older versions
+    assert "prefill" not in read_manifest(out).graphs
+    tokens = np.random.default_rng(4).integers(0, 256, (1, N))
+    with open_runner(out, "onnxruntime") as runner:
+        runner.reset(1)
+        got = runner.advance(tokens)
+        assert set(runner.sessions) == {"segment"}
+    assert_close(reference(ckpt, tokens)[0][:, -1], got, 1e-5)
+
+
 def test_torch_runner_from_export_dir_uses_its_checkpoint(exported):
     ckpt, out = exported(TINY)
     tokens = np.random.default_rng(2).integers(0, 256, (1, 3 * N))
@@ -137,5 +174,10 @@ def test_onnxruntime_reports_a_corrupt_graph(exported, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     (broken / "model.onnx").write_bytes(b"not an onnx file")
+    runner = open_runner(broken, "onnxruntime")          # sessions load on first use
+    runner.reset(1)
     with pytest.raises(InfiniTrtError, match="onnxruntime cannot load"):
+        runner.step(np.zeros((1, 4), np.int64))
+    (broken / "prefill.onnx").unlink()
+    with pytest.raises(InfiniTrtError, match="prefill graph.*missing"):
         open_runner(broken, "onnxruntime")
