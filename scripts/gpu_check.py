@@ -29,6 +29,7 @@ import torch
 
 from infini_trt.export import reference
 from infini_trt.plugins.memory_update import tensorrt_plugin, triton_kernel
+from infini_trt.plugins.memory_update.reference import random_inputs
 from infini_trt.runtime.metrics import errors
 
 EPS = 1e-6
@@ -68,15 +69,6 @@ class Report:
                 lines.append(f"{b['case']:54s} {b['kernel_ms']:7.3f}ms {b['torch_ms']:7.3f}ms "
                              f"{b['speedup']:7.2f}x {b['gb_s']:8.1f} {b['of_copy']:7.1%}")
         return "\n".join(lines)
-
-
-def random_inputs(b, h, s, dk, dv, dtype, device, seed=0, empty=False):
-    gen = torch.Generator().manual_seed(seed)
-    memory = torch.zeros(b, h, dk, dv) if empty else torch.randn(b, h, dk, dv, generator=gen)
-    norm = torch.zeros(b, h, dk) if empty else torch.rand(b, h, dk, generator=gen) * 8
-    key = (torch.randn(b, h, s, dk, generator=gen) * 1.5).to(dtype)
-    value = torch.randn(b, h, s, dv, generator=gen).to(dtype)
-    return [t.to(device) for t in (memory, norm, key, value)]
 
 
 def compare(inputs, outputs, rule) -> tuple[float, bool]:

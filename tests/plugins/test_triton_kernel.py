@@ -18,6 +18,7 @@ from helpers import assert_close
 from infini_trt.export import reference
 from infini_trt.export.errors import InputError
 from infini_trt.plugins.memory_update import triton_kernel
+from infini_trt.plugins.memory_update.reference import random_inputs
 from infini_trt.plugins.memory_update.triton_kernel import memory_update
 
 pytest.importorskip("triton")
@@ -29,13 +30,7 @@ EPS = 1e-6
 
 
 def inputs(b, h, s, dk, dv, dtype, seed, empty=False):
-    """Random state (z > 0, as after some segments; or M = z = 0) and raw keys/values."""
-    gen = torch.Generator().manual_seed(seed)
-    memory = torch.zeros(b, h, dk, dv) if empty else torch.randn(b, h, dk, dv, generator=gen)
-    norm = torch.zeros(b, h, dk) if empty else torch.rand(b, h, dk, generator=gen) * 8
-    key = (torch.randn(b, h, s, dk, generator=gen) * 1.5).to(dtype)
-    value = torch.randn(b, h, s, dv, generator=gen).to(dtype)
-    return [t.to(DEVICE) for t in (memory, norm, key, value)]
+    return random_inputs(b, h, s, dk, dv, dtype, DEVICE, seed, empty)
 
 
 def expected(memory, norm, key, value, rule):
