@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -44,13 +45,14 @@ def export_key(checkpoint: Path, dtype: str | None, memory_op: str, opset: int) 
 
 def cached_export(checkpoint: str | Path, dtype: str | None = None, memory_op: str = "plugin",
                   opset: int = 20, log: Callable[[str], None] | None = None) -> Path:
-    """The export directory of `checkpoint`, exporting it first if the cache has none."""
+    """The export directory of `checkpoint`, exporting it first if the cache has none. What
+    the export says goes to `log`, by default stderr (stdout may be a command's JSON)."""
     from infini_trt.export.onnx_export import export_checkpoint
 
     ckpt = read_checkpoint(checkpoint)
     target = cache_root() / "exports" / export_key(ckpt.path, dtype, memory_op, opset)
     if not is_export_dir(target):
-        say = log or (lambda s: print(s, flush=True))
+        say = log or (lambda s: print(s, file=sys.stderr, flush=True))
         say(f"exporting {ckpt.path} to {target} (cached for next time) ...")
         export_checkpoint(ckpt.path, target, dtype=dtype, memory_op_mode=memory_op,
                           opset=opset, force=True, log=say)

@@ -20,3 +20,23 @@ def test_cached_export_is_made_once_and_keyed_by_what_matters(tmp_path, monkeypa
     assert key != cache.export_key(tmp_path / "a", None, "portable", 20)
     monkeypatch.setattr(cache, "exporter_code_hash", lambda: "other code")
     assert key != cache.export_key(tmp_path / "a", None, "plugin", 20)
+
+
+def test_score_json_stays_json_when_the_export_is_made_first(tmp_path, monkeypatch):
+    """The export's progress lines go to stderr: stdout holds the JSON alone."""
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+
+    from infini_trt.runtime.cli import main
+
+    monkeypatch.setenv("INFINI_TRT_CACHE", str(tmp_path / "cache"))
+    save_checkpoint(init_weights(InfiniLM(preset("tiny")), 0), tmp_path / "ckpt")
+    np.save(tmp_path / "t.npy", np.arange(40) % 256)
+    result = CliRunner().invoke(main, ["score", str(tmp_path / "ckpt"), "--tokens",
+                                       str(tmp_path / "t.npy"), "--backend", "onnxruntime",
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    assert "exporting" in result.stderr                     # it did export
+    assert json.loads(result.stdout)["tokens"] == 40
