@@ -16,7 +16,16 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+        """Bytes back to text; an id that is no byte (a model whose vocabulary is larger than
+        256, as the random `small` preset) shows as U+FFFD rather than vanishing."""
+        text, run = [], bytearray()
+        for i in map(int, ids):
+            if 0 <= i < 256:
+                run.append(i)
+                continue
+            text.append(run.decode("utf-8", errors="replace") + "\ufffd")
+            run.clear()
+        return "".join(text) + run.decode("utf-8", errors="replace")
 
 
 class HFTokenizer:

@@ -100,7 +100,8 @@ class _Streamer:
         self.printed = text
 
     def finish(self) -> None:
-        sys.stdout.write("\n")
+        """The rest (what was held back, if the text ends in U+FFFD after all), a newline."""
+        sys.stdout.write(self.tokenizer.decode(self.ids)[len(self.printed):] + "\n")
         sys.stdout.flush()
 
 

@@ -147,3 +147,19 @@ def test_bad_generation_requests(exported):
             runner.extend(np.zeros((1, 2), np.int64), [N - 1], [2])
     result = CliRunner().invoke(main, ["run", str(out)])
     assert result.exit_code == 1 and "give --prompt" in result.output
+
+
+def test_streamed_text_is_all_printed_and_non_byte_ids_show(capsys):
+    """The streamer holds back a text that ends in U+FFFD (an unfinished UTF-8 character) and
+    prints it at the end if it stays so; ids beyond the 256 bytes (a random 32K-vocabulary
+    model on the byte tokenizer) show as U+FFFD instead of vanishing."""
+    from infini_trt.runtime.commands.run import _Streamer
+
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode("é") + [300] + tok.encode("x")) == "é\ufffdx"
+    streamer = _Streamer(tok)
+    for token in tok.encode("ok ") + [tok.encode("é")[0], 1000]:
+        streamer(0, token)
+    assert capsys.readouterr().out == "ok "                  # the tail is held back ...
+    streamer.finish()
+    assert capsys.readouterr().out == "\ufffd\ufffd\n"       # ... and printed at the end
