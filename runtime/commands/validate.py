@@ -32,8 +32,10 @@ def validate(checkpoint: str, export_dir: str, segments: int, batch: int, seed: 
     """Compare PyTorch, ONNX Runtime (and TensorRT with --engine) with the float64 reference
     over many segments.
 
-    Each backend carries its own state across all segments. Exits 1 if any output is
-    outside its tolerance, has NaN/Inf, or greedy agreement is too low."""
+    Each backend carries its own state across all segments; odd segments go through the
+    prompt-reading graph (last token's logits only), the others through the segment graph.
+    Exits 1 if any output is outside its tolerance, has NaN/Inf, or greedy agreement is too
+    low."""
     from infini_trt.export.files import atomic_file
     from infini_trt.runtime.validate import parse_tolerances, validate_export
 
