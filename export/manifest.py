@@ -55,6 +55,12 @@ class Manifest:
         return self.path / self.graphs[name]["file"]
 
     @property
+    def source_checkpoint(self) -> Path | None:
+        """The checkpoint this was exported from, if it is still there."""
+        source = self.source.get("checkpoint")
+        return Path(source) if source and Path(source).is_dir() else None
+
+    @property
     def tokenizer_path(self) -> Path | None:
         return self.path / self.tokenizer if self.tokenizer else None
 
@@ -73,6 +79,15 @@ class Manifest:
 
 def is_export_dir(path: str | Path) -> bool:
     return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def model_config(path: str | Path) -> InfiniConfig:
+    """The config of a native checkpoint or an export directory, without loading weights."""
+    if is_export_dir(path):
+        return read_manifest(path).config
+    from .checkpoint import read_checkpoint
+
+    return read_checkpoint(path).config
 
 
 def read_manifest(path: str | Path) -> Manifest:

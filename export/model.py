@@ -87,6 +87,16 @@ def expand_kv(t: torch.Tensor, group: int) -> torch.Tensor:
     return t[:, :, None].expand(b, h, group, n, d).reshape(b, h * group, n, d)
 
 
+def empty_caches(cfg: InfiniConfig, batch: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed decoding caches of one segment: k_cache (L, B, Hkv, hd, N) (rotated keys,
+    transposed) and v_cache (L, B, Hkv, N, hd). Layer i's slices are contiguous: they are
+    what `extend` takes."""
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
+    return (torch.zeros(shape, dtype=dtype, device=device).transpose(-1, -2).contiguous(),
+            torch.zeros(shape, dtype=dtype, device=device))
+
+
 def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
                 v_new: torch.Tensor, start, length) -> None:
     """Write new tokens into the decoding caches, in place (the runners' job, not the graph's).
@@ -294,15 +304,10 @@ class InfiniLM(nn.Module):
 
     # ------------------------------------------------------------------------- decoding
     def init_cache(self, batch: int, device: torch.device | str | None = None):
-        """Empty caches of one segment, in the weights' dtype: k_cache (L, B, Hkv, hd, N)
-        (rotated keys, transposed) and v_cache (L, B, Hkv, N, hd). Layer i's slices are
-        contiguous: they are what `extend` takes."""
-        cfg = self.cfg
-        device = self.embed.weight.device if device is None else device
-        dtype = self.embed.weight.dtype
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
-        return (torch.zeros(shape, dtype=dtype, device=device).transpose(-1, -2).contiguous(),
-                torch.zeros(shape, dtype=dtype, device=device))
+        """`empty_caches` in the weights' dtype, on their device unless told."""
+        weight = self.embed.weight
+        return empty_caches(self.cfg, batch, weight.dtype,
+                            weight.device if device is None else device)
 
     def extend(self, input_ids: torch.Tensor, start: torch.Tensor, memory: torch.Tensor,
                norm: torch.Tensor, k_caches, v_caches):

@@ -32,7 +32,7 @@ from .io_spec import (EXTEND, FOLD, PREFILL, SEGMENT, GraphSpec, extend_graph, f
                       prefill_graph, segment_graph)
 from .manifest import Manifest, package_version
 from .model import InfiniLM
-from .quantize import check_method as check_quantize, quantization_record, quantize_graph
+from .quantize import check_method as check_quantize, quantization_record, quantize_graphs
 
 MEMORY_OPS = ("plugin", "portable")
 OPSETS = range(18, 24)
@@ -42,21 +42,22 @@ EXTERNAL_DATA_BYTES = 1 << 30        # above this, weights go to <file>.data bes
 class SegmentStep(torch.nn.Module):
     """forward = InfiniLM.step, logits in float32 whatever the compute dtype."""
 
+    last_only = False
+
     def __init__(self, model: InfiniLM):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, memory, norm):
-        logits, memory_out, norm_out = self.model.step(input_ids, memory, norm)
+        logits, memory_out, norm_out = self.model.step(input_ids, memory, norm,
+                                                       last_only=self.last_only)
         return logits.float(), memory_out, norm_out
 
 
 class PrefillStep(SegmentStep):
     """forward = InfiniLM.step with the last token's logits only (reading a prompt)."""
 
-    def forward(self, input_ids, memory, norm):
-        logits, memory_out, norm_out = self.model.step(input_ids, memory, norm, last_only=True)
-        return logits.float(), memory_out, norm_out
+    last_only = True
 
 
 class ExtendStep(SegmentStep):
@@ -218,10 +219,9 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
             proto = finalize(proto, spec, cfg.update_rule if plugin and has_update else None,
                              opset, doc=f"infini-trt {doc}")
             files = save_onnx(proto, tmp / file)
-            if quantize is not None and spec.name != FOLD:
-                log(f"quantizing the {spec.name} graph ({quantize})")
-                files = quantize_graph(tmp / file, quantize)
             graphs[spec.name] = {"file": file, "files": files, "io": spec.to_dict()}
+        if quantize is not None:
+            quantize_graphs(tmp, graphs, quantize, log)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         manifest = Manifest(

@@ -99,12 +99,22 @@ def quantize_graph(path: Path, method: str = "int8") -> dict[str, str]:
     return {f.name: sha256_file(f) for f in ([path, data] if external else [path])}
 
 
+def quantize_graphs(directory: Path, graphs: dict[str, dict], method: str,
+                    log: Callable[[str], None]) -> None:
+    """Quantize, in `directory`, the graphs that carry weights (all but fold), updating each
+    manifest entry's file hashes ({name: {"file", "files", ...}})."""
+    for name, graph in graphs.items():
+        if name != FOLD:
+            log(f"quantizing the {name} graph ({method})")
+            graph["files"] = quantize_graph(directory / graph["file"], method)
+
+
 def quantize_export(source: str | Path, output: str | Path, method: str = "int8",
                     force: bool = False, log: Callable[[str], None] = lambda s: None):
     """Write a quantized copy of the float32 export `source` into `output` -> its Manifest.
 
-    The weight-carrying graphs (segment, prefill, extend) are quantized; graphs without weights (fold)
-    are copied as they are."""
+    The weight-carrying graphs (segment, prefill, extend) are quantized; graphs without
+    weights (fold) are copied as they are."""
     from .manifest import read_manifest
 
     manifest = read_manifest(source)
@@ -112,12 +122,10 @@ def quantize_export(source: str | Path, output: str | Path, method: str = "int8"
         raise InfiniTrtError(f"{source} is already quantized ({manifest.quantization['method']})")
     check_method(method, manifest.dtype)
     with atomic_dir(output, force=force) as tmp:
-        for name, graph in manifest.graphs.items():
+        for graph in manifest.graphs.values():
             for file in graph["files"]:
                 shutil.copyfile(manifest.path / file, tmp / file)
-            if name != FOLD:
-                log(f"quantizing the {name} graph ({method})")
-                graph["files"] = quantize_graph(tmp / graph["file"], method)
+        quantize_graphs(tmp, manifest.graphs, method, log)
         if manifest.tokenizer:
             shutil.copyfile(manifest.path / manifest.tokenizer, tmp / manifest.tokenizer)
         manifest.quantization = quantization_record(method)

@@ -3,7 +3,7 @@
 For each subject (a backend of this model, or a peer) and each context length L:
 
     prefill   B prompts of L random tokens, streamed as a user's prompt is (`generate.prefill`:
-              full segments through the segment graph, the rest through the K/V cache);
+              full segments through the prefill graph, the rest through the K/V cache);
               every call timed -> tokens/s, per-segment latency p50/p95/p99
     TTFT      prefill plus the choice of the first token (greedy)
     decode    D more tokens, one per sequence per call (extend, fold at segment ends), greedy
@@ -11,7 +11,7 @@ For each subject (a backend of this model, or a peer) and each context length L:
     memory    peak RSS of the process over that length (and peak CUDA memory on a GPU)
 
 Each subject runs in a fresh process (`isolate`), so that its peak RSS is its own; it is
-warmed up first (both graphs, and a fold). The machine's fp32/bf16 matmul rate and memory
+warmed up first (every graph it uses, and a fold). The machine's fp32/bf16 matmul rate and memory
 bandwidth are measured in the same run (`roofline.py`) and turn the figures into prefill
 efficiency (model FLOPs/s over the matmul rate) and decode bandwidth use (bytes moved per
 token x tokens/s over the bandwidth). Ratios are taken against PyTorch eager of the same run.
@@ -139,7 +139,8 @@ def run_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings,
             estimate = estimate_seconds(subject, cfg, length, settings.batch, matmul_rate)
             need = cache_bytes(subject, cfg, length + settings.decode_tokens, settings.batch)
             if estimate > settings.budget_s:
-                why = f"prefill estimated at {estimate:,.3g} s > --budget {settings.budget_s:,.3g} s"
+                why = (f"prefill estimated at {estimate:,.3g} s > --budget "
+                       f"{settings.budget_s:,.3g} s")
             elif need > 0.8 * psutil.virtual_memory().available:
                 why = f"K/V cache of {need / 2**30:,.1f} GiB > 80% of the available memory"
             else:
@@ -174,13 +175,6 @@ def _isolated(fn, *args):
 
 
 # ------------------------------------------------------------------------------ resolving
-def model_config(model: str | Path) -> InfiniConfig:
-    from infini_trt.export.checkpoint import read_checkpoint
-    from infini_trt.export.manifest import is_export_dir, read_manifest
-
-    return read_manifest(model).config if is_export_dir(model) else read_checkpoint(model).config
-
-
 def quantized_export(export_dir: Path, method: str, log: Callable[[str], None]) -> Path:
     """The int8 copy of an fp32 export, made once and kept in the export cache."""
     from infini_trt.export.manifest import is_export_dir, package_version
@@ -213,11 +207,11 @@ def resolve(name: str, model: Path, log: Callable[[str], None]) -> Subject:
     export = is_export_dir(model)
     if backend == "torch":
         precision = {"bf16": "bfloat16", "fp16": "float16"}.get(variant, "float32")
-        path = read_manifest(model).source.get("checkpoint") if export else str(model)
-        if not path or not Path(path).is_dir():
+        path = read_manifest(model).source_checkpoint if export else model
+        if path is None:
             return Subject(name, "torch", status="skipped",
                            reason=f"{model} was exported from a checkpoint that is not here")
-        return Subject(name, "torch", path, precision)
+        return Subject(name, "torch", str(path), precision)
     if backend == "tensorrt":
         from .engine import gpu
 
@@ -233,19 +227,6 @@ def resolve(name: str, model: Path, log: Callable[[str], None]) -> Subject:
         return Subject(name, "onnxruntime", status="skipped",
                        reason=f"{model} is an int8 export; use onnxruntime:int8")
     return Subject(name, "onnxruntime", str(directory), "int8" if variant else manifest.dtype)
-
-
-def parse_length(text: str) -> int:
-    """'4K' -> 4096, '1M' -> 1048576, '1000' -> 1000 (K = 1024)."""
-    units = {"k": 1 << 10, "m": 1 << 20}
-    s = text.strip().lower()
-    try:
-        value = int(s[:-1]) * units[s[-1]] if s and s[-1] in units else int(s)
-    except ValueError:
-        raise InfiniTrtError(f"--lengths: {text!r} is not a length like 4096, 4K or 1M") from None
-    if value < 1:
-        raise InfiniTrtError(f"--lengths: {text!r} must be at least 1 token")
-    return value
 
 
 # ------------------------------------------------------------------------------ the run
@@ -264,6 +245,8 @@ def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
               log: Callable[[str], None] = print) -> dict:
     """Measure every subject at every length -> the report (a JSON-able dict; see
     bench_report.py for the derived figures, table and plot)."""
+    from infini_trt.export.manifest import model_config
+
     model = Path(model)
     cfg = model_config(model)
     if settings.threads:

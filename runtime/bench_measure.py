@@ -8,6 +8,8 @@ import time
 import numpy as np
 import torch
 
+from .resources import peak_gpu_bytes
+
 
 class PeakMemory:
     """Peak resident memory of this process between `reset()` and `peak()`: the kernel's
@@ -42,12 +44,6 @@ class PeakMemory:
         with open("/proc/self/status") as f:
             kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
         return kib * 1024
-
-    @staticmethod
-    def peak_gpu() -> int | None:
-        from .resources import peak_gpu_bytes
-
-        return peak_gpu_bytes()
 
 
 def _sync(tensor: torch.Tensor) -> None:
@@ -121,7 +117,7 @@ def measure(runner, length: int, batch: int, decode_tokens: int, seed: int) -> d
         token = out[:, 0].argmax(-1).cpu().numpy()
         itl.append(time.perf_counter() - t)
     decode_s = float(sum(itl))
-    gpu = memory.peak_gpu()
+    gpu = peak_gpu_bytes()
     segments, between = percentiles(timed.seconds), percentiles(itl)
     full = [t for t, ids in zip(timed.seconds, timed.tokens) if ids == batch * n]
     return {"length": length, "batch": batch, "prefill_s": t_prefill,
@@ -138,8 +134,9 @@ def measure(runner, length: int, batch: int, decode_tokens: int, seed: int) -> d
 
 
 def warm_up(runner, batch: int) -> None:
-    """Load and run every graph once: a segment, a continuation that fills the next one, and
-    one decoded token that completes it (a fold)."""
+    """Load and run every graph that `measure` uses once: a segment (prefill graph), a
+    continuation that fills the next one (extend), and one decoded token that completes it
+    (a fold)."""
     from .generate import prefill
 
     n = runner.config.segment_len

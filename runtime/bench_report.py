@@ -16,6 +16,7 @@ from pathlib import Path
 from infini_trt.export.config import InfiniConfig
 
 from . import roofline
+from .lengths import length_label
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
@@ -62,13 +63,6 @@ def derive(report: dict) -> dict:
     return report
 
 
-def _length(n: int) -> str:
-    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
-        if n >= size and n % size == 0:
-            return f"{n // size}{unit}"
-    return str(n)
-
-
 def _ratio(p: dict, key: str) -> str:
     r = (p.get("vs_torch") or {}).get(key)
     return f"{r:5.2f}x" if r is not None else "     -"
@@ -95,7 +89,7 @@ def table(report: dict) -> str:
             p = next((q for q in sub["points"] if q["length"] == length), None)
             if p is None:
                 continue
-            head = f"{_length(length):>6s}  {sub['name']:28s}"
+            head = f"{length_label(length):>6s}  {sub['name']:28s}"
             if "skipped" in p:
                 lines.append(f"{head} skipped: {p['skipped']}")
                 continue
@@ -145,7 +139,7 @@ def plot(report: dict, path: str | Path) -> None:
         else:
             ax.set_yscale("log")
         lengths = sorted({p["length"] for sub in report["subjects"] for p in sub["points"]})
-        ax.set_xticks(lengths, [_length(n) for n in lengths])
+        ax.set_xticks(lengths, [length_label(n) for n in lengths])
         ax.set_xlabel("context length (tokens)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)

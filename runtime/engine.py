@@ -2,8 +2,9 @@
 
     build_engines("out/", BuildSettings(backend="tensorrt-rtx", compute_capability="8.9"))
 
-builds one engine per graph of the manifest (segment, and prefill/extend/fold when exported), each with one optimization profile read from the graph's I/O table (every dynamic
-axis from its min to its max; `batch` up to --max-batch). Networks are strongly typed: the
+builds one engine per graph of the manifest (segment, and prefill/extend/fold when exported),
+each with one optimization profile read from the graph's I/O table (every dynamic axis from its
+min to its max; `batch` up to --max-batch). Networks are strongly typed: the
 ONNX dtypes decide the precision. With the full TensorRT and a plugin export, our memory-update
 plugin is registered first so that the parser puts it where the custom node is; TensorRT-RTX
 has no plugin layers, so there the node falls back to its ONNX function.

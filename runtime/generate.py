@@ -1,8 +1,9 @@
 """Generation: prefill a batch of prompts of any lengths, then decode token by token.
 
 Prefill streams the prompts segment by segment: full segments that all prompts share go
-through the prefill graph (the segment step with the last token's logits only); the rest of each prompt continues through the K/V cache (`extend`)
-with completed segments folded into memory (`fold`). Decoding then feeds one token per
+through the prefill graph (the segment step with the last token's logits only, `advance`); the
+rest of each prompt continues through the K/V cache (`extend`) with completed segments folded
+into memory (`fold`). Decoding then feeds one token per
 sequence per call: the cost of a token is O(segment length), whatever the context length, and
 memory stays constant. The logits equal those of the sequence forward (tests/runtime).
 """

@@ -12,7 +12,6 @@ million-token cell needs no more memory than a thousand-token one.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,24 +19,11 @@ import numpy as np
 
 from infini_trt.export.errors import InputError
 
+from .lengths import length_label, parse_lengths
 from .loop import Timer, progress_bar
 from .passkey_data import DEPTHS, PasskeyGenerator
 from .resources import peak_rss_bytes
 from .runners.base import Runner
-
-_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2}
-
-
-def parse_lengths(text: str) -> list[int]:
-    """'1K,4K,16K,1M' -> [1024, 4096, 16384, 1048576] (K = 1024 tokens, M = 1024 K)."""
-    lengths = []
-    for item in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", item)
-        if not match or int(match.group(1)) == 0:
-            raise InputError(f"bad length {item.strip()!r} in --lengths; write e.g. 1K,4K,16K,1M")
-        lengths.append(int(match.group(1)) * _UNITS[match.group(2).upper()])
-    return lengths
-
 
 def parse_depths(text: str) -> list[tuple[str, float]]:
     """'start,middle,end' or fractions of the admissible range, e.g. '0,0.25,1'."""
@@ -55,13 +41,6 @@ def parse_depths(text: str) -> list[tuple[str, float]]:
                              f"fraction between 0 and 1")
         depths.append((item, value))
     return depths
-
-
-def length_label(length: int) -> str:
-    for unit, size in (("M", 1024 ** 2), ("K", 1024)):
-        if length % size == 0:
-            return f"{length // size}{unit}"
-    return str(length)
 
 
 @dataclass
@@ -170,18 +149,12 @@ def _word(gen: PasskeyGenerator, token: int) -> str:
     return gen.decode([int(token)]).strip() if gen.decode else f"<{int(token)}>"
 
 
-def model_config(model: str | Path):
-    """The config of a checkpoint or export directory, without loading weights."""
-    from infini_trt.export.checkpoint import read_checkpoint
-    from infini_trt.export.manifest import is_export_dir, read_manifest
-
-    return read_manifest(model).config if is_export_dir(model) else read_checkpoint(model).config
-
-
 def open_task(model: str | Path, lengths: str, depths: str
               ) -> tuple[PasskeyGenerator, list[int], list[tuple[str, float]]]:
     """The generator for `model` (its tokenizer and segment length) and the parsed grid, with
     every length checked, before anything is exported or run."""
+    from infini_trt.export.manifest import model_config
+
     from .tokenizer import model_tokenizer
 
     cfg = model_config(model)

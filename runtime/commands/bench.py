@@ -48,10 +48,11 @@ def bench(model: str, backends: str, peers: str, lengths: str, batch: int, decod
     machine's fp32 matmul rate and memory bandwidth, measured in the same run, and against
     PyTorch eager."""
     from infini_trt.export.files import atomic_file
-    from infini_trt.runtime.bench import BenchSettings, parse_length, run_bench
+    from infini_trt.runtime.bench import BenchSettings, run_bench
     from infini_trt.runtime.bench_report import plot, table
+    from infini_trt.runtime.lengths import parse_lengths
 
-    settings = BenchSettings(tuple(parse_length(x) for x in lengths.split(",")), batch,
+    settings = BenchSettings(tuple(parse_lengths(lengths)), batch,
                              decode_tokens, seed, threads, budget, isolate, calibrate)
     report = run_bench(model, _names(backends) + _names(peers), settings, log=click.echo)
     click.echo(table(report))

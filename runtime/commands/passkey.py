@@ -64,20 +64,18 @@ def passkey(model: str | None, backend: str, device: str | None, lengths: str, d
 def _export_and_check(model: str, backend: str, check: bool) -> str:
     """The export directory of `model` (exported and cached if it is a checkpoint), after a
     quick parity check of its segment graph with the float64 reference of the checkpoint."""
-    from pathlib import Path
-
     from infini_trt.export.errors import InfiniTrtError
     from infini_trt.export.manifest import is_export_dir, read_manifest
     from infini_trt.runtime.cache import cached_export
     from infini_trt.runtime.validate import validate_export
 
     if is_export_dir(model):
-        export_dir, checkpoint = model, read_manifest(model).source.get("checkpoint")
+        export_dir, checkpoint = model, read_manifest(model).source_checkpoint
     else:
         export_dir, checkpoint = str(cached_export(model, log=click.echo)), model
     if not check or backend != "onnxruntime":
         return export_dir
-    if not checkpoint or not Path(checkpoint).is_dir():
+    if checkpoint is None:
         click.echo("parity check skipped: the export's checkpoint is not available")
         return export_dir
     report = validate_export(checkpoint, export_dir, segments=2, batch=1, include_torch=False,

@@ -12,6 +12,37 @@ from infini_trt.export.errors import InfiniTrtError, InputError
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
+class DecodeCaches:
+    """The decoding state of a graph runner (ONNX Runtime, TensorRT): the caches of the
+    current segment (`empty_caches` layout), each layer's slice as the extend graph's input
+    (made once: bound in place, never copied), and the buffers the graph writes the new
+    tokens' rows into, which `write` then puts into the caches."""
+
+    def __init__(self, cfg: InfiniConfig, batch: int, dtype: torch.dtype,
+                 device: torch.device):
+        from infini_trt.export.model import empty_caches
+
+        self.k, self.v = empty_caches(cfg, batch, dtype, device)
+        self.inputs = {**{f"k_cache_{i}": self.k[i] for i in range(cfg.n_layers)},
+                       **{f"v_cache_{i}": self.v[i] for i in range(cfg.n_layers)}}
+        self._rows = [torch.empty(self.v.numel(), dtype=dtype, device=device) for _ in "kv"]
+        self._lead = (cfg.n_layers, batch, cfg.n_kv_heads)
+        self._head_dim = cfg.head_dim
+
+    def new_rows(self, seq: int) -> dict[str, torch.Tensor]:
+        """{"k_new", "v_new"}: (L, B, Hkv, seq, hd) views at fixed addresses."""
+        shape = (*self._lead, seq, self._head_dim)
+        size = int(np.prod(shape))
+        return {"k_new": self._rows[0][:size].view(shape),
+                "v_new": self._rows[1][:size].view(shape)}
+
+    def write(self, rows: dict[str, torch.Tensor], start: np.ndarray,
+              length: np.ndarray) -> None:
+        from infini_trt.export.model import write_cache
+
+        write_cache(self.k, self.v, rows["k_new"], rows["v_new"], start, length)
+
+
 class Runner:
     """Runs the segment step of one model and carries its state (memory, norm) between calls.
 
@@ -164,10 +195,11 @@ def open_runner(model: str | Path, backend: str, device: str | None = None,
 
         if is_export_dir(path):
             manifest = read_manifest(path)
-            source = manifest.source.get("checkpoint")
-            if not source or not Path(source).is_dir():
-                raise InfiniTrtError(f"{path} was exported from {source or 'an unknown source'}, "
-                                     f"which is not available; give the checkpoint itself")
+            source = manifest.source_checkpoint
+            if source is None:
+                where = manifest.source.get("checkpoint") or "an unknown source"
+                raise InfiniTrtError(f"{path} was exported from {where}, which is not "
+                                     f"available; give the checkpoint itself")
             return TorchRunner.from_checkpoint(source, device=device or "cpu",
                                                dtype=dtype or manifest.dtype)
         return TorchRunner.from_checkpoint(path, device=device or "cpu", dtype=dtype)

@@ -19,9 +19,8 @@ import torch
 from infini_trt.export.errors import InfiniTrtError, InputError, MissingDependencyError
 from infini_trt.export.io_spec import EXTEND, FOLD, PREFILL, SEGMENT
 from infini_trt.export.manifest import read_manifest
-from infini_trt.export.model import write_cache
 
-from .base import Runner
+from .base import DecodeCaches, Runner
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16, "int64": torch.int64, "bool": torch.bool}
@@ -205,35 +204,25 @@ class OrtRunner(Runner):
     def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
         """Each layer's cache slice is bound as its own input (no copy); the graph returns the
         new rows, written into the caches here."""
-        cfg = self.config
         if self.caches is None:
-            spec = self.manifest.graph(EXTEND).input("k_cache_0")
-            dtype = TORCH_DTYPES[spec.dtype]
-            shape = (cfg.n_layers, self.batch, cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
-            self.caches = (torch.zeros(shape, dtype=dtype, device=self.torch_device)
-                           .transpose(-1, -2).contiguous(),
-                           torch.zeros(shape, dtype=dtype, device=self.torch_device))
-            self.new_rows = [torch.empty(int(np.prod(shape)), dtype=dtype,
-                                         device=self.torch_device) for _ in "kv"]
-        k_cache, v_cache = self.caches
-        rows = (cfg.n_layers, self.batch, cfg.n_kv_heads, ids.shape[1], cfg.head_dim)
-        k_new, v_new = (buffer[:int(np.prod(rows))].view(rows) for buffer in self.new_rows)
+            dtype = TORCH_DTYPES[self.manifest.graph(EXTEND).input("k_cache_0").dtype]
+            self.caches = DecodeCaches(self.config, self.batch, dtype, self.torch_device)
+        rows = self.caches.new_rows(ids.shape[1])
         logits = self._logits(ids)
-        inputs = {"input_ids": self._load(self.ids, ids), "start": self._load(self.start, start),
-                  "memory": self.memory[self.current], "norm": self.norm[self.current]}
-        for i in range(cfg.n_layers):
-            inputs[f"k_cache_{i}"], inputs[f"v_cache_{i}"] = k_cache[i], v_cache[i]
-        self._run(EXTEND, inputs, {"logits": logits, "k_new": k_new, "v_new": v_new})
-        write_cache(k_cache, v_cache, k_new, v_new, start, length)
+        self._run(EXTEND,
+                  {"input_ids": self._load(self.ids, ids), "start": self._load(self.start, start),
+                   "memory": self.memory[self.current], "norm": self.norm[self.current],
+                   **self.caches.inputs},
+                  {"logits": logits, **rows})
+        self.caches.write(rows, start, length)
         return logits
 
     def _fold(self, mask: np.ndarray) -> None:
         if self.caches is None:
             raise InputError("fold() needs a segment in the K/V cache: call extend() first")
         cur, nxt = self.current, 1 - self.current
-        k_cache, v_cache = self.caches
         self._run(FOLD,
-                  {"k_cache": k_cache, "v_cache": v_cache, "memory": self.memory[cur],
+                  {"k_cache": self.caches.k, "v_cache": self.caches.v, "memory": self.memory[cur],
                    "norm": self.norm[cur], "fold": self._load(self.fold_mask, mask)},
                   {"memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
         self.current = nxt

@@ -24,9 +24,8 @@ from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.export.files import sha256_file
 from infini_trt.export.io_spec import EXTEND, FOLD, PREFILL, SEGMENT, GraphSpec
 from infini_trt.export.manifest import read_manifest
-from infini_trt.export.model import write_cache
 
-from .base import Runner
+from .base import DecodeCaches, Runner
 from .ort_runner import TORCH_DTYPES
 
 
@@ -245,27 +244,18 @@ class TrtRunner(Runner):
     def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
         """Each layer's cache slice is bound as its own input (no copy); the engine returns the
         new rows, written into the caches here, on the engine's stream."""
-        cfg = self.config
         with self._on_stream():
             if self.caches is None:
                 dtype = TORCH_DTYPES[self.manifest.graph(EXTEND).input("k_cache_0").dtype]
-                shape = (cfg.n_layers, self.batch, cfg.n_kv_heads, cfg.segment_len,
-                         cfg.head_dim)
-                self.caches = (self._buffer(shape, dtype).transpose(-1, -2).contiguous(),
-                               self._buffer(shape, dtype))
-                self.new_rows = [self._buffer(int(np.prod(shape)), dtype) for _ in "kv"]
-            k_cache, v_cache = self.caches
-            rows = (cfg.n_layers, self.batch, cfg.n_kv_heads, ids.shape[1], cfg.head_dim)
-            k_new, v_new = (buffer[:int(np.prod(rows))].view(rows) for buffer in self.new_rows)
+                self.caches = DecodeCaches(self.config, self.batch, dtype, self.torch_device)
+            rows = self.caches.new_rows(ids.shape[1])
             tokens, logits = self._tokens(ids)
             self.start.copy_(torch.from_numpy(start))
-            inputs = {"input_ids": tokens, "start": self.start,
-                      "memory": self.memory[self.current], "norm": self.norm[self.current]}
-            for i in range(cfg.n_layers):
-                inputs[f"k_cache_{i}"], inputs[f"v_cache_{i}"] = k_cache[i], v_cache[i]
-            self.graph_engine(EXTEND).run(inputs,
-                                          {"logits": logits, "k_new": k_new, "v_new": v_new})
-            write_cache(k_cache, v_cache, k_new, v_new, start, length)
+            self.graph_engine(EXTEND).run(
+                {"input_ids": tokens, "start": self.start, "memory": self.memory[self.current],
+                 "norm": self.norm[self.current], **self.caches.inputs},
+                {"logits": logits, **rows})
+            self.caches.write(rows, start, length)
             out = logits.clone()
         return out
 
@@ -274,10 +264,9 @@ class TrtRunner(Runner):
             raise InputError("fold() needs a segment in the K/V cache: call extend() first")
         cur, nxt = self.current, 1 - self.current
         with self._on_stream():
-            k_cache, v_cache = self.caches
             self.fold_mask.copy_(torch.from_numpy(mask))
             self.graph_engine(FOLD).run(
-                {"k_cache": k_cache, "v_cache": v_cache, "memory": self.memory[cur],
+                {"k_cache": self.caches.k, "v_cache": self.caches.v, "memory": self.memory[cur],
                  "norm": self.norm[cur], "fold": self.fold_mask},
                 {"memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
         self.current = nxt

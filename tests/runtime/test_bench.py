@@ -17,7 +17,8 @@ from infini_trt.export.errors import InfiniTrtError
 from infini_trt.export.model import apply_rope, expand_kv, rope_tables
 from infini_trt.runtime import roofline
 from infini_trt.runtime.baselines import FullAttentionRunner, LucidrainsRunner
-from infini_trt.runtime.bench import BenchSettings, parse_length, run_bench
+from infini_trt.runtime.bench import BenchSettings, run_bench
+from infini_trt.runtime.lengths import parse_length
 from infini_trt.runtime.bench_measure import PeakMemory
 from infini_trt.runtime.bench_report import table
 from infini_trt.runtime.cli import main

@@ -9,7 +9,8 @@ import torch
 from infini_trt.export import load_checkpoint, read_checkpoint
 from infini_trt.export.errors import InputError
 from infini_trt.runtime.models import bundled_model
-from infini_trt.runtime.passkey import parse_depths, parse_lengths, run_passkey
+from infini_trt.runtime.lengths import parse_lengths
+from infini_trt.runtime.passkey import parse_depths, run_passkey
 from infini_trt.runtime.passkey_data import (ANSWER_TOKEN, KEY_TOKEN, QUESTION_TOKEN,
                                              PasskeyGenerator, vocabulary)
 from infini_trt.runtime.runners.torch_runner import TorchRunner
