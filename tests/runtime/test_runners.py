@@ -181,3 +181,28 @@ def test_onnxruntime_reports_a_corrupt_graph(exported, tmp_path):
     (broken / "prefill.onnx").unlink()
     with pytest.raises(InfiniTrtError, match="prefill graph.*missing"):
         open_runner(broken, "onnxruntime")
+
+
+@pytest.mark.parametrize("seq", [1, 2, 3, N - 1])
+def test_onnxruntime_segment_of_any_length_from_a_carried_state(exported, seq):
+    """Segments of 1, 2, 3 and N-1 tokens (the graph's split attention has an empty or uneven
+    block there), from the state left by two full segments, against the float64 step."""
+    ckpt, out = exported(TINY, graphs=("segment", "prefill"))
+    rng = np.random.default_rng(seq)
+    history = rng.integers(0, 256, (2, 2 * N))
+    ids = rng.integers(0, 256, (2, seq))
+    model = load_checkpoint(ckpt, dtype=torch.float64)
+    with torch.no_grad():
+        _, memory, norm = model(torch.from_numpy(history))
+        want, want_memory, want_norm = model.step(torch.from_numpy(ids), memory, norm)
+    with open_runner(out, "onnxruntime") as runner:
+        runner.reset(2)
+        runner.set_state(memory.float().numpy(), norm.float().numpy())
+        got = runner.step(ids)
+        got_memory, got_norm = runner.state()
+        runner.set_state(memory.float().numpy(), norm.float().numpy())
+        last = runner.advance(ids)
+    assert_close(want, got, 1e-5, what="logits")
+    assert_close(want[:, -1], last, 1e-5, what="prefill logits")
+    assert_close(want_memory, got_memory, 1e-5, what="memory")
+    assert_close(want_norm, got_norm, 1e-5, what="norm")
