@@ -10,6 +10,11 @@ For each subject (a backend of this model, or a peer) and each context length L:
               -> tokens/s and inter-token latency
     memory    peak RSS of the process over that length (and peak CUDA memory on a GPU)
 
+Then, for this model's runners, `rounds` rounds over the lengths in alternation from the
+states that the prompts left (`bench_measure.interleaved`): a few segments and decoded
+tokens per length and round, so that a machine that drifts in speed drifts for every length
+alike; this is the figure for "is the cost per token flat in the context length".
+
 Each subject runs in a fresh process (`isolate`), so that its peak RSS is its own; it is
 warmed up first (every graph it uses, and a fold). The machine's fp32/bf16 matmul rate and memory
 bandwidth are measured in the same run (`roofline.py`) and turn the figures into prefill
@@ -37,7 +42,8 @@ from infini_trt.export.config import InfiniConfig
 from infini_trt.export.errors import InfiniTrtError
 
 from . import roofline
-from .bench_measure import measure, warm_up
+from .bench_measure import interleaved, measure, warm_up
+from .lengths import length_label
 
 BACKENDS = ("torch", "torch:bf16", "torch:fp16", "onnxruntime", "onnxruntime:int8", "tensorrt")
 PEERS = ("infini-transformer-pytorch", "full-attention")
@@ -53,6 +59,10 @@ class BenchSettings:
     budget_s: float = 600.0           # skip a length whose prefill is estimated to take longer
     isolate: bool = True              # each subject in a fresh process
     calibrate_s: float = 1.0          # seconds for each measurement of the machine
+    rounds: int = 5                   # `interleaved` rounds over the lengths (0: none)
+    round_segments: int = 4           # segments prefilled per length and round
+    round_decode_tokens: int = 16     # tokens decoded per length and round
+    rounds_min_s: float = 10.0        # more rounds while they take less time than this
 
 
 @dataclass
@@ -67,6 +77,7 @@ class Subject:
     status: str = "ok"                # ok | skipped
     reason: str = ""
     points: list[dict] = field(default_factory=list)
+    interleaved: dict | None = None   # bench_measure.interleaved, for this model's runners
 
     @property
     def infini(self) -> bool:
@@ -123,7 +134,8 @@ def cache_bytes(subject: Subject, cfg: InfiniConfig, length: int, batch: int) ->
 
 def run_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings,
                 matmul_rate: float, log: Callable[[str], None] = print) -> Subject:
-    """Open, warm up and measure one subject at every length (within the budget)."""
+    """Open, warm up and measure one subject at every length (within the budget), then
+    (this model's runners) the cost per token at every length in alternation."""
     import psutil
 
     try:
@@ -135,6 +147,7 @@ def run_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings,
     with runner:
         subject.label = runner.description
         warm_up(runner, settings.batch)
+        states = {} if subject.kind in ("torch", "onnxruntime", "tensorrt") else None
         for length in settings.lengths:
             estimate = estimate_seconds(subject, cfg, length, settings.batch, matmul_rate)
             need = cache_bytes(subject, cfg, length + settings.decode_tokens, settings.batch)
@@ -151,12 +164,19 @@ def run_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings,
                 log(f"{subject.name:28s} {length:>9,d} tokens: skipped ({why})")
                 continue
             point = measure(runner, length, settings.batch, settings.decode_tokens,
-                            settings.seed + length)
+                            settings.seed + length, states)
             subject.points.append(point)
             log(f"{subject.name:28s} {length:>9,d} tokens: prefill "
                 f"{point['prefill_tokens_per_s']:>9,.0f} tok/s, decode "
                 f"{point['decode_tokens_per_s']:>8,.1f} tok/s, peak RSS "
                 f"{point['peak_rss_mb']:>7,.0f} MiB")
+        if states and len(states) > 1 and settings.rounds:
+            log(f"{subject.name:28s} {settings.rounds} rounds over "
+                f"{', '.join(length_label(n) for n in sorted(states))} in alternation")
+            subject.interleaved = interleaved(runner, states, settings.rounds,
+                                              settings.round_segments,
+                                              settings.round_decode_tokens, settings.seed,
+                                              settings.rounds_min_s)
     return subject
 
 

@@ -1,5 +1,6 @@
 """How `bench` measures one runner at one context length: the timed prefill and decode loop,
-latency percentiles and the process's peak memory."""
+latency percentiles and the process's peak memory; and the cost per token at every length in
+alternation (`interleaved`)."""
 from __future__ import annotations
 
 import threading
@@ -89,9 +90,29 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
             "p99": float(np.percentile(ms, 99)), "max": float(ms.max())}
 
 
-def measure(runner, length: int, batch: int, decode_tokens: int, seed: int) -> dict:
+def _decode(runner, token: np.ndarray, position: np.ndarray, count: int) -> list[float]:
+    """Decode `count` greedy tokens per sequence from `token` at segment `position` (extend,
+    and a fold where a segment completes) -> the seconds of each token."""
+    n, seconds = runner.config.segment_len, []
+    ones = np.ones(len(token), dtype=np.int64)
+    for _ in range(count):
+        t = time.perf_counter()
+        out = runner.extend(token[:, None], position, ones)
+        position += 1
+        full = position == n
+        runner.fold(full)
+        position[full] = 0
+        token = out[:, 0].argmax(-1).cpu().numpy()
+        seconds.append(time.perf_counter() - t)
+    return seconds
+
+
+def measure(runner, length: int, batch: int, decode_tokens: int, seed: int,
+            states: dict | None = None) -> dict:
     """Prefill `batch` random prompts of `length` tokens, then decode `decode_tokens` tokens
-    per sequence (greedy) -> one point: timings, latencies, peak memory."""
+    per sequence (greedy) -> one point: timings, latencies, peak memory. When `states` is
+    given and the prompts end on a segment boundary, the state they leave is kept there under
+    `length`, with the first decoded token (for `interleaved`)."""
     from .generate import prefill
 
     cfg = runner.config
@@ -106,16 +127,9 @@ def measure(runner, length: int, batch: int, decode_tokens: int, seed: int) -> d
     t_prefill = time.perf_counter() - t0
     token = logits.argmax(-1).cpu().numpy()
     ttft = time.perf_counter() - t0
-    itl, ones = [], np.ones(batch, dtype=np.int64)
-    for _ in range(decode_tokens):
-        t = time.perf_counter()
-        out = runner.extend(token[:, None], position, ones)
-        position += 1
-        full = position == n
-        runner.fold(full)
-        position[full] = 0
-        token = out[:, 0].argmax(-1).cpu().numpy()
-        itl.append(time.perf_counter() - t)
+    if states is not None and not position.any():
+        states[length] = (*(np.array(a) for a in runner.state()), token)
+    itl = _decode(runner, token, position, decode_tokens)
     decode_s = float(sum(itl))
     gpu = peak_gpu_bytes()
     segments, between = percentiles(timed.seconds), percentiles(itl)
@@ -131,6 +145,53 @@ def measure(runner, length: int, batch: int, decode_tokens: int, seed: int) -> d
             "inter_token_latency_ms": between,
             "peak_rss_mb": memory.peak() / 2**20, "rss_measure": memory.mode,
             "peak_gpu_mb": gpu / 2**20 if gpu is not None else None}
+
+
+def interleaved(runner, states: dict, rounds: int, segments: int, decode_tokens: int,
+                seed: int, min_seconds: float = 10.0) -> dict:
+    """The cost per token at each context length, measured in alternation.
+
+    A shared machine drifts between speeds for minutes at a time, and `measure` visits the
+    lengths one after the other, so drift reads as a dependence on length. An Infini state has
+    the same size at every length, so the states that `measure` kept ({length: (memory, norm,
+    first token)}) can be taken up in turn: each round restores every length's state (in an
+    order rotated by one each round; at least `rounds` rounds and as many more as fit in
+    `min_seconds`, so that a small model gets enough samples) and times `segments` full
+    segments through the prefill graph (the next segments of a longer prompt) and
+    `decode_tokens` decoded tokens (after a reset to the same state). -> {"rounds", "segments", "decode_tokens", "points": [{length,
+    segment_ms (p50 ...), prefill_tokens_per_s (a segment over its median), decode_token_ms,
+    decode_tokens_per_s (over the median)}]}"""
+    cfg = runner.config
+    lengths = sorted(states)
+    rng = np.random.default_rng(seed)
+    segment_s = {length: [] for length in lengths}
+    token_s = {length: [] for length in lengths}
+    r, t_end = 0, time.perf_counter() + min_seconds
+    while r < rounds or time.perf_counter() < t_end:
+        for length in lengths[r % len(lengths):] + lengths[:r % len(lengths)]:
+            memory, norm, token = states[length]
+            batch = len(token)
+            runner.reset(batch)
+            runner.set_state(memory, norm)
+            for _ in range(segments):
+                ids = rng.integers(0, cfg.vocab_size, (batch, cfg.segment_len))
+                t = time.perf_counter()
+                _sync(runner.advance(ids))
+                segment_s[length].append(time.perf_counter() - t)
+            runner.reset(batch)
+            runner.set_state(memory, norm)
+            token_s[length] += _decode(runner, token, np.zeros(batch, dtype=np.int64),
+                                       decode_tokens)
+        r += 1
+    points = []
+    for length in lengths:
+        batch = len(states[length][2])
+        seg, tok = percentiles(segment_s[length]), percentiles(token_s[length])
+        points.append({"length": length, "segment_ms": seg,
+                       "prefill_tokens_per_s": batch * cfg.segment_len * 1e3 / seg["p50"],
+                       "decode_token_ms": tok, "decode_tokens_per_s": batch * 1e3 / tok["p50"]})
+    return {"rounds": r, "segments": segments, "decode_tokens": decode_tokens,
+            "points": points}
 
 
 def warm_up(runner, batch: int) -> None:

@@ -8,6 +8,9 @@ Derived per point (subject x length):
                          roofline.decode_bytes_per_token (weights / B + K/V cache + state)
                          x decode tokens/s / measured memory read bandwidth
     vs_torch             prefill and decode tokens/s over PyTorch eager's at the same length
+    interleaved.points[].vs_first
+                         prefill and decode tokens/s at a length over those at the first
+                         length, measured in alternation (bench_measure.interleaved)
 """
 from __future__ import annotations
 
@@ -60,6 +63,12 @@ def derive(report: dict) -> dict:
                     "decode": (p["decode_tokens_per_s"] / base["decode_tokens_per_s"]
                                if p["decode_tokens_per_s"] and base["decode_tokens_per_s"]
                                else None)}
+        rounds = subject.get("interleaved")
+        if rounds and rounds["points"]:
+            first = rounds["points"][0]
+            for p in rounds["points"]:
+                p["vs_first"] = {key: p[f"{key}_tokens_per_s"] / first[f"{key}_tokens_per_s"]
+                                 for key in ("prefill", "decode")}
     return report
 
 
@@ -101,10 +110,33 @@ def table(report: dict) -> str:
                 f"{p['ttft_s']:>8.2f} {decode or 0:>12,.1f} {_ratio(p, 'decode'):>8s} "
                 f"{p['peak_rss_mb']:>12,.0f} {p['prefill_efficiency']:>10.0%} "
                 f"{p.get('decode_bandwidth_use', 0):>9.0%}")
+    lines += interleaved_table(report)
     for sub in report["subjects"]:
         if sub["status"] != "ok":
             lines.append(f"{sub['name']}: skipped: {sub['reason']}")
     return "\n".join(lines)
+
+
+def interleaved_table(report: dict) -> list[str]:
+    """The rounds in alternation: per length, a segment's and a decoded token's median time and
+    the tokens/s they make, against the first length."""
+    measured = [s for s in report["subjects"] if s.get("interleaved")]
+    if not measured:
+        return []
+    r = measured[0]["interleaved"]
+    lines = [f"in alternation ({r['rounds']} rounds; per length and round {r['segments']} "
+             f"segments and {r['decode_tokens']} decoded tokens from the state the prompt "
+             f"left; medians):",
+             f"{'length':>6s}  {'subject':28s} {'segment ms':>10s} {'prefill tok/s':>13s} "
+             f"{'vs first':>8s} {'token ms':>9s} {'decode tok/s':>12s} {'vs first':>8s}"]
+    for sub in measured:
+        for p in sub["interleaved"]["points"]:
+            lines.append(
+                f"{length_label(p['length']):>6s}  {sub['name']:28s} "
+                f"{p['segment_ms']['p50']:>10,.2f} {p['prefill_tokens_per_s']:>13,.0f} "
+                f"{p['vs_first']['prefill']:>7.2f}x {p['decode_token_ms']['p50']:>9,.3f} "
+                f"{p['decode_tokens_per_s']:>12,.1f} {p['vs_first']['decode']:>7.2f}x")
+    return lines
 
 
 def _load(load) -> str:

@@ -32,6 +32,16 @@ def _names(text: str) -> list[str]:
 @click.option("--seed", default=0, help="Seed of the random prompts (and peers' weights).")
 @click.option("--calibrate", default=1.0, type=click.FloatRange(min=0.01),
               help="Seconds for each measurement of the machine (matmul rates, bandwidth).")
+@click.option("--rounds", default=5, type=click.IntRange(0),
+              help="Rounds (at least; as many as fit in 10 s) over the lengths in "
+                   "alternation after the sequential runs: per "
+                   "length --round-segments segments and --round-decode-tokens tokens from "
+                   "the state its prompt left, so that drift of a busy machine hits every "
+                   "length alike (0: none).")
+@click.option("--round-segments", default=4, type=click.IntRange(1),
+              help="Segments prefilled per length in each round.")
+@click.option("--round-decode-tokens", default=16, type=click.IntRange(1),
+              help="Tokens decoded per length in each round.")
 @click.option("--isolate/--no-isolate", default=True,
               help="Run each subject in a fresh process, so that its peak RSS is its own.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
@@ -39,8 +49,9 @@ def _names(text: str) -> list[str]:
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG: throughput and memory against length (log x).")
 def bench(model: str, backends: str, peers: str, lengths: str, batch: int, decode_tokens: int,
-          threads: int | None, budget: float, seed: int, calibrate: float, isolate: bool,
-          json_file: str | None, plot_file: str | None) -> None:
+          threads: int | None, budget: float, seed: int, calibrate: float, rounds: int,
+          round_segments: int, round_decode_tokens: int, isolate: bool, json_file: str | None,
+          plot_file: str | None) -> None:
     """Prefill tokens/s, segment latency p50/p95/p99, time to first token, decode tokens/s
     and peak RSS of MODEL on each backend and of its peers, against context length.
 
@@ -52,8 +63,9 @@ def bench(model: str, backends: str, peers: str, lengths: str, batch: int, decod
     from infini_trt.runtime.bench_report import plot, table
     from infini_trt.runtime.lengths import parse_lengths
 
-    settings = BenchSettings(tuple(parse_lengths(lengths)), batch,
-                             decode_tokens, seed, threads, budget, isolate, calibrate)
+    settings = BenchSettings(tuple(parse_lengths(lengths)), batch, decode_tokens, seed,
+                             threads, budget, isolate, calibrate, rounds, round_segments,
+                             round_decode_tokens)
     report = run_bench(model, _names(backends) + _names(peers), settings, log=click.echo)
     click.echo(table(report))
     if json_file:

@@ -250,3 +250,56 @@ def test_bench_isolated_subject(exported):
     report = run_bench(ckpt, ["full-attention"], settings, log=lambda s: None)
     point = report["subjects"][0]["points"][0]
     assert report["subjects"][0]["status"] == "ok" and point["decode_tokens_per_s"] > 0
+
+
+def test_measure_keeps_the_state_its_prompt_left(exported):
+    """What `interleaved` starts from: the state after the prompt (float64 reference) and the
+    first greedy token; a prompt that ends inside a segment keeps nothing."""
+    from infini_trt.export import load_checkpoint
+    from infini_trt.runtime.bench_measure import measure
+    from infini_trt.runtime.runners import open_runner
+
+    ckpt, out = exported(TINY)
+    states = {}
+    with open_runner(out, "onnxruntime") as runner:
+        measure(runner, 2 * N, 2, 3, seed=5, states=states)
+        measure(runner, 2 * N + 3, 2, 3, seed=6, states=states)
+    assert list(states) == [2 * N]
+    memory, norm, token = states[2 * N]
+    prompts = np.random.default_rng(5).integers(0, TINY.vocab_size, (2, 2 * N))
+    with torch.no_grad():
+        logits, want_memory, want_norm = load_checkpoint(ckpt, dtype=torch.float64)(
+            torch.from_numpy(prompts))
+    assert_close(want_memory, memory, 1e-5, what="memory")
+    assert_close(want_norm, norm, 1e-5, what="norm")
+    assert (token == logits[:, -1].argmax(-1).numpy()).all()
+
+
+def test_bench_rounds_in_alternation(exported):
+    """Every length whose prompt ends on a segment boundary is measured in each round: the
+    segments and decoded tokens asked for (a fold among them), ratios to the first length."""
+    ckpt, out = exported(TINY)
+    settings = BenchSettings(lengths=(N, 2 * N, 3 * N + 1), batch=2, decode_tokens=2,
+                             isolate=False, threads=1, calibrate_s=0.1, rounds=3,
+                             round_segments=2, round_decode_tokens=N + 2, rounds_min_s=0.0)
+    report = run_bench(out, ["torch", "onnxruntime"], settings, log=lambda s: None)
+    for subject in report["subjects"]:
+        rounds = subject["interleaved"]
+        assert rounds["rounds"] == 3 and rounds["segments"] == 2
+        assert [p["length"] for p in rounds["points"]] == [N, 2 * N]
+        for p in rounds["points"]:
+            assert p["segment_ms"]["count"] == 3 * 2
+            assert p["decode_token_ms"]["count"] == 3 * (N + 2)
+            assert p["prefill_tokens_per_s"] > 0 and p["decode_tokens_per_s"] > 0
+        assert rounds["points"][0]["vs_first"] == {"prefill": 1.0, "decode": 1.0}
+    text = table(report)
+    assert "in alternation (3 rounds" in text
+
+
+def test_bench_without_rounds(exported):
+    _, out = exported(TINY)
+    settings = BenchSettings(lengths=(N, 2 * N), decode_tokens=1, isolate=False, threads=1,
+                             calibrate_s=0.1, rounds=0)
+    report = run_bench(out, ["onnxruntime"], settings, log=lambda s: None)
+    assert report["subjects"][0]["interleaved"] is None
+    assert "in alternation" not in table(report)
