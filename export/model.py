@@ -175,9 +175,9 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, s, _ = x.shape
         hd, h, hkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        q, k, v = self.qkv_proj(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
-        return (q.view(b, s, h, hd).transpose(1, 2), k.view(b, s, hkv, hd).transpose(1, 2),
-                v.view(b, s, hkv, hd).transpose(1, 2))
+        heads = self.qkv_proj(x).view(b, s, h + 2 * hkv, hd).transpose(1, 2)
+        q, k, v = heads.split([h, hkv, hkv], dim=1)      # one transpose, whole-head splits
+        return q, k, v
 
     def combine(self, q: torch.Tensor, a_dot: torch.Tensor, memory: torch.Tensor,
                 norm: torch.Tensor) -> torch.Tensor:
