@@ -10,10 +10,11 @@ For each subject (a backend of this model, or a peer) and each context length L:
               -> tokens/s and inter-token latency
     memory    peak RSS of the process over that length (and peak CUDA memory on a GPU)
 
-Then, for this model's runners, `rounds` rounds over the lengths in alternation from the
-states that the prompts left (`bench_measure.interleaved`): a few segments and decoded
-tokens per length and round, so that a machine that drifts in speed drifts for every length
-alike; this is the figure for "is the cost per token flat in the context length".
+Then `rounds` rounds in alternation over this model's runners (all open in one process) and
+the lengths, from the states that the prompts left (`bench_measure.interleaved`): a few
+segments and decoded tokens per runner, length and round, so that a machine that drifts in
+speed drifts for every runner and length alike. These are the figures for ratios between
+backends and for "is the cost per token flat in the context length".
 
 Each subject runs in a fresh process (`isolate`), so that its peak RSS is its own; it is
 warmed up first (every graph it uses, and a fold). The machine's fp32/bf16 matmul rate and memory
@@ -83,6 +84,11 @@ class Subject:
     def infini(self) -> bool:
         return self.kind != "full-attention"
 
+    @property
+    def restartable(self) -> bool:
+        """A runner of this model: its state can be read and restored (`interleaved`)."""
+        return self.kind in ("torch", "onnxruntime", "tensorrt")
+
 
 # ------------------------------------------------------------------------------ subjects
 def open_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings):
@@ -133,21 +139,22 @@ def cache_bytes(subject: Subject, cfg: InfiniConfig, length: int, batch: int) ->
 
 
 def run_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings,
-                matmul_rate: float, log: Callable[[str], None] = print) -> Subject:
-    """Open, warm up and measure one subject at every length (within the budget), then
-    (this model's runners) the cost per token at every length in alternation."""
+                matmul_rate: float, log: Callable[[str], None] = print) -> tuple[Subject, dict]:
+    """Open, warm up and measure one subject at every length (within the budget) -> the
+    subject with its points, and (this model's runners) the states its prompts left, by
+    length, for `alternate`."""
     import psutil
 
+    states = {}
     try:
         runner = open_subject(subject, cfg, settings)
     except (InfiniTrtError, ImportError) as exc:
         subject.status, subject.reason = "skipped", str(exc).splitlines()[0]
         log(f"{subject.name}: skipped: {subject.reason}")
-        return subject
+        return subject, states
     with runner:
         subject.label = runner.description
         warm_up(runner, settings.batch)
-        states = {} if subject.kind in ("torch", "onnxruntime", "tensorrt") else None
         for length in settings.lengths:
             estimate = estimate_seconds(subject, cfg, length, settings.batch, matmul_rate)
             need = cache_bytes(subject, cfg, length + settings.decode_tokens, settings.batch)
@@ -164,20 +171,29 @@ def run_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings,
                 log(f"{subject.name:28s} {length:>9,d} tokens: skipped ({why})")
                 continue
             point = measure(runner, length, settings.batch, settings.decode_tokens,
-                            settings.seed + length, states)
+                            settings.seed + length, states if subject.restartable else None)
             subject.points.append(point)
             log(f"{subject.name:28s} {length:>9,d} tokens: prefill "
                 f"{point['prefill_tokens_per_s']:>9,.0f} tok/s, decode "
                 f"{point['decode_tokens_per_s']:>8,.1f} tok/s, peak RSS "
                 f"{point['peak_rss_mb']:>7,.0f} MiB")
-        if states and len(states) > 1 and settings.rounds:
-            log(f"{subject.name:28s} {settings.rounds} rounds over "
-                f"{', '.join(length_label(n) for n in sorted(states))} in alternation")
-            subject.interleaved = interleaved(runner, states, settings.rounds,
-                                              settings.round_segments,
-                                              settings.round_decode_tokens, settings.seed,
-                                              settings.rounds_min_s)
-    return subject
+    return subject, states
+
+
+def alternate(subjects: list[Subject], states: dict, cfg: InfiniConfig,
+              settings: BenchSettings) -> dict:
+    """`interleaved` over the given subjects (all open at once, in this process) from the
+    states their prompts left -> {name: its figures}."""
+    runners = {}
+    try:
+        for subject in subjects:
+            runners[subject.name] = open_subject(subject, cfg, settings)
+            warm_up(runners[subject.name], settings.batch)
+        return interleaved(runners, states, settings.rounds, settings.round_segments,
+                           settings.round_decode_tokens, settings.seed, settings.rounds_min_s)
+    finally:
+        for runner in runners.values():
+            runner.close()
 
 
 def _isolated(fn, *args):
@@ -274,7 +290,7 @@ def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
     machine = roofline.describe_machine()
     log("measuring the machine: fp32 and bf16 matmul rate, memory bandwidth ...")
     limits = _limits(settings.calibrate_s, log)
-    resolved = []
+    resolved, states = [], {}
     for name in dict.fromkeys(subjects):
         subject = resolve(name, model, log)
         if subject.status != "ok":
@@ -283,11 +299,27 @@ def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
             continue
         args = (subject, cfg, settings, limits["matmul_fp32_flops_per_s"])
         try:
-            subject = _isolated(run_subject, *args) if settings.isolate else run_subject(*args)
+            subject, kept = (_isolated(run_subject, *args) if settings.isolate
+                             else run_subject(*args))
         except InfiniTrtError as exc:
-            subject.status, subject.reason = "skipped", str(exc)
+            subject.status, subject.reason, kept = "skipped", str(exc), {}
             log(f"{name}: skipped: {exc}")
+        if kept:
+            states[name] = kept
         resolved.append(subject)
+    together = [s for s in resolved if s.name in states]
+    if settings.rounds and together:
+        log(f"{settings.rounds}+ rounds over {', '.join(s.name for s in together)} x "
+            f"{', '.join(length_label(n) for n in sorted(set().union(*states.values())))} "
+            f"in alternation ...")
+        args = (together, states, cfg, settings)
+        try:
+            figures = _isolated(alternate, *args) if settings.isolate else alternate(*args)
+        except InfiniTrtError as exc:
+            figures = {}
+            log(f"the rounds in alternation failed: {exc}")
+        for subject in together:
+            subject.interleaved = figures.get(subject.name)
     machine["load_average_end"] = roofline.describe_machine()["load_average"]
     log("measuring the machine again (the best of both runs is its limit) ...")
     again = _limits(settings.calibrate_s, log)

@@ -147,51 +147,58 @@ def measure(runner, length: int, batch: int, decode_tokens: int, seed: int,
             "peak_gpu_mb": gpu / 2**20 if gpu is not None else None}
 
 
-def interleaved(runner, states: dict, rounds: int, segments: int, decode_tokens: int,
+def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_tokens: int,
                 seed: int, min_seconds: float = 10.0) -> dict:
-    """The cost per token at each context length, measured in alternation.
+    """The cost per token of several runners at several context lengths, measured in
+    alternation.
 
     A shared machine drifts between speeds for minutes at a time, and `measure` visits the
-    lengths one after the other, so drift reads as a dependence on length. An Infini state has
-    the same size at every length, so the states that `measure` kept ({length: (memory, norm,
-    first token)}) can be taken up in turn: each round restores every length's state (in an
-    order rotated by one each round; at least `rounds` rounds and as many more as fit in
-    `min_seconds`, so that a small model gets enough samples) and times `segments` full
-    segments through the prefill graph (the next segments of a longer prompt) and
-    `decode_tokens` decoded tokens (after a reset to the same state). -> {"rounds", "segments", "decode_tokens", "points": [{length,
-    segment_ms (p50 ...), prefill_tokens_per_s (a segment over its median), decode_token_ms,
-    decode_tokens_per_s (over the median)}]}"""
-    cfg = runner.config
-    lengths = sorted(states)
+    subjects and lengths one after the other, so drift reads as a difference between them. An
+    Infini state has the same size at every length, so the states that `measure` kept
+    (states[name] = {length: (memory, norm, first token)}) can be taken up in turn: each round
+    visits every (runner, length) pair, in a new random order each round, restores its
+    state, runs one segment untimed (the runner's weights back in the caches after the
+    others'), restores the state again and times `segments` full segments through the prefill
+    graph (the next segments of a longer prompt) and `decode_tokens` decoded tokens (after a
+    reset to the same state). At least `rounds` rounds, and more while they take less than
+    `min_seconds` (a small model gets enough samples). -> {name: {"rounds", "segments", "decode_tokens", "points":
+    [{length, segment_ms (p50 ...), prefill_tokens_per_s (a segment over its median),
+    decode_token_ms, decode_tokens_per_s (over the median)}]}}"""
+    pairs = [(name, length) for name in runners for length in sorted(states[name])]
     rng = np.random.default_rng(seed)
-    segment_s = {length: [] for length in lengths}
-    token_s = {length: [] for length in lengths}
+    segment_s = {pair: [] for pair in pairs}
+    token_s = {pair: [] for pair in pairs}
     r, t_end = 0, time.perf_counter() + min_seconds
-    while r < rounds or time.perf_counter() < t_end:
-        for length in lengths[r % len(lengths):] + lengths[:r % len(lengths)]:
-            memory, norm, token = states[length]
-            batch = len(token)
+    while pairs and (r < rounds or time.perf_counter() < t_end):
+        for i in rng.permutation(len(pairs)):
+            name, length = pairs[i]
+            runner = runners[name]
+            memory, norm, token = states[name][length]
+            batch, n = len(token), runner.config.segment_len
             runner.reset(batch)
+            runner.set_state(memory, norm)
+            runner.advance(rng.integers(0, runner.config.vocab_size, (batch, n)))   # warm
             runner.set_state(memory, norm)
             for _ in range(segments):
-                ids = rng.integers(0, cfg.vocab_size, (batch, cfg.segment_len))
+                ids = rng.integers(0, runner.config.vocab_size, (batch, n))
                 t = time.perf_counter()
                 _sync(runner.advance(ids))
-                segment_s[length].append(time.perf_counter() - t)
+                segment_s[name, length].append(time.perf_counter() - t)
             runner.reset(batch)
             runner.set_state(memory, norm)
-            token_s[length] += _decode(runner, token, np.zeros(batch, dtype=np.int64),
-                                       decode_tokens)
+            token_s[name, length] += _decode(runner, token, np.zeros(batch, dtype=np.int64),
+                                             decode_tokens)
         r += 1
-    points = []
-    for length in lengths:
-        batch = len(states[length][2])
-        seg, tok = percentiles(segment_s[length]), percentiles(token_s[length])
-        points.append({"length": length, "segment_ms": seg,
-                       "prefill_tokens_per_s": batch * cfg.segment_len * 1e3 / seg["p50"],
-                       "decode_token_ms": tok, "decode_tokens_per_s": batch * 1e3 / tok["p50"]})
-    return {"rounds": r, "segments": segments, "decode_tokens": decode_tokens,
-            "points": points}
+    report = {name: {"rounds": r, "segments": segments, "decode_tokens": decode_tokens,
+                     "points": []} for name in runners}
+    for name, length in pairs:
+        batch, n = len(states[name][length][2]), runners[name].config.segment_len
+        seg, tok = percentiles(segment_s[name, length]), percentiles(token_s[name, length])
+        report[name]["points"].append({
+            "length": length, "segment_ms": seg,
+            "prefill_tokens_per_s": batch * n * 1e3 / seg["p50"],
+            "decode_token_ms": tok, "decode_tokens_per_s": batch * 1e3 / tok["p50"]})
+    return report
 
 
 def warm_up(runner, batch: int) -> None:

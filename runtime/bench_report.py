@@ -8,9 +8,10 @@ Derived per point (subject x length):
                          roofline.decode_bytes_per_token (weights / B + K/V cache + state)
                          x decode tokens/s / measured memory read bandwidth
     vs_torch             prefill and decode tokens/s over PyTorch eager's at the same length
-    interleaved.points[].vs_first
-                         prefill and decode tokens/s at a length over those at the first
-                         length, measured in alternation (bench_measure.interleaved)
+    interleaved.points[].vs_first, .vs_torch
+                         prefill and decode tokens/s measured in alternation
+                         (bench_measure.interleaved) over the same subject's at the first
+                         length, and over PyTorch eager's at the same length
 """
 from __future__ import annotations
 
@@ -63,13 +64,20 @@ def derive(report: dict) -> dict:
                     "decode": (p["decode_tokens_per_s"] / base["decode_tokens_per_s"]
                                if p["decode_tokens_per_s"] and base["decode_tokens_per_s"]
                                else None)}
-        rounds = subject.get("interleaved")
-        if rounds and rounds["points"]:
-            first = rounds["points"][0]
-            for p in rounds["points"]:
-                p["vs_first"] = {key: p[f"{key}_tokens_per_s"] / first[f"{key}_tokens_per_s"]
-                                 for key in ("prefill", "decode")}
+    torch_rounds = {p["length"]: p for s in report["subjects"] if s["name"] == "torch"
+                    for p in (s.get("interleaved") or {}).get("points", [])}
+    for subject in report["subjects"]:
+        points = (subject.get("interleaved") or {}).get("points", [])
+        for p in points:
+            p["vs_first"] = _ratios(p, points[0])
+            if p["length"] in torch_rounds:
+                p["vs_torch"] = _ratios(p, torch_rounds[p["length"]])
     return report
+
+
+def _ratios(p: dict, base: dict) -> dict:
+    return {key: p[f"{key}_tokens_per_s"] / base[f"{key}_tokens_per_s"]
+            for key in ("prefill", "decode")}
 
 
 def _ratio(p: dict, key: str) -> str:
@@ -118,24 +126,30 @@ def table(report: dict) -> str:
 
 
 def interleaved_table(report: dict) -> list[str]:
-    """The rounds in alternation: per length, a segment's and a decoded token's median time and
-    the tokens/s they make, against the first length."""
+    """The rounds in alternation: per subject and length, a segment's and a decoded token's
+    median time, the tokens/s they make, and their ratios to the first length and to torch."""
     measured = [s for s in report["subjects"] if s.get("interleaved")]
     if not measured:
         return []
     r = measured[0]["interleaved"]
-    lines = [f"in alternation ({r['rounds']} rounds; per length and round {r['segments']} "
-             f"segments and {r['decode_tokens']} decoded tokens from the state the prompt "
-             f"left; medians):",
+    lines = [f"in alternation ({r['rounds']} rounds; per subject, length and round "
+             f"{r['segments']} segments and {r['decode_tokens']} decoded tokens from the "
+             f"state the prompt left; medians):",
              f"{'length':>6s}  {'subject':28s} {'segment ms':>10s} {'prefill tok/s':>13s} "
-             f"{'vs first':>8s} {'token ms':>9s} {'decode tok/s':>12s} {'vs first':>8s}"]
-    for sub in measured:
-        for p in sub["interleaved"]["points"]:
+             f"{'vs torch':>8s} {'vs first':>8s} {'token ms':>9s} {'decode tok/s':>12s} "
+             f"{'vs torch':>8s} {'vs first':>8s}"]
+    lengths = sorted({p["length"] for s in measured for p in s["interleaved"]["points"]})
+    for length in lengths:
+        for sub in measured:
+            p = next((q for q in sub["interleaved"]["points"] if q["length"] == length), None)
+            if p is None:
+                continue
             lines.append(
-                f"{length_label(p['length']):>6s}  {sub['name']:28s} "
+                f"{length_label(length):>6s}  {sub['name']:28s} "
                 f"{p['segment_ms']['p50']:>10,.2f} {p['prefill_tokens_per_s']:>13,.0f} "
-                f"{p['vs_first']['prefill']:>7.2f}x {p['decode_token_ms']['p50']:>9,.3f} "
-                f"{p['decode_tokens_per_s']:>12,.1f} {p['vs_first']['decode']:>7.2f}x")
+                f"{_ratio(p, 'prefill'):>8s} {p['vs_first']['prefill']:>7.2f}x "
+                f"{p['decode_token_ms']['p50']:>9,.3f} {p['decode_tokens_per_s']:>12,.1f} "
+                f"{_ratio(p, 'decode'):>8s} {p['vs_first']['decode']:>7.2f}x")
     return lines
 
 

@@ -276,15 +276,18 @@ def test_measure_keeps_the_state_its_prompt_left(exported):
 
 
 def test_bench_rounds_in_alternation(exported):
-    """Every length whose prompt ends on a segment boundary is measured in each round: the
-    segments and decoded tokens asked for (a fold among them), ratios to the first length."""
+    """Every (subject, length) whose prompt ended on a segment boundary is measured in each
+    round: the segments and decoded tokens asked for (a fold among them), ratios to the first
+    length and to torch; the peers have no restorable state and are left out."""
     ckpt, out = exported(TINY)
     settings = BenchSettings(lengths=(N, 2 * N, 3 * N + 1), batch=2, decode_tokens=2,
                              isolate=False, threads=1, calibrate_s=0.1, rounds=3,
                              round_segments=2, round_decode_tokens=N + 2, rounds_min_s=0.0)
-    report = run_bench(out, ["torch", "onnxruntime"], settings, log=lambda s: None)
-    for subject in report["subjects"]:
-        rounds = subject["interleaved"]
+    report = run_bench(out, ["torch", "onnxruntime", "full-attention"], settings,
+                       log=lambda s: None)
+    torch_rounds, ort_rounds, full = (s["interleaved"] for s in report["subjects"])
+    assert full is None
+    for rounds in (torch_rounds, ort_rounds):
         assert rounds["rounds"] == 3 and rounds["segments"] == 2
         assert [p["length"] for p in rounds["points"]] == [N, 2 * N]
         for p in rounds["points"]:
@@ -292,6 +295,10 @@ def test_bench_rounds_in_alternation(exported):
             assert p["decode_token_ms"]["count"] == 3 * (N + 2)
             assert p["prefill_tokens_per_s"] > 0 and p["decode_tokens_per_s"] > 0
         assert rounds["points"][0]["vs_first"] == {"prefill": 1.0, "decode": 1.0}
+    assert all(p["vs_torch"] == {"prefill": 1.0, "decode": 1.0} for p in torch_rounds["points"])
+    for p, base in zip(ort_rounds["points"], torch_rounds["points"]):
+        assert p["vs_torch"]["prefill"] == pytest.approx(
+            p["prefill_tokens_per_s"] / base["prefill_tokens_per_s"])
     text = table(report)
     assert "in alternation (3 rounds" in text
 
