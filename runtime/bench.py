@@ -60,7 +60,7 @@ class BenchSettings:
     budget_s: float = 600.0           # skip a length whose prefill is estimated to take longer
     isolate: bool = True              # each subject in a fresh process
     calibrate_s: float = 1.0          # seconds for each measurement of the machine
-    rounds: int = 5                   # `interleaved` rounds over the lengths (0: none)
+    rounds: int = 5                   # `interleaved` rounds over runners x lengths (0: none)
     round_segments: int = 4           # segments prefilled per length and round
     round_decode_tokens: int = 16     # tokens decoded per length and round
     rounds_min_s: float = 10.0        # more rounds while they take less time than this
@@ -78,7 +78,7 @@ class Subject:
     status: str = "ok"                # ok | skipped
     reason: str = ""
     points: list[dict] = field(default_factory=list)
-    interleaved: dict | None = None   # bench_measure.interleaved, for this model's runners
+    interleaved: list | None = None   # its points in bench_measure.interleaved
 
     @property
     def infini(self) -> bool:
@@ -183,7 +183,7 @@ def run_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings,
 def alternate(subjects: list[Subject], states: dict, cfg: InfiniConfig,
               settings: BenchSettings) -> dict:
     """`interleaved` over the given subjects (all open at once, in this process) from the
-    states their prompts left -> {name: its figures}."""
+    states their prompts left."""
     runners = {}
     try:
         for subject in subjects:
@@ -314,12 +314,14 @@ def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
             f"in alternation ...")
         args = (together, states, cfg, settings)
         try:
-            figures = _isolated(alternate, *args) if settings.isolate else alternate(*args)
+            alternation = _isolated(alternate, *args) if settings.isolate else alternate(*args)
         except InfiniTrtError as exc:
-            figures = {}
+            alternation = None
             log(f"the rounds in alternation failed: {exc}")
         for subject in together:
-            subject.interleaved = figures.get(subject.name)
+            subject.interleaved = (alternation or {}).get("points", {}).get(subject.name)
+    else:
+        alternation = None
     machine["load_average_end"] = roofline.describe_machine()["load_average"]
     log("measuring the machine again (the best of both runs is its limit) ...")
     again = _limits(settings.calibrate_s, log)
@@ -329,4 +331,6 @@ def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
     return derive({"model": str(model), "config": cfg.to_dict(),
                    "parameters": cfg.num_parameters(), "settings": asdict(settings),
                    "machine": machine, "limits": limits,
+                   "alternation": ({k: v for k, v in alternation.items() if k != "points"}
+                                   if alternation else None),
                    "subjects": [asdict(s) | {"infini": s.infini} for s in resolved]})

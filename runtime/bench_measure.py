@@ -150,27 +150,37 @@ def measure(runner, length: int, batch: int, decode_tokens: int, seed: int,
 def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_tokens: int,
                 seed: int, min_seconds: float = 10.0) -> dict:
     """The cost per token of several runners at several context lengths, measured in
-    alternation.
+    alternation, with the machine's matmul rate among them.
 
     A shared machine drifts between speeds for minutes at a time, and `measure` visits the
     subjects and lengths one after the other, so drift reads as a difference between them. An
     Infini state has the same size at every length, so the states that `measure` kept
     (states[name] = {length: (memory, norm, first token)}) can be taken up in turn: each round
-    visits every (runner, length) pair, in a new random order each round, restores its
-    state, runs one segment untimed (the runner's weights back in the caches after the
-    others'), restores the state again and times `segments` full segments through the prefill
-    graph (the next segments of a longer prompt) and `decode_tokens` decoded tokens (after a
-    reset to the same state). At least `rounds` rounds, and more while they take less than
-    `min_seconds` (a small model gets enough samples). -> {name: {"rounds", "segments", "decode_tokens", "points":
-    [{length, segment_ms (p50 ...), prefill_tokens_per_s (a segment over its median),
-    decode_token_ms, decode_tokens_per_s (over the median)}]}}"""
+    visits every (runner, length) pair in a new random order, restores its state, runs one
+    segment untimed (the runner's weights back in the caches after the others'), restores the
+    state again and times `segments` full segments through the prefill graph (the next
+    segments of a longer prompt) and `decode_tokens` decoded tokens (after a reset to the same
+    state). Among the visits of each round is one to the machine: an fp32 2048^3 matmul in
+    torch (best of 3), so that efficiencies are taken against the rate of the same minutes.
+    At least `rounds` rounds, and more while they take less than `min_seconds` (a small model
+    gets enough samples).
+
+    -> {"rounds", "segments", "decode_tokens", "matmul_fp32_flops_per_s" (the median of the
+    rounds'), "points": {name: [{length, segment_ms (p50 ...), prefill_tokens_per_s (a segment
+    over its median), decode_token_ms, decode_tokens_per_s (over the median)}]}}"""
+    from .roofline import matmul_rate
+
     pairs = [(name, length) for name in runners for length in sorted(states[name])]
     rng = np.random.default_rng(seed)
     segment_s = {pair: [] for pair in pairs}
     token_s = {pair: [] for pair in pairs}
+    rates = []
     r, t_end = 0, time.perf_counter() + min_seconds
     while pairs and (r < rounds or time.perf_counter() < t_end):
-        for i in rng.permutation(len(pairs)):
+        for i in rng.permutation(len(pairs) + 1):
+            if i == len(pairs):
+                rates.append(matmul_rate(torch.float32, seconds=0.0))
+                continue
             name, length = pairs[i]
             runner = runners[name]
             memory, norm, token = states[name][length]
@@ -189,16 +199,17 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
             token_s[name, length] += _decode(runner, token, np.zeros(batch, dtype=np.int64),
                                              decode_tokens)
         r += 1
-    report = {name: {"rounds": r, "segments": segments, "decode_tokens": decode_tokens,
-                     "points": []} for name in runners}
+    points = {name: [] for name in runners}
     for name, length in pairs:
         batch, n = len(states[name][length][2]), runners[name].config.segment_len
         seg, tok = percentiles(segment_s[name, length]), percentiles(token_s[name, length])
-        report[name]["points"].append({
+        points[name].append({
             "length": length, "segment_ms": seg,
             "prefill_tokens_per_s": batch * n * 1e3 / seg["p50"],
             "decode_token_ms": tok, "decode_tokens_per_s": batch * 1e3 / tok["p50"]})
-    return report
+    return {"rounds": r, "segments": segments, "decode_tokens": decode_tokens,
+            "matmul_fp32_flops_per_s": float(np.median(rates)) if rates else None,
+            "points": points}
 
 
 def warm_up(runner, batch: int) -> None:

@@ -8,10 +8,11 @@ Derived per point (subject x length):
                          roofline.decode_bytes_per_token (weights / B + K/V cache + state)
                          x decode tokens/s / measured memory read bandwidth
     vs_torch             prefill and decode tokens/s over PyTorch eager's at the same length
-    interleaved.points[].vs_first, .vs_torch
+    interleaved[].vs_first, .vs_torch, .prefill_efficiency
                          prefill and decode tokens/s measured in alternation
                          (bench_measure.interleaved) over the same subject's at the first
-                         length, and over PyTorch eager's at the same length
+                         length and over PyTorch eager's at the same length; a segment's
+                         model FLOPs per second over the matmul rate measured in the rounds
 """
 from __future__ import annotations
 
@@ -64,14 +65,20 @@ def derive(report: dict) -> dict:
                     "decode": (p["decode_tokens_per_s"] / base["decode_tokens_per_s"]
                                if p["decode_tokens_per_s"] and base["decode_tokens_per_s"]
                                else None)}
+    alternation = report.get("alternation") or {}
+    rate = alternation.get("matmul_fp32_flops_per_s")
+    segment = roofline.prefill_flops(cfg, cfg.segment_len)   # last token's logits only
     torch_rounds = {p["length"]: p for s in report["subjects"] if s["name"] == "torch"
-                    for p in (s.get("interleaved") or {}).get("points", [])}
+                    for p in s.get("interleaved") or []}
     for subject in report["subjects"]:
-        points = (subject.get("interleaved") or {}).get("points", [])
+        points = subject.get("interleaved") or []
         for p in points:
             p["vs_first"] = _ratios(p, points[0])
             if p["length"] in torch_rounds:
                 p["vs_torch"] = _ratios(p, torch_rounds[p["length"]])
+            if rate:
+                p["prefill_efficiency"] = (p["prefill_tokens_per_s"] / cfg.segment_len
+                                           * segment / rate)
     return report
 
 
@@ -127,27 +134,32 @@ def table(report: dict) -> str:
 
 def interleaved_table(report: dict) -> list[str]:
     """The rounds in alternation: per subject and length, a segment's and a decoded token's
-    median time, the tokens/s they make, and their ratios to the first length and to torch."""
+    median time, the tokens/s they make, their ratios to torch and to the first length, and
+    prefill efficiency against the matmul rate of the rounds."""
     measured = [s for s in report["subjects"] if s.get("interleaved")]
-    if not measured:
+    r = report.get("alternation")
+    if not measured or not r:
         return []
-    r = measured[0]["interleaved"]
+    rate = r.get("matmul_fp32_flops_per_s")
     lines = [f"in alternation ({r['rounds']} rounds; per subject, length and round "
              f"{r['segments']} segments and {r['decode_tokens']} decoded tokens from the "
-             f"state the prompt left; medians):",
+             f"state the prompt left, and an fp32 matmul: "
+             f"{(rate or 0) / 1e9:,.0f} GFLOP/s; medians):",
              f"{'length':>6s}  {'subject':28s} {'segment ms':>10s} {'prefill tok/s':>13s} "
-             f"{'vs torch':>8s} {'vs first':>8s} {'token ms':>9s} {'decode tok/s':>12s} "
-             f"{'vs torch':>8s} {'vs first':>8s}"]
-    lengths = sorted({p["length"] for s in measured for p in s["interleaved"]["points"]})
+             f"{'vs torch':>8s} {'vs first':>8s} {'eff':>5s} {'token ms':>9s} "
+             f"{'decode tok/s':>12s} {'vs torch':>8s} {'vs first':>8s}"]
+    lengths = sorted({p["length"] for s in measured for p in s["interleaved"]})
     for length in lengths:
         for sub in measured:
-            p = next((q for q in sub["interleaved"]["points"] if q["length"] == length), None)
+            p = next((q for q in sub["interleaved"] if q["length"] == length), None)
             if p is None:
                 continue
+            eff = p.get("prefill_efficiency")
             lines.append(
                 f"{length_label(length):>6s}  {sub['name']:28s} "
                 f"{p['segment_ms']['p50']:>10,.2f} {p['prefill_tokens_per_s']:>13,.0f} "
                 f"{_ratio(p, 'prefill'):>8s} {p['vs_first']['prefill']:>7.2f}x "
+                f"{f'{eff:.0%}' if eff else '-':>5s} "
                 f"{p['decode_token_ms']['p50']:>9,.3f} {p['decode_tokens_per_s']:>12,.1f} "
                 f"{_ratio(p, 'decode'):>8s} {p['vs_first']['decode']:>7.2f}x")
     return lines

@@ -33,8 +33,9 @@ def _names(text: str) -> list[str]:
 @click.option("--calibrate", default=1.0, type=click.FloatRange(min=0.01),
               help="Seconds for each measurement of the machine (matmul rates, bandwidth).")
 @click.option("--rounds", default=5, type=click.IntRange(0),
-              help="Rounds (at least; as many as fit in 10 s) over the lengths in "
-                   "alternation after the sequential runs: per "
+              help="Rounds (at least; as many as fit in 10 s) in alternation after the "
+                   "sequential runs, over this model's backends (open together) and the "
+                   "lengths, each with an fp32 matmul of the machine: per backend and "
                    "length --round-segments segments and --round-decode-tokens tokens from "
                    "the state its prompt left, so that drift of a busy machine hits every "
                    "length alike (0: none).")

@@ -285,18 +285,23 @@ def test_bench_rounds_in_alternation(exported):
                              round_segments=2, round_decode_tokens=N + 2, rounds_min_s=0.0)
     report = run_bench(out, ["torch", "onnxruntime", "full-attention"], settings,
                        log=lambda s: None)
+    alternation = report["alternation"]
+    assert alternation["rounds"] == 3 and alternation["segments"] == 2
+    rate = alternation["matmul_fp32_flops_per_s"]
+    assert rate > 1e9
     torch_rounds, ort_rounds, full = (s["interleaved"] for s in report["subjects"])
     assert full is None
     for rounds in (torch_rounds, ort_rounds):
-        assert rounds["rounds"] == 3 and rounds["segments"] == 2
-        assert [p["length"] for p in rounds["points"]] == [N, 2 * N]
-        for p in rounds["points"]:
+        assert [p["length"] for p in rounds] == [N, 2 * N]
+        for p in rounds:
             assert p["segment_ms"]["count"] == 3 * 2
             assert p["decode_token_ms"]["count"] == 3 * (N + 2)
             assert p["prefill_tokens_per_s"] > 0 and p["decode_tokens_per_s"] > 0
-        assert rounds["points"][0]["vs_first"] == {"prefill": 1.0, "decode": 1.0}
-    assert all(p["vs_torch"] == {"prefill": 1.0, "decode": 1.0} for p in torch_rounds["points"])
-    for p, base in zip(ort_rounds["points"], torch_rounds["points"]):
+            assert p["prefill_efficiency"] == pytest.approx(
+                2 * roofline.prefill_flops(TINY, N) / (p["segment_ms"]["p50"] / 1e3) / rate)
+        assert rounds[0]["vs_first"] == {"prefill": 1.0, "decode": 1.0}
+    assert all(p["vs_torch"] == {"prefill": 1.0, "decode": 1.0} for p in torch_rounds)
+    for p, base in zip(ort_rounds, torch_rounds):
         assert p["vs_torch"]["prefill"] == pytest.approx(
             p["prefill_tokens_per_s"] / base["prefill_tokens_per_s"])
     text = table(report)
@@ -308,5 +313,5 @@ def test_bench_without_rounds(exported):
     settings = BenchSettings(lengths=(N, 2 * N), decode_tokens=1, isolate=False, threads=1,
                              calibrate_s=0.1, rounds=0)
     report = run_bench(out, ["onnxruntime"], settings, log=lambda s: None)
-    assert report["subjects"][0]["interleaved"] is None
+    assert report["subjects"][0]["interleaved"] is None and report["alternation"] is None
     assert "in alternation" not in table(report)
