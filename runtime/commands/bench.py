@@ -38,7 +38,7 @@ def _names(text: str) -> list[str]:
                    "lengths, each with an fp32 matmul of the machine: per backend and "
                    "length --round-segments segments and --round-decode-tokens tokens from "
                    "the state its prompt left, so that drift of a busy machine hits every "
-                   "length alike (0: none).")
+                   "backend and length alike (0: none).")
 @click.option("--round-segments", default=4, type=click.IntRange(1),
               help="Segments prefilled per length in each round.")
 @click.option("--round-decode-tokens", default=16, type=click.IntRange(1),
