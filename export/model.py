@@ -93,10 +93,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k and v (B, Hkv, S, hd) -> (B, H, S, hd).
 
     Eager PyTorch runs its fused kernel. While torch.onnx exports, the graph gets the split
-    form below: ONNX has no causal attention op that a runtime skips work in (ONNX Runtime's
-    CPU kernel of opset 23's Attention computes the full square, 24.7 ms against 17.8 ms for the
-    split form, `small` shape, 2 threads), and the plain-op form that torch.onnx writes for
-    SDPA builds an S x S mask per layer and computes every score above the diagonal too.
+    form below. The plain-op form that torch.onnx writes for SDPA builds an S x S mask per
+    layer and computes every score above the diagonal too; on the `small` shape (1024 tokens,
+    8 heads, ONNX Runtime, 2 threads) it took 26.7 ms a layer, opset 23's `Attention`
+    (is_causal) 24.7 ms, com.microsoft GroupQueryAttention 18.1 ms, the split form 17.8 ms.
     """
     if torch.onnx.is_in_onnx_export():
         return split_causal_attention(q, k, v, group)

@@ -307,7 +307,7 @@ def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
         if kept:
             states[name] = kept
         resolved.append(subject)
-    together = [s for s in resolved if s.name in states]
+    together, alternation = [s for s in resolved if s.name in states], None
     if settings.rounds and together:
         log(f"{settings.rounds}+ rounds over {', '.join(s.name for s in together)} x "
             f"{', '.join(length_label(n) for n in sorted(set().union(*states.values())))} "
@@ -320,8 +320,6 @@ def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
             log(f"the rounds in alternation failed: {exc}")
         for subject in together:
             subject.interleaved = (alternation or {}).get("points", {}).get(subject.name)
-    else:
-        alternation = None
     machine["load_average_end"] = roofline.describe_machine()["load_average"]
     log("measuring the machine again (the best of both runs is its limit) ...")
     again = _limits(settings.calibrate_s, log)

@@ -168,8 +168,9 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
     -> {"rounds", "segments", "decode_tokens", "matmul_fp32_flops_per_s" (the median of the
     rounds'), "points": {name: [{length, segment_ms (p50 ...), prefill_tokens_per_s (a segment
     over its median), decode_token_ms, decode_tokens_per_s (over the median)}]}}"""
-    from .roofline import matmul_rate
+    from .roofline import matmul_probe
 
+    matmul_rate = matmul_probe(torch.float32)
     pairs = [(name, length) for name in runners for length in sorted(states[name])]
     rng = np.random.default_rng(seed)
     segment_s = {pair: [] for pair in pairs}
@@ -179,7 +180,7 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
     while pairs and (r < rounds or time.perf_counter() < t_end):
         for i in rng.permutation(len(pairs) + 1):
             if i == len(pairs):
-                rates.append(matmul_rate(torch.float32, seconds=0.0))
+                rates.append(matmul_rate(0.0))
                 continue
             name, length = pairs[i]
             runner = runners[name]

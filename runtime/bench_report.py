@@ -60,11 +60,7 @@ def derive(report: dict) -> dict:
                                                     / limits["memory_read_bytes_per_s"])
             base = torch_points.get(p["length"])
             if base is not None:
-                p["vs_torch"] = {
-                    "prefill": p["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
-                    "decode": (p["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-                               if p["decode_tokens_per_s"] and base["decode_tokens_per_s"]
-                               else None)}
+                p["vs_torch"] = _ratios(p, base)
     alternation = report.get("alternation") or {}
     rate = alternation.get("matmul_fp32_flops_per_s")
     segment = roofline.prefill_flops(cfg, cfg.segment_len)   # last token's logits only
@@ -83,8 +79,12 @@ def derive(report: dict) -> dict:
 
 
 def _ratios(p: dict, base: dict) -> dict:
-    return {key: p[f"{key}_tokens_per_s"] / base[f"{key}_tokens_per_s"]
-            for key in ("prefill", "decode")}
+    """{"prefill", "decode"}: p's tokens/s over base's (None where either has none)."""
+    ratios = {}
+    for key in ("prefill", "decode"):
+        mine, theirs = p[f"{key}_tokens_per_s"], base[f"{key}_tokens_per_s"]
+        ratios[key] = mine / theirs if mine and theirs else None
+    return ratios
 
 
 def _ratio(p: dict, key: str) -> str:

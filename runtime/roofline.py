@@ -119,13 +119,21 @@ def _best_seconds(fn, seconds: float, min_runs: int = 3) -> float:
     return best
 
 
-def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
-    """Measured FLOP/s of an n x n x n matrix product in torch on the CPU (best run)."""
+def matmul_probe(dtype: torch.dtype = torch.float32, n: int = 2048):
+    """A function seconds -> the measured FLOP/s of an n x n x n matrix product in torch on the
+    CPU (best run for about `seconds`, at least 3); its operands are made once, so that it can
+    be called again and again (bench's rounds)."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(dtype)
     b = torch.randn(n, n, generator=gen).to(dtype)
     out = torch.empty(n, n, dtype=dtype)
-    return 2.0 * n ** 3 / _best_seconds(lambda: torch.mm(a, b, out=out), seconds)
+    return lambda seconds: 2.0 * n ** 3 / _best_seconds(lambda: torch.mm(a, b, out=out),
+                                                         seconds)
+
+
+def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
+    """Measured FLOP/s of an n x n x n matrix product in torch on the CPU (best run)."""
+    return matmul_probe(dtype, n)(seconds)
 
 
 def memory_bandwidth(nbytes: int = 1 << 28, seconds: float = 1.0) -> float:
