@@ -89,11 +89,13 @@ def _state(cfg: InfiniConfig):
             ("norm", "float32", (L, "batch", H, dk), "normalizer z, per layer"))
 
 
-def _cache(cfg: InfiniConfig, dtype: str, layer: int | None = None):
-    """The decoding caches (`InfiniLM.init_cache`): all layers, or one layer's slice."""
+def _cache(cfg: InfiniConfig, dtype: str, layer: int | None = None,
+           slots: int | str | None = None):
+    """The decoding caches (`InfiniLM.init_cache`): all layers, or one layer's slice; `slots`
+    of them (default: the whole segment)."""
     lead = (cfg.n_layers, "batch") if layer is None else ("batch",)
     suffix = "" if layer is None else f"_{layer}"
-    n, hd = cfg.segment_len, cfg.head_dim
+    n, hd = cfg.segment_len if slots is None else slots, cfg.head_dim
     return (TensorSpec(f"k_cache{suffix}", dtype, (*lead, cfg.n_kv_heads, hd, n),
                        "keys of the current segment, rotated at their position (RoPE), "
                        "transposed: one column per slot"),
@@ -135,9 +137,11 @@ def extend_graph(cfg: InfiniConfig, dtype: str) -> GraphSpec:
     -> (logits, k_new, v_new). Every layer's cache is its own input, so a runner binds the
     slices of its one cache buffer and nothing is copied; the graph only reads them and
     returns the new tokens' rows, which the runner writes in place (`write_cache`). The
-    caches are in the graph's compute `dtype`; memory and norm are only read."""
+    caches hold the first `window` slots of the segment (at least the largest `start`: the
+    slots the tokens read), so that a token early in a segment does not read the whole
+    segment's cache. They are in the graph's compute `dtype`; memory and norm are only read."""
     memory, norm = _state(cfg)
-    caches = [_cache(cfg, dtype, i) for i in range(cfg.n_layers)]
+    caches = [_cache(cfg, dtype, i, slots="window") for i in range(cfg.n_layers)]
     rows = (cfg.n_layers, "batch", cfg.n_kv_heads, "seq", cfg.head_dim)
     return GraphSpec(
         name=EXTEND,
@@ -150,7 +154,7 @@ def extend_graph(cfg: InfiniConfig, dtype: str) -> GraphSpec:
                             "next-token logits"),
                  TensorSpec("k_new", dtype, rows, "the new tokens' keys, rotated"),
                  TensorSpec("v_new", dtype, rows, "the new tokens' values")),
-        axes={"batch": (1, None), "seq": (1, cfg.segment_len)},
+        axes={"batch": (1, None), "seq": (1, cfg.segment_len), "window": (1, cfg.segment_len)},
     )
 
 

@@ -143,6 +143,14 @@ def empty_caches(cfg: InfiniConfig, batch: int, dtype: torch.dtype,
             torch.zeros(shape, dtype=dtype, device=device))
 
 
+def cache_window(end: int, segment_len: int) -> int:
+    """How many of a segment's cache slots to give `extend` when the call's tokens end at
+    segment position `end` (the largest start + length of the batch): `end` rounded up to a
+    multiple of segment_len / 16, so that the window changes once every that many tokens."""
+    step = max(1, segment_len // 16)
+    return min(segment_len, max(step, -(-end // step) * step))
+
+
 def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
                 v_new: torch.Tensor, start, length) -> None:
     """Write new tokens into the decoding caches, in place (the runners' job, not the graph's).
@@ -213,9 +221,10 @@ class Attention(nn.Module):
                rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
                v_cache: torch.Tensor, start: torch.Tensor):
         """Continue a segment from a cache (decoding). x (B, S, d): tokens at segment positions
-        start .. start+S-1; k_cache (B, Hkv, hd, N): the rotated keys of slots 0 .. start-1,
-        transposed; v_cache (B, Hkv, N, hd); rope: cos, sin (N, hd) for positions 0 .. N-1.
-        The caches are only read (slots >= start are ignored).
+        start .. start+S-1; k_cache (B, Hkv, hd, W): the rotated keys of slots 0 .. start-1,
+        transposed; v_cache (B, Hkv, W, hd); rope: cos, sin (N, hd) for positions 0 .. N-1.
+        The caches are only read, and only their first W slots are given: any W from the
+        largest start up to N (slots >= start are ignored).
 
         Returns (out (B, S, d), k_new, v_new): the new tokens' rotated keys and values
         (B, Hkv, S, hd), for the caller to write into the caches (`write_cache`). Each token
@@ -228,7 +237,8 @@ class Attention(nn.Module):
         b, h, s, hd = q.shape
         hkv, n = cfg.n_kv_heads, v_cache.shape[2]
         cos, sin = rope
-        positions = (start[:, None] + torch.arange(s, device=x.device)).clamp(max=n - 1)
+        positions = (start[:, None] + torch.arange(s, device=x.device)).clamp(
+            max=cfg.segment_len - 1)
         cos_at, sin_at = cos[positions][:, None], sin[positions][:, None]   # (B, 1, S, hd)
         k_new = apply_rope(k, cos_at, sin_at, style)                        # (B, Hkv, S, hd)
         q_rot = apply_rope(q, cos_at, sin_at, style) * hd ** -0.5
@@ -360,7 +370,8 @@ class InfiniLM(nn.Module):
 
         input_ids (B, S): tokens at segment positions start[b] .. start[b]+S-1 (start + S may
         pass N only for padding, whose outputs mean nothing); memory/norm are read, not
-        written; k_caches, v_caches: per layer (B, Hkv, hd, N) and (B, Hkv, N, hd), read only.
+        written; k_caches, v_caches: per layer (B, Hkv, hd, W) and (B, Hkv, W, hd), read only:
+        the first W slots of the segment, max(start) <= W <= N (`cache_window`).
         -> (logits (B, S, V), k_new, v_new (L, B, Hkv, S, hd)): the new tokens' rotated keys
         and values, which `write_cache` puts into the caches. Decoding is S = 1.
         """

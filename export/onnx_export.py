@@ -207,7 +207,7 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
         raise InfiniTrtError("segment_len must be at least 2 to export")
     specs = [spec for spec in (segment_graph(cfg), prefill_graph(cfg), extend_graph(cfg, dtype),
                                fold_graph(cfg, dtype)) if spec.name in graphs]
-    sizes = {"batch": 2, "seq": min(3, cfg.segment_len)}
+    sizes = {"batch": 2, "seq": min(3, cfg.segment_len), "window": cfg.segment_len}
     graphs = {}
     with atomic_dir(output, force=force) as tmp:
         for spec in specs:

@@ -90,6 +90,9 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
             "p99": float(np.percentile(ms, 99)), "max": float(ms.max())}
 
 
+GOLDEN_RATIO = (5 ** 0.5 - 1) / 2         # positions r * this mod 1 fill [0, 1) evenly
+
+
 def _decode(runner, token: np.ndarray, position: np.ndarray, count: int) -> list[float]:
     """Decode `count` greedy tokens per sequence from `token` at segment `position` (extend,
     and a fold where a segment completes) -> the seconds of each token."""
@@ -160,13 +163,18 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
     segment untimed (the runner's weights back in the caches after the others'), restores the
     state again and times `segments` full segments through the prefill graph (the next
     segments of a longer prompt) and `decode_tokens` decoded tokens (after a reset to the same
-    state). Among the visits of each round is one to the machine: an fp32 2048^3 matmul in
+    state, from the round's segment position: 0 in the first round, then spread over the
+    segment by the golden ratio, the same for every pair of the round; the tokens before it
+    are put into the cache untimed by one extend call). A token reads the cache slots before
+    it, so its cost grows along the segment; the rounds' median is that of the positions
+    visited, and a fold where the tokens complete a segment is timed as decoding meets it.
+    Among the visits of each round is one to the machine: an fp32 2048^3 matmul in
     torch (best of 3), so that efficiencies are taken against the rate of the same minutes.
     At least `rounds` rounds, and more while they take less than `min_seconds` (a small model
     gets enough samples).
 
-    -> {"rounds", "segments", "decode_tokens", "matmul_fp32_flops_per_s" (the median of the
-    rounds'), "points": {name: [{length, segment_ms (p50 ...), prefill_tokens_per_s (a segment
+    -> {"rounds", "segments", "decode_tokens", "decode_positions" (the rounds'),
+    "matmul_fp32_flops_per_s" (the median of the rounds'), "points": {name: [{length, segment_ms (p50 ...), prefill_tokens_per_s (a segment
     over its median), decode_token_ms, decode_tokens_per_s (over the median)}]}}"""
     from .roofline import matmul_probe
 
@@ -175,9 +183,11 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
     rng = np.random.default_rng(seed)
     segment_s = {pair: [] for pair in pairs}
     token_s = {pair: [] for pair in pairs}
-    rates = []
+    rates, positions = [], []
     r, t_end = 0, time.perf_counter() + min_seconds
     while pairs and (r < rounds or time.perf_counter() < t_end):
+        spread = (r * GOLDEN_RATIO) % 1.0                  # this round's decode position
+        positions.append(spread)
         for i in rng.permutation(len(pairs) + 1):
             if i == len(pairs):
                 rates.append(matmul_rate(0.0))
@@ -197,8 +207,11 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
                 segment_s[name, length].append(time.perf_counter() - t)
             runner.reset(batch)
             runner.set_state(memory, norm)
-            token_s[name, length] += _decode(runner, token, np.zeros(batch, dtype=np.int64),
-                                             decode_tokens)
+            position = np.full(batch, int(spread * n), dtype=np.int64)
+            if position[0]:                                # the segment so far, untimed
+                runner.extend(rng.integers(0, runner.config.vocab_size, (batch, position[0])),
+                              np.zeros(batch, dtype=np.int64), position.copy())
+            token_s[name, length] += _decode(runner, token, position, decode_tokens)
         r += 1
     points = {name: [] for name in runners}
     for name, length in pairs:
@@ -208,7 +221,9 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
             "length": length, "segment_ms": seg,
             "prefill_tokens_per_s": batch * n * 1e3 / seg["p50"],
             "decode_token_ms": tok, "decode_tokens_per_s": batch * 1e3 / tok["p50"]})
+    n = next(iter(runners.values())).config.segment_len if runners else 0
     return {"rounds": r, "segments": segments, "decode_tokens": decode_tokens,
+            "decode_positions": [int(f * n) for f in positions],
             "matmul_fp32_flops_per_s": float(np.median(rates)) if rates else None,
             "points": points}
 

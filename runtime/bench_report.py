@@ -48,8 +48,7 @@ def derive(report: dict) -> dict:
             flops = p["batch"] * roofline.prefill_flops(shape, p["length"], full_attention=full)
             p["prefill_flops"] = flops
             p["prefill_efficiency"] = flops / p["prefill_s"] / limits["matmul_fp32_flops_per_s"]
-            cache_len = p["length"] + p["decode_tokens"] // (2 * p["batch"]) if full \
-                else cfg.segment_len
+            cache_len = _decode_cache_slots(cfg, subject["kind"], p)
             moved = roofline.decode_bytes_per_token(shape, p["batch"], weight_bytes, cache_len,
                                                     cache_value_bytes, memory=not full)
             p["decode_bytes_per_token"] = moved
@@ -76,6 +75,22 @@ def derive(report: dict) -> dict:
                 p["prefill_efficiency"] = (p["prefill_tokens_per_s"] / cfg.segment_len
                                            * segment / rate)
     return report
+
+
+def _decode_cache_slots(cfg: InfiniConfig, kind: str, p: dict) -> float:
+    """K/V slots a decoded token of point p reads, on average: the growing context for the
+    full-attention baseline; the cache window of its segment position for our runners
+    (`cache_window`: the tokens decode from where the prompt ended); the whole segment for
+    the lucidrains peer."""
+    from infini_trt.export.model import cache_window
+
+    tokens = p["decode_tokens"] // p["batch"]
+    if kind == "full-attention":
+        return p["length"] + tokens / 2
+    n = cfg.segment_len
+    if kind == "lucidrains" or not tokens:
+        return n
+    return sum(cache_window((p["length"] + i) % n + 1, n) for i in range(tokens)) / tokens
 
 
 def _ratios(p: dict, base: dict) -> dict:

@@ -18,9 +18,9 @@ square that a dense kernel computes, which is what torch's FLOP counter sees). T
 full-attention baseline attends to every earlier token of the whole context instead, and has
 no memory terms.
 
-Decoding reads every matmul weight once per call (shared by the batch) plus, per sequence, the
-K/V cache of the current segment (all N slots: the extend graph reads and rewrites them) and
-the memory state:
+Decoding reads every matmul weight once per call (shared by the batch) plus, per sequence, c
+slots of the K/V cache of the current segment (the window the runner gives the extend graph:
+the slots before the token, rounded up to a sixteenth of the segment) and the memory state:
 
     bytes/token = P * bytes_per_weight / B + 2*L*Hkv*c*hd * bytes_per_cache_value
                   + 4 * L * Hkv * (dk*dv + dk)                 (memory state, Infini only)
@@ -97,7 +97,7 @@ def decode_bytes_per_token(cfg: InfiniConfig, batch: int, bytes_per_weight: floa
                            memory: bool = True) -> dict[str, float]:
     """Bytes one decoded token moves: {"weights", "cache", "state", "total"}.
 
-    cache_len: K/V slots read per token (segment_len for Infini, the context for the
+    cache_len: K/V slots read per token (the cache window for Infini, the context for the
     full-attention baseline)."""
     weights = matmul_params(cfg) * bytes_per_weight / batch
     cache = 2.0 * cfg.n_layers * cfg.n_kv_heads * cache_len * cfg.head_dim * bytes_per_cache_value

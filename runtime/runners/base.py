@@ -13,25 +13,71 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 class DecodeCaches:
-    """The decoding state of a graph runner (ONNX Runtime, TensorRT): the caches of the
-    current segment (`empty_caches` layout), each layer's slice as the extend graph's input
-    (made once: bound in place, never copied), and the buffers the graph writes the new
-    tokens' rows into, which `write` then puts into the caches."""
+    """The decoding state of a graph runner (ONNX Runtime, TensorRT): the K/V caches of the
+    current segment (`empty_caches` layout), the buffers the extend graph writes the new
+    tokens' rows into, and `write`, which puts those rows into the caches.
+
+    Windowed (an extend graph whose caches have a dynamic `window` axis): the caches hold the
+    first `window` slots of the segment (`cache_window` of the tokens' end), so that a token
+    early in a segment reads a short cache, not the whole segment's. Each cache lives in one
+    flat buffer with every layer at a fixed offset and laid out densely for the current window;
+    when the window changes (once every segment_len/16 tokens) the slots in use are moved to
+    the new layout through a one-layer scratch buffer. Nothing is allocated after the first
+    call; at window N the buffer is the whole (L, B, Hkv, ., .) cache that the fold graph takes.
+    """
 
     def __init__(self, cfg: InfiniConfig, batch: int, dtype: torch.dtype,
-                 device: torch.device):
-        from infini_trt.export.model import empty_caches
+                 device: torch.device, windowed: bool = True):
+        self._dims = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim)
+        self.segment_len, self.windowed = cfg.segment_len, windowed
+        size = int(np.prod(self._dims)) * cfg.segment_len
+        self._flat = [torch.zeros(size, dtype=dtype, device=device) for _ in "kv"]
+        self._scratch = torch.empty(size // cfg.n_layers, dtype=dtype, device=device)
+        self._rows = [torch.empty(size, dtype=dtype, device=device) for _ in "kv"]
+        self._layout(cfg.segment_len)
 
-        self.k, self.v = empty_caches(cfg, batch, dtype, device)
-        self.inputs = {**{f"k_cache_{i}": self.k[i] for i in range(cfg.n_layers)},
-                       **{f"v_cache_{i}": self.v[i] for i in range(cfg.n_layers)}}
-        self._rows = [torch.empty(self.v.numel(), dtype=dtype, device=device) for _ in "kv"]
-        self._lead = (cfg.n_layers, batch, cfg.n_kv_heads)
-        self._head_dim = cfg.head_dim
+    @classmethod
+    def for_graph(cls, spec, cfg: InfiniConfig, batch: int, device: torch.device):
+        """Caches for the extend graph `spec` (its cache dtype; windowed if it has the axis)."""
+        cache = spec.input("k_cache_0")
+        return cls(cfg, batch, getattr(torch, cache.dtype), device,
+                   windowed=isinstance(cache.dims[-1], str))
+
+    def _layout(self, window: int) -> None:
+        """k (L, B, Hkv, hd, window) and v (L, B, Hkv, window, hd) over the flat buffers; each
+        layer's slice (the extend graph's input) is contiguous."""
+        layers, batch, heads, hd = self._dims
+        stride = batch * heads * hd * self.segment_len           # one layer, at any window
+        self.window = window
+        self.k = self._flat[0].as_strided((layers, batch, heads, hd, window),
+                                          (stride, heads * hd * window, hd * window, window, 1))
+        self.v = self._flat[1].as_strided((layers, batch, heads, window, hd),
+                                          (stride, heads * window * hd, window * hd, hd, 1))
+        self.inputs = {**{f"k_cache_{i}": self.k[i] for i in range(layers)},
+                       **{f"v_cache_{i}": self.v[i] for i in range(layers)}}
+
+    def fit(self, end: int) -> dict[str, torch.Tensor]:
+        """Make the window hold segment positions 0 .. end-1 (`end`: the largest start + length
+        of the call) -> the extend graph's cache inputs."""
+        from infini_trt.export.model import cache_window
+
+        window = cache_window(end, self.segment_len) if self.windowed else self.segment_len
+        if window != self.window:
+            keep = min(window, self.window)
+            old_k, old_v = self.k, self.v
+            self._layout(window)
+            for i in range(self._dims[0]):
+                for old, new in ((old_k[i][..., :keep], self.k[i][..., :keep]),
+                                 (old_v[i][:, :, :keep], self.v[i][:, :, :keep])):
+                    moving = self._scratch[:old.numel()].view(old.shape)
+                    moving.copy_(old)
+                    new.copy_(moving)
+        return self.inputs
 
     def new_rows(self, seq: int) -> dict[str, torch.Tensor]:
         """{"k_new", "v_new"}: (L, B, Hkv, seq, hd) views at fixed addresses."""
-        shape = (*self._lead, seq, self._head_dim)
+        layers, batch, heads, hd = self._dims
+        shape = (layers, batch, heads, seq, hd)
         size = int(np.prod(shape))
         return {"k_new": self._rows[0][:size].view(shape),
                 "v_new": self._rows[1][:size].view(shape)}

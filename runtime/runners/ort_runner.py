@@ -205,14 +205,15 @@ class OrtRunner(Runner):
         """Each layer's cache slice is bound as its own input (no copy); the graph returns the
         new rows, written into the caches here."""
         if self.caches is None:
-            dtype = TORCH_DTYPES[self.manifest.graph(EXTEND).input("k_cache_0").dtype]
-            self.caches = DecodeCaches(self.config, self.batch, dtype, self.torch_device)
+            self.caches = DecodeCaches.for_graph(self.manifest.graph(EXTEND), self.config,
+                                                 self.batch, self.torch_device)
+        caches = self.caches.fit(int((start + length).max()))
         rows = self.caches.new_rows(ids.shape[1])
         logits = self._logits(ids)
         self._run(EXTEND,
                   {"input_ids": self._load(self.ids, ids), "start": self._load(self.start, start),
                    "memory": self.memory[self.current], "norm": self.norm[self.current],
-                   **self.caches.inputs},
+                   **caches},
                   {"logits": logits, **rows})
         self.caches.write(rows, start, length)
         return logits
@@ -220,6 +221,7 @@ class OrtRunner(Runner):
     def _fold(self, mask: np.ndarray) -> None:
         if self.caches is None:
             raise InputError("fold() needs a segment in the K/V cache: call extend() first")
+        self.caches.fit(self.config.segment_len)          # the whole segment
         cur, nxt = self.current, 1 - self.current
         self._run(FOLD,
                   {"k_cache": self.caches.k, "v_cache": self.caches.v, "memory": self.memory[cur],

@@ -8,7 +8,7 @@ import torch
 
 from infini_trt.export.checkpoint import dtype_from_name, dtype_name, load_checkpoint
 from infini_trt.export.errors import InputError
-from infini_trt.export.model import InfiniLM, write_cache
+from infini_trt.export.model import InfiniLM, cache_window, write_cache
 
 from .base import Runner
 
@@ -38,8 +38,10 @@ class TorchRunner(Runner):
         if self.k_cache is None:
             self.k_cache, self.v_cache = self.model.init_cache(self.batch, self.device)
         tokens, begin = (torch.from_numpy(a).to(self.device) for a in (ids, start))
+        window = cache_window(int((start + length).max()), self.config.segment_len)
         logits, k_new, v_new = self.model.extend(tokens, begin, self.memory, self.norm,
-                                                 self.k_cache, self.v_cache)
+                                                 self.k_cache[..., :window],    # as the graph
+                                                 self.v_cache[:, :, :, :window])  # runners do
         write_cache(self.k_cache, self.v_cache, k_new, v_new, start, length)
         return logits.float()
 

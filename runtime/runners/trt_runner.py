@@ -246,14 +246,15 @@ class TrtRunner(Runner):
         new rows, written into the caches here, on the engine's stream."""
         with self._on_stream():
             if self.caches is None:
-                dtype = TORCH_DTYPES[self.manifest.graph(EXTEND).input("k_cache_0").dtype]
-                self.caches = DecodeCaches(self.config, self.batch, dtype, self.torch_device)
+                self.caches = DecodeCaches.for_graph(self.manifest.graph(EXTEND), self.config,
+                                                     self.batch, self.torch_device)
+            caches = self.caches.fit(int((start + length).max()))
             rows = self.caches.new_rows(ids.shape[1])
             tokens, logits = self._tokens(ids)
             self.start.copy_(torch.from_numpy(start))
             self.graph_engine(EXTEND).run(
                 {"input_ids": tokens, "start": self.start, "memory": self.memory[self.current],
-                 "norm": self.norm[self.current], **self.caches.inputs},
+                 "norm": self.norm[self.current], **caches},
                 {"logits": logits, **rows})
             self.caches.write(rows, start, length)
             out = logits.clone()
@@ -264,6 +265,7 @@ class TrtRunner(Runner):
             raise InputError("fold() needs a segment in the K/V cache: call extend() first")
         cur, nxt = self.current, 1 - self.current
         with self._on_stream():
+            self.caches.fit(self.config.segment_len)      # the whole segment
             self.fold_mask.copy_(torch.from_numpy(mask))
             self.graph_engine(FOLD).run(
                 {"k_cache": self.caches.k, "v_cache": self.caches.v, "memory": self.memory[cur],

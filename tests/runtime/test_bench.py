@@ -277,8 +277,8 @@ def test_measure_keeps_the_state_its_prompt_left(exported):
 
 def test_bench_rounds_in_alternation(exported):
     """Every (subject, length) whose prompt ended on a segment boundary is measured in each
-    round: the segments and decoded tokens asked for (a fold among them), ratios to the first
-    length and to torch; the peers have no restorable state and are left out."""
+    round: the segments and decoded tokens asked for (a fold among them), decoding from a
+    position that changes with the round, ratios to the first length and to torch; the peers have no restorable state and are left out."""
     ckpt, out = exported(TINY)
     settings = BenchSettings(lengths=(N, 2 * N, 3 * N + 1), batch=2, decode_tokens=2,
                              isolate=False, threads=1, calibrate_s=0.1, rounds=3,
@@ -287,6 +287,8 @@ def test_bench_rounds_in_alternation(exported):
                        log=lambda s: None)
     alternation = report["alternation"]
     assert alternation["rounds"] == 3 and alternation["segments"] == 2
+    positions = alternation["decode_positions"]                # spread over the segment
+    assert positions[0] == 0 and len(set(positions)) == 3 and max(positions) < N
     rate = alternation["matmul_fp32_flops_per_s"]
     assert rate > 1e9
     torch_rounds, ort_rounds, full = (s["interleaved"] for s in report["subjects"])

@@ -1,0 +1,70 @@
+"""The graph runners' decoding caches: windows of the first slots of a segment, moved to a new
+layout when the window changes, against a whole-segment cache written slot by slot."""
+import numpy as np
+import pytest
+import torch
+
+from infini_trt.export import preset
+from infini_trt.export.model import cache_window, empty_caches, write_cache
+from infini_trt.runtime.runners.base import DecodeCaches
+
+CFG = preset("tiny").replace(segment_len=32, n_layers=3)      # windows of 2 slots
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 16, 31, 1024])
+def test_cache_window_covers_the_tokens_in_steps(n):
+    step = max(1, n // 16)
+    windows = [cache_window(end, n) for end in range(n + 1)]
+    for end, window in enumerate(windows):
+        assert max(end, 1) <= window <= n and (window % step == 0 or window == n)
+        assert window < max(end, 1) + step                   # never a step more than needed
+    assert len(set(windows)) == -(-n // step)                # 16 windows from N = 16 on
+
+
+def test_windows_keep_the_slots_in_use_through_growing_and_shrinking():
+    """Batch of 2 at different positions, tokens of 1-3 per call, a fold that restarts one
+    sequence: after every call the window holds exactly what a whole-segment cache holds in
+    the slots below each sequence's end, each layer's input is contiguous at a fixed address,
+    and at window N the caches are the whole segment's (the fold graph's input). Slots at or
+    past a sequence's end are never read, so they are not compared."""
+    gen = torch.Generator().manual_seed(1)
+    n, batch = CFG.segment_len, 2
+    caches = DecodeCaches(CFG, batch, torch.float32, torch.device("cpu"))
+    want_k, want_v = empty_caches(CFG, batch, torch.float32)
+    addresses = {name: t.data_ptr() for name, t in caches.fit(1).items()}
+    position = np.array([0, 5])
+    windows = []
+    for call in range(40):
+        length = np.minimum(np.array([1 + call % 3, 2]), n - position)
+        if (length == 0).any():                               # a full segment: fold, restart
+            assert caches.fit(n)["k_cache_0"].shape[-1] == n
+            assert caches.k.is_contiguous() and caches.v.is_contiguous()
+            for b in np.flatnonzero(length == 0):             # whole segments, as written
+                assert torch.equal(caches.k[:, b], want_k[:, b])
+                assert torch.equal(caches.v[:, b], want_v[:, b])
+            position = np.where(length == 0, 0, position)
+            continue
+        seq = int(length.max())
+        inputs = caches.fit(int((position + length).max()))
+        windows.append(caches.window)
+        for name, t in inputs.items():
+            assert t.is_contiguous() and t.data_ptr() == addresses[name]
+        rows = caches.new_rows(seq)
+        for t in rows.values():
+            t.copy_(torch.randn(t.shape, generator=gen))
+        caches.write(rows, position, length)
+        write_cache(want_k, want_v, rows["k_new"], rows["v_new"], position, length)
+        position = position + length
+        for b in range(batch):
+            end = int(position[b])
+            assert torch.equal(caches.k[:, b, ..., :end], want_k[:, b, ..., :end])
+            assert torch.equal(caches.v[:, b, :, :end], want_v[:, b, :, :end])
+    grew = sum(b > a for a, b in zip(windows, windows[1:]))
+    shrank = sum(b < a for a, b in zip(windows, windows[1:]))
+    assert grew > 8 and shrank >= 2
+
+
+def test_caches_of_an_extend_graph_without_the_window_axis_hold_the_whole_segment():
+    caches = DecodeCaches(CFG, 1, torch.float32, torch.device("cpu"), windowed=False)
+    assert caches.fit(1)["v_cache_0"].shape == (1, CFG.n_kv_heads, CFG.segment_len,
+                                                CFG.head_dim)
