@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 import torch
 
@@ -148,9 +149,45 @@ def _path_name(node: onnx.NodeProto) -> str:
     return f"/{path}/{node.op_type}" if path else f"/{node.op_type}"
 
 
+def fold_weight_parts(graph: onnx.GraphProto) -> None:
+    """Compute the Split and Transpose nodes that read only initializers (the parts of a
+    `PartedLinear` weight, transposed for MatMul) into initializers, in place: torch.onnx's
+    constant folding leaves tensors this large alone, and ONNX Runtime's int8 quantizer and
+    TensorRT's weight handling want a MatMul's weight to be an initializer."""
+    from onnx import numpy_helper
+
+    values = {t.name: t for t in graph.initializer}
+    kept = []
+    for node in graph.node:
+        if node.op_type not in ("Split", "Transpose") or \
+                not all(i in values for i in node.input if i):
+            kept.append(node)
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        data = numpy_helper.to_array(values[node.input[0]])
+        if node.op_type == "Transpose":
+            parts = [data.transpose(attrs.get("perm"))]
+        else:
+            sizes = numpy_helper.to_array(values[node.input[1]]) if len(node.input) > 1 \
+                else [data.shape[attrs.get("axis", 0)] // len(node.output)] * len(node.output)
+            ends = np.cumsum(sizes)[:-1]
+            parts = np.split(data, ends, axis=attrs.get("axis", 0))
+        for name, part in zip(node.output, parts):
+            values[name] = numpy_helper.from_array(np.ascontiguousarray(part), name)
+            graph.initializer.append(values[name])
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    unused = [t for t in graph.initializer if t.name not in used]
+    for t in unused:
+        graph.initializer.remove(t)
+
+
 def finalize(proto: onnx.ModelProto, spec: GraphSpec, rule: str | None, opset: int,
              doc: str) -> onnx.ModelProto:
-    """Path-style node names, the memory-update function, and checks of the I/O table."""
+    """Path-style node names, the weight parts as initializers (`fold_weight_parts`), the
+    memory-update function, and checks of the I/O table."""
+    fold_weight_parts(proto.graph)
     seen: dict[str, int] = {}
     for node in proto.graph.node:
         name = _path_name(node)

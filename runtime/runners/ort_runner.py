@@ -49,13 +49,6 @@ def session_options(ort, threads: int | None = None):
     return so
 
 
-# Fusions left out per graph. MatMulScaleFusion folds the 1/sqrt(hd) of the decode step's
-# queries into the matmul over the cached keys (com.microsoft FusedMatMul); with one query
-# row per head, that kernel read the caches at about half the speed of a plain MatMul here
-# (8 layers of `small` from DRAM, 2 threads: 3.9 against 2.2 ms), and a `small` token took
-# 12.2 against 9.9 ms (median of 4 interleaved runs). Prefill keeps it: with 1024 query rows
-# per head, the fusion saves an elementwise pass over the scores.
-DISABLED_OPTIMIZERS = {EXTEND: ["MatMulScaleFusion"]}
 
 
 def providers_for(ort, device: str | None) -> tuple[list[str], str]:
@@ -136,8 +129,7 @@ class OrtRunner(Runner):
             try:
                 self.sessions[graph] = self._ort.InferenceSession(
                     os.fspath(path), session_options(self._ort, self.threads),
-                    providers=self.providers,
-                    disabled_optimizers=DISABLED_OPTIMIZERS.get(graph, []))
+                    providers=self.providers)
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise InfiniTrtError(f"onnxruntime cannot load {path}: {exc}") from None
         return self.sessions[graph]

@@ -167,6 +167,6 @@ def test_split_causal_attention_is_causal_softmax_attention(seq, kv_heads, group
         for t in range(seq):
             scores = (kh[:, :t + 1] @ q[:, head, t, :, None])[..., 0] / 4.0    # sqrt(16)
             want[:, head, t] = (torch.softmax(scores, dim=-1)[:, :, None] * vh[:, :t + 1]).sum(1)
-    got = split_causal_attention(q, k, v, group)
+    got = split_causal_attention(q / 4.0, k, v, group)                  # q pre-scaled
     assert torch.isfinite(got).all()
     assert_close(want, got, 1e-12)

@@ -68,6 +68,20 @@ def test_node_names_are_paths(exported):
     assert any(n.startswith("/layers.1/attn/qkv_proj/") for n in names)
 
 
+def test_projection_weights_are_initializers_of_their_matmuls(exported):
+    """Each part of q/k/v and gate/up is its own MatMul whose weight is an initializer
+    (`fold_weight_parts`): nothing computes on weights at run time."""
+    _, out = exported(TINY)
+    graph = load(out / "model.onnx").graph
+    weights = {t.name for t in graph.initializer}
+    on_weights_only = [n.op_type for n in graph.node
+                       if n.input and all(i in weights for i in n.input if i)]
+    assert on_weights_only == []
+    matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert len(matmuls) == 7 * TINY.n_layers + 1       # q, k, v, o, gate, up, down; LM head
+    assert any("/layers.1/attn/qkv_proj/" in n.name for n in matmuls)
+
+
 def test_manifest_records_config_versions_and_hashes(exported):
     from infini_trt.export.files import sha256_file
 

@@ -39,7 +39,7 @@ def test_int8_export_quantizes_the_projections_only(int8_export):
     manifest = read_manifest(int8)
     assert manifest.precision == "int8" and manifest.dtype == "float32"
     assert manifest.quantization["bits"] == 8
-    projections = 4 * TINY.n_layers + 1                  # qkv, o, gate_up, down; LM head
+    projections = 7 * TINY.n_layers + 1        # q, k, v, o, gate, up, down; LM head
     for graph in ("segment", "extend"):
         ops, weight_matmuls = _ops(manifest.graph_file(graph))
         assert ops.count("MatMulNBits") == projections, graph
