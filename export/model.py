@@ -144,11 +144,17 @@ def empty_caches(cfg: InfiniConfig, batch: int, dtype: torch.dtype,
             torch.zeros(shape, dtype=dtype, device=device))
 
 
+WINDOW_STEP = 64        # cache slots; windows grow by max(this, segment_len / 16)
+
+
 def cache_window(end: int, segment_len: int) -> int:
     """How many of a segment's cache slots to give `extend` when the call's tokens end at
     segment position `end` (the largest start + length of the batch): `end` rounded up to a
-    multiple of segment_len / 16, so that the window changes once every that many tokens."""
-    step = max(1, segment_len // 16)
+    multiple of max(64, segment_len / 16), so that the window changes once every that many
+    tokens. A smaller step would save little reading and cost a move of the caches every
+    few tokens (the `tiny` preset, 32 slots, ONNX Runtime: 0.343 ms a token with a step of 2
+    against 0.259 with its whole segment as the window, medians of 30 alternating rounds)."""
+    step = max(WINDOW_STEP, segment_len // 16)
     return min(segment_len, max(step, -(-end // step) * step))
 
 
@@ -200,9 +206,8 @@ class Attention(nn.Module):
 
     def project(self, x: torch.Tensor):
         """x (B, S, d) -> raw q (B, H, S, hd), k and v (B, Hkv, S, hd)."""
-        cfg = self.cfg
         b, s, _ = x.shape
-        hd, h, hkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        hd = self.cfg.head_dim
         return tuple(part.view(b, s, -1, hd).transpose(1, 2) for part in self.qkv_proj(x))
 
     def combine(self, q: torch.Tensor, a_dot: torch.Tensor, memory: torch.Tensor,

@@ -196,14 +196,31 @@ def alternate(subjects: list[Subject], states: dict, cfg: InfiniConfig,
             runner.close()
 
 
+def _die_with_parent() -> int:
+    """In a worker (Linux): be sent SIGTERM when the process that started it dies. Without it,
+    a bench killed with SIGTERM left its worker finishing the runs alone, loading the machine
+    under the next measurement. -> the signal set (0 where the OS has no such option)."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, int(signal.SIGTERM))                    # PR_SET_PDEATHSIG
+    value = ctypes.c_int()
+    libc.prctl(2, ctypes.byref(value))                    # PR_GET_PDEATHSIG
+    return value.value
+
+
 def _isolated(fn, *args):
-    """fn(*args) in a fresh (spawned) process."""
+    """fn(*args) in a fresh (spawned) process, which dies with this one."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=context) as pool:
+    with ProcessPoolExecutor(1, mp_context=context, initializer=_die_with_parent) as pool:
         try:
             return pool.submit(fn, *args).result()
         except BrokenProcessPool:

@@ -20,7 +20,7 @@ no memory terms.
 
 Decoding reads every matmul weight once per call (shared by the batch) plus, per sequence, c
 slots of the K/V cache of the current segment (the window the runner gives the extend graph:
-the slots before the token, rounded up to a sixteenth of the segment) and the memory state:
+the slots before the token, rounded up as `cache_window` does) and the memory state:
 
     bytes/token = P * bytes_per_weight / B + 2*L*Hkv*c*hd * bytes_per_cache_value
                   + 4 * L * Hkv * (dk*dv + dk)                 (memory state, Infini only)

@@ -14,3 +14,12 @@ def assert_close(reference, candidate, rel_rms: float, max_abs: float | None = N
 
 def random_tokens(vocab: int, *shape: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def death_signal() -> int:
+    """The signal this process gets when its parent dies (Linux prctl PR_GET_PDEATHSIG)."""
+    import ctypes
+
+    value = ctypes.c_int()
+    ctypes.CDLL(None).prctl(2, ctypes.byref(value))
+    return value.value

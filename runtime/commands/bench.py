@@ -42,7 +42,8 @@ def _names(text: str) -> list[str]:
 @click.option("--round-segments", default=4, type=click.IntRange(1),
               help="Segments prefilled per length in each round.")
 @click.option("--round-decode-tokens", default=16, type=click.IntRange(1),
-              help="Tokens decoded per length in each round.")
+              help="Tokens decoded per length in each round, from a segment position "
+                   "that changes with the round (a token reads the cache before it).")
 @click.option("--isolate/--no-isolate", default=True,
               help="Run each subject in a fresh process, so that its peak RSS is its own.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,

@@ -21,8 +21,8 @@ class DecodeCaches:
     first `window` slots of the segment (`cache_window` of the tokens' end), so that a token
     early in a segment reads a short cache, not the whole segment's. Each cache lives in one
     flat buffer with every layer at a fixed offset and laid out densely for the current window;
-    when the window changes (once every segment_len/16 tokens) the slots in use are moved to
-    the new layout through a one-layer scratch buffer. Nothing is allocated after the first
+    when the window changes (every max(64, segment_len/16) tokens) the slots in use are moved
+    to the new layout through a one-layer scratch buffer. Nothing is allocated after the first
     call; at window N the buffer is the whole (L, B, Hkv, ., .) cache that the fold graph takes.
     """
 

@@ -1,6 +1,7 @@
 """`bench`: the FLOP and byte formulas against counted values, the peers against their own
 definitions, and a short run of the whole benchmark (tiny preset, short lengths)."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -241,6 +242,18 @@ def test_bench_cli(exported, tmp_path):
                                     "--no-isolate"])
     assert bad.exit_code == 1 and "unknown backend 'onnx'" in bad.output
     assert "Traceback" not in bad.output
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_isolated_worker_dies_with_its_parent():
+    """A bench killed with SIGTERM must not leave its worker measuring on alone."""
+    import signal
+
+    from helpers import death_signal
+    from infini_trt.runtime.bench import _isolated
+
+    assert death_signal() == 0                            # this process: not set
+    assert _isolated(death_signal) == signal.SIGTERM
 
 
 def test_bench_isolated_subject(exported):

@@ -8,17 +8,17 @@ from infini_trt.export import preset
 from infini_trt.export.model import cache_window, empty_caches, write_cache
 from infini_trt.runtime.runners.base import DecodeCaches
 
-CFG = preset("tiny").replace(segment_len=32, n_layers=3)      # windows of 2 slots
+CFG = preset("tiny").replace(segment_len=320, n_layers=3)     # windows of 64 slots
 
 
-@pytest.mark.parametrize("n", [1, 2, 8, 16, 31, 1024])
+@pytest.mark.parametrize("n", [2, 31, 64, 100, 1024, 4096])
 def test_cache_window_covers_the_tokens_in_steps(n):
-    step = max(1, n // 16)
+    step = max(64, n // 16)
     windows = [cache_window(end, n) for end in range(n + 1)]
     for end, window in enumerate(windows):
         assert max(end, 1) <= window <= n and (window % step == 0 or window == n)
         assert window < max(end, 1) + step                   # never a step more than needed
-    assert len(set(windows)) == -(-n // step)                # 16 windows from N = 16 on
+    assert len(set(windows)) == -(-n // step)         # one window up to 64, 16 from 1024 on
 
 
 def test_windows_keep_the_slots_in_use_through_growing_and_shrinking():
@@ -34,8 +34,8 @@ def test_windows_keep_the_slots_in_use_through_growing_and_shrinking():
     addresses = {name: t.data_ptr() for name, t in caches.fit(1).items()}
     position = np.array([0, 5])
     windows = []
-    for call in range(40):
-        length = np.minimum(np.array([1 + call % 3, 2]), n - position)
+    for call in range(400):
+        length = np.minimum(np.array([1 + call % 3, 2 + 3 * (call % 2)]), n - position)
         if (length == 0).any():                               # a full segment: fold, restart
             assert caches.fit(n)["k_cache_0"].shape[-1] == n
             assert caches.k.is_contiguous() and caches.v.is_contiguous()
@@ -61,7 +61,7 @@ def test_windows_keep_the_slots_in_use_through_growing_and_shrinking():
             assert torch.equal(caches.v[:, b, :, :end], want_v[:, b, :, :end])
     grew = sum(b > a for a, b in zip(windows, windows[1:]))
     shrank = sum(b < a for a, b in zip(windows, windows[1:]))
-    assert grew > 8 and shrank >= 2
+    assert grew >= 8 and shrank >= 2
 
 
 def test_caches_of_an_extend_graph_without_the_window_axis_hold_the_whole_segment():

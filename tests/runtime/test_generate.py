@@ -13,6 +13,7 @@ from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.runtime.cli import main
 from infini_trt.runtime.generate import generate, prefill
 from infini_trt.runtime.runners import open_runner
+from infini_trt.runtime.runners.base import DecodeCaches
 from infini_trt.runtime.sampling import (SamplingConfig, apply_repetition_penalty, next_tokens,
                                          top_k_filter, top_p_filter)
 from infini_trt.runtime.tokenizer import ByteTokenizer
@@ -36,7 +37,7 @@ def teacher_forced_decode(runner, sequences, prompt_lengths):
         for b in np.flatnonzero(active):
             out[b].append(logits[b, 0])
         position += active
-        full = position == N
+        full = position == runner.config.segment_len
         runner.fold(full)
         position[full] = 0
     return [torch.stack(o) for o in out]
@@ -54,6 +55,35 @@ def test_prefill_and_decode_equal_the_sequence_forward(exported, backend, rule):
     model = load_checkpoint(ckpt, dtype=torch.float64)
     with open_runner(out, backend) as runner:
         got = teacher_forced_decode(runner, sequences, prompt_lengths)
+    for seq, p, g in zip(sequences, prompt_lengths, got):
+        with torch.no_grad():
+            want = model(torch.from_numpy(seq)[None])[0][0, p - 1:]
+        assert_close(want, g, 1e-5, what=f"prompt of {p} tokens")
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_decode_through_cache_windows_equals_the_sequence_forward(exported, backend,
+                                                                  monkeypatch):
+    """A segment of 160 slots is read in windows of 64, 128 and 160 (`cache_window`): prompts
+    ending in each window, batched, decoded token by token across the windows' moves, a fold,
+    and the windows of the next segment (which shrink when the batch's longest restarts)."""
+    cfg = TINY.replace(segment_len=160)
+    ckpt, out = exported(cfg)
+    rng = np.random.default_rng(11)
+    prompt_lengths = [3, 100, 160 + 150]
+    sequences = [rng.integers(0, 256, p + 140) for p in prompt_lengths]
+    model = load_checkpoint(ckpt, dtype=torch.float64)
+    windows, fit = [], DecodeCaches.fit
+
+    def recorded_fit(caches, end):
+        inputs = fit(caches, end)
+        windows.append(caches.window)
+        return inputs
+
+    monkeypatch.setattr(DecodeCaches, "fit", recorded_fit)
+    with open_runner(out, backend) as runner:
+        got = teacher_forced_decode(runner, sequences, prompt_lengths)
+    assert set(windows) == ({64, 128, 160} if backend == "onnxruntime" else set())
     for seq, p, g in zip(sequences, prompt_lengths, got):
         with torch.no_grad():
             want = model(torch.from_numpy(seq)[None])[0][0, p - 1:]
