@@ -196,21 +196,16 @@ def alternate(subjects: list[Subject], states: dict, cfg: InfiniConfig,
             runner.close()
 
 
-def _die_with_parent() -> int:
+def _die_with_parent() -> None:
     """In a worker (Linux): be sent SIGTERM when the process that started it dies. Without it,
     a bench killed with SIGTERM left its worker finishing the runs alone, loading the machine
-    under the next measurement. -> the signal set (0 where the OS has no such option)."""
+    under the next measurement."""
     import ctypes
     import signal
     import sys
 
-    if not sys.platform.startswith("linux"):
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, int(signal.SIGTERM))                    # PR_SET_PDEATHSIG
-    value = ctypes.c_int()
-    libc.prctl(2, ctypes.byref(value))                    # PR_GET_PDEATHSIG
-    return value.value
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))          # PR_SET_PDEATHSIG
 
 
 def _isolated(fn, *args):

@@ -22,9 +22,6 @@ from infini_trt.export.manifest import read_manifest
 
 from .base import DecodeCaches, Runner
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
-                "bfloat16": torch.bfloat16, "int64": torch.int64, "bool": torch.bool}
-
 
 def import_onnxruntime():
     try:

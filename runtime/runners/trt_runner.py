@@ -26,7 +26,6 @@ from infini_trt.export.io_spec import EXTEND, FOLD, PREFILL, SEGMENT, GraphSpec
 from infini_trt.export.manifest import read_manifest
 
 from .base import DecodeCaches, Runner
-from .ort_runner import TORCH_DTYPES
 
 
 class GraphEngine:
