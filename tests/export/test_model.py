@@ -150,10 +150,11 @@ def test_low_precision_weights_keep_fp32_state(tiny_cfg, dtype, tol):
     assert_close(want_z, z, tol, what="norm")
 
 
-@pytest.mark.parametrize("seq", [1, 2, 3, 8, 31])
+@pytest.mark.parametrize("seq", [1, 2, 3, 5, 8, 31])
 @pytest.mark.parametrize("kv_heads,group", [(2, 2), (4, 1), (1, 4)])
-def test_split_causal_attention_is_causal_softmax_attention(seq, kv_heads, group):
-    """The form the ONNX graphs get (two query blocks, grouped heads) against a loop over
+@pytest.mark.parametrize("blocks", [2, 3, 4])
+def test_split_causal_attention_is_causal_softmax_attention(seq, kv_heads, group, blocks):
+    """The form the ONNX graphs get (blocks of queries, grouped heads) against a loop over
     query positions in float64, on the lengths where the blocks are empty or uneven."""
     from infini_trt.export.model import split_causal_attention
 
@@ -167,6 +168,6 @@ def test_split_causal_attention_is_causal_softmax_attention(seq, kv_heads, group
         for t in range(seq):
             scores = (kh[:, :t + 1] @ q[:, head, t, :, None])[..., 0] / 4.0    # sqrt(16)
             want[:, head, t] = (torch.softmax(scores, dim=-1)[:, :, None] * vh[:, :t + 1]).sum(1)
-    got = split_causal_attention(q / 4.0, k, v, group)                  # q pre-scaled
+    got = split_causal_attention(q / 4.0, k, v, group, blocks)          # q pre-scaled
     assert torch.isfinite(got).all()
     assert_close(want, got, 1e-12)
