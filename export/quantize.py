@@ -1,28 +1,40 @@
-"""Reduced precision for ONNX Runtime on the CPU: int8 weights, state kept in float32.
+"""Reduced precision for ONNX Runtime on the CPU: int8 projections, state kept in float32.
 
     export_checkpoint("ckpt/", "out/", quantize="int8")   # or `infini-trt export --quantize int8`
-    quantize_export("out_fp32/", "out_int8/")               # the same, from an fp32 export
+    quantize_export("out_fp32/", "out_int8/", "int8-rows")  # the same, from an fp32 export
 
-"int8" is ONNX Runtime's 8-bit weight quantization of every MatMul that has a constant weight
-(the q/k/v, output, MLP and LM-head projections) into `MatMulNBits` nodes: weights int8,
-symmetric, one scale per block of 128 input channels of each output channel; with
-accuracy_level 4 ONNX Runtime quantizes the activations to int8 per block as well and runs
-integer GEMMs (AVX-512 VNNI / AVX2). Everything else stays float32: the embedding table, norms,
-the local attention (its operands are activations), the decoding caches, and the compressive
-memory (the memory-update node, its retrieval and the state M and z).
+Two methods; both quantize every MatMul that has a constant weight (the q/k/v, output, MLP and
+LM-head projections) and leave everything else float32: the embedding table, norms, the local
+attention (its operands are activations), the decoding caches, and the compressive memory (the
+memory-update node, its retrieval and the state M and z).
 
-(ONNX Runtime's dynamic quantization, DynamicQuantizeMatMul with per-channel int8 weights and
-one activation scale per tensor, prefilled the `small` preset faster, 1.6x fp32 against 1.2x,
-but less accurately: logits relative RMS 9.8e-2 against 3.9e-2, greedy agreement 79% against
-91%, on random weights; the activations of the down and output projections carry outliers
-that one scale per tensor loses.)
+"int8" (the more accurate): ONNX Runtime's 8-bit weight quantization into `MatMulNBits` nodes:
+weights int8, symmetric, one scale per block of 128 input channels of each output channel;
+with accuracy_level 4 ONNX Runtime quantizes the activations to int8 per block of 128 as well
+and runs integer GEMMs (AVX-512 VNNI / AVX2).
+
+"int8-rows" (the faster): in the graphs that read whole segments (segment, prefill), one
+u8 x s8 GEMM per projection with one activation scale per row (token) and one weight scale per
+output column (export/quantize_rows.py); the decoding graph (extend) gets "int8"'s MatMulNBits,
+whose fused kernel is faster on one token: `small`, ONNX Runtime, 2 threads, a token 2.85 ms
+against 3.71 with row GEMMs (the ~40 small nodes a layer that quantize the rows cost more there
+than the GEMVs; float32: 7.66 ms). `small`, one 1024-token prefill, 2 threads, random weights,
+against float32 ONNX Runtime: 1.59x (MatMulNBits 1.22x in the same run), logits relative RMS
+5.3e-2 (3.9e-2), greedy agreement 87% (91%); the passkey model: 2.8e-2 (2.7e-2), 98.4%
+(98.8%). The row GEMMs ran at ~550-670 GOP/s, MatMulNBits' blocked ones at ~300.
+
+(ONNX Runtime's own dynamic quantization, DynamicQuantizeMatMul with per-channel int8 weights
+and one activation scale per tensor, was as fast but less accurate: logits relative RMS 9.8e-2,
+greedy agreement 79% on `small`; the activations of the down and output projections carry
+outliers that one scale per tensor loses, and a batch's sequences would share that scale.)
 
 bf16 is not offered for ONNX Runtime: its CPU provider has no bfloat16 GEMM on x86 (the runner
 refuses bf16 exports on the CPU); bf16 exports (`--dtype bf16`) are for TensorRT, and PyTorch
 eager runs bf16 on the CPU (`bench --backends torch:bf16`).
 
-Parity is stated by `validate` with the tolerances of `runtime/validate.py` for "int8".
-A quantized export is for ONNX Runtime only (MatMulNBits is an ONNX Runtime contrib op).
+Parity is stated by `validate` with the tolerances of `runtime/validate.py` for each method.
+A quantized export is for ONNX Runtime only (MatMulNBits and MatMulIntegerToFloat are ONNX
+Runtime contrib ops).
 """
 from __future__ import annotations
 
@@ -34,9 +46,9 @@ from typing import Callable
 
 from .errors import InfiniTrtError, MissingDependencyError
 from .files import atomic_dir, sha256_file
-from .io_spec import FOLD
+from .io_spec import EXTEND, FOLD, PREFILL, SEGMENT
 
-METHODS = ("int8",)
+METHODS = ("int8", "int8-rows")
 BLOCK_SIZE = 128
 ACCURACY_LEVEL = 4          # int8 activations and integer GEMMs
 
@@ -45,12 +57,23 @@ def quantization_record(method: str) -> dict:
     """What the manifest records about a quantized export."""
     from .manifest import package_version
 
-    return {"method": method, "op": "MatMulNBits", "bits": 8, "block_size": BLOCK_SIZE,
-            "symmetric": True, "accuracy_level": ACCURACY_LEVEL,
-            "weights": f"int8, symmetric, one scale per {BLOCK_SIZE} input channels",
-            "activations": "int8 per block, computed per call",
-            "tool": "onnxruntime.quantization.matmul_nbits_quantizer",
-            "onnxruntime": package_version("onnxruntime")}
+    versions = {"onnxruntime": package_version("onnxruntime")}
+    blocks = {"op": "MatMulNBits", "bits": 8, "block_size": BLOCK_SIZE, "symmetric": True,
+              "accuracy_level": ACCURACY_LEVEL,
+              "weights": f"int8, symmetric, one scale per {BLOCK_SIZE} input channels",
+              "activations": "int8 per block, computed per call",
+              "tool": "onnxruntime.quantization.matmul_nbits_quantizer"}
+    if method == "int8-rows":
+        from .quantize_rows import OPSET
+
+        rows = {"op": "MatMulIntegerToFloat", "bits": 8, "symmetric": True,
+                "weights": "int8, symmetric, one scale per output channel",
+                "activations": "uint8 around 128, one scale per row (token), computed per call",
+                "tool": "infini_trt.export.quantize_rows", "onnx_opset": OPSET}
+        return {"method": method, "bits": 8,
+                "graphs": {g: rows if row_gemms(method, g) else blocks
+                           for g in (SEGMENT, PREFILL, EXTEND)}, **versions}
+    return {"method": method, **blocks, **versions}
 
 
 def check_method(method: str, dtype: str) -> None:
@@ -73,32 +96,49 @@ def _quiet():
         root.setLevel(level)
 
 
-def quantize_graph(path: Path, method: str = "int8") -> dict[str, str]:
-    """Quantize one ONNX graph file in place -> {file name: sha256} of what it now is."""
+def row_gemms(method: str, graph: str) -> bool:
+    """Whether `graph` (segment, prefill, extend) gets the row GEMMs of int8-rows."""
+    return method == "int8-rows" and graph != EXTEND
+
+
+def quantize_graph(path: Path, method: str = "int8", graph: str = "segment") -> dict[str, str]:
+    """Quantize one ONNX graph file (the export's graph `graph`) in place -> {file name:
+    sha256} of what it now is."""
     import onnx
 
+    check_method(method, "float32")
+    data = path.with_name(path.name + ".data")
+    external = data.exists()
+    model = onnx.load(str(path))
+    if row_gemms(method, graph):
+        from .quantize_rows import quantize_rows
+
+        quantize_rows(model)
+    else:
+        model = _matmul_nbits(model)
+    if external:
+        data.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=external,
+                    location=data.name if external else None)
+    return {f.name: sha256_file(f) for f in ([path, data] if external else [path])}
+
+
+def _matmul_nbits(model):
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer)
     except ImportError:
         raise MissingDependencyError("onnxruntime", "int8 quantization",
                                      "pip install onnxruntime") from None
-    check_method(method, "float32")
-    data = path.with_name(path.name + ".data")
-    external = data.exists()
     config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True,
                                           accuracy_level=ACCURACY_LEVEL, bits=8,
                                           op_types_to_quantize=("MatMul",))
     with _quiet():
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), bits=8, block_size=BLOCK_SIZE,
+        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=BLOCK_SIZE,
                                          is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
                                          algo_config=config, op_types_to_quantize=("MatMul",))
         quantizer.process()
-    if external:
-        data.unlink()
-    onnx.save_model(quantizer.model.model, str(path), save_as_external_data=external,
-                    location=data.name if external else None)
-    return {f.name: sha256_file(f) for f in ([path, data] if external else [path])}
+    return quantizer.model.model
 
 
 def quantize_graphs(directory: Path, graphs: dict[str, dict], method: str,
@@ -108,7 +148,7 @@ def quantize_graphs(directory: Path, graphs: dict[str, dict], method: str,
     for name, graph in graphs.items():
         if name != FOLD:
             log(f"quantizing the {name} graph ({method})")
-            graph["files"] = quantize_graph(directory / graph["file"], method)
+            graph["files"] = quantize_graph(directory / graph["file"], method, name)
 
 
 def quantize_export(source: str | Path, output: str | Path, method: str = "int8",

@@ -24,7 +24,8 @@ token x tokens/s over the bandwidth). Ratios are taken against PyTorch eager of 
 
 Subjects:  torch[:bf16|:fp16]   PyTorch eager (TorchRunner)
            onnxruntime          ONNX Runtime on the fp32 export (IO binding)
-           onnxruntime:int8     ONNX Runtime on the int8-weight export (export/quantize.py)
+           onnxruntime:int8     ONNX Runtime on the int8 export (export/quantize.py; also
+                                :int8-rows, its faster method)
            tensorrt             TensorRT (needs a CUDA GPU; skipped with the reason otherwise)
 Peers:     infini-transformer-pytorch   lucidrains' eager model at the same shape
            full-attention               the quadratic baseline (runtime/baselines.py)
@@ -46,7 +47,8 @@ from . import roofline
 from .bench_measure import interleaved, measure, warm_up
 from .lengths import length_label
 
-BACKENDS = ("torch", "torch:bf16", "torch:fp16", "onnxruntime", "onnxruntime:int8", "tensorrt")
+BACKENDS = ("torch", "torch:bf16", "torch:fp16", "onnxruntime", "onnxruntime:int8",
+            "onnxruntime:int8-rows", "tensorrt")
 PEERS = ("infini-transformer-pytorch", "full-attention")
 
 
@@ -224,7 +226,8 @@ def _isolated(fn, *args):
 
 # ------------------------------------------------------------------------------ resolving
 def quantized_export(export_dir: Path, method: str, log: Callable[[str], None]) -> Path:
-    """The int8 copy of an fp32 export, made once and kept in the export cache."""
+    """The quantized copy (`method`) of an fp32 export, made once and kept in the export
+    cache."""
     from infini_trt.export.manifest import is_export_dir, package_version
     from infini_trt.export.quantize import quantize_export
 
@@ -269,12 +272,13 @@ def resolve(name: str, model: Path, log: Callable[[str], None]) -> Subject:
         return Subject(name, "tensorrt", str(model if export else cached_export(model, log=log)))
     directory = model if export else cached_export(model, dtype="float32", log=log)
     manifest = read_manifest(directory)
-    if variant == "int8" and manifest.precision != "int8":
-        directory = quantized_export(Path(directory), "int8", log)
-    elif variant != "int8" and manifest.precision == "int8":
+    if manifest.quantization and manifest.precision != variant:
         return Subject(name, "onnxruntime", status="skipped",
-                       reason=f"{model} is an int8 export; use onnxruntime:int8")
-    return Subject(name, "onnxruntime", str(directory), "int8" if variant else manifest.dtype)
+                       reason=f"{model} is an {manifest.precision} export; use "
+                              f"onnxruntime:{manifest.precision}")
+    if variant and not manifest.quantization:
+        directory = quantized_export(Path(directory), variant, log)
+    return Subject(name, "onnxruntime", str(directory), variant or manifest.dtype)
 
 
 # ------------------------------------------------------------------------------ the run

@@ -23,7 +23,7 @@ from infini_trt.export.config import InfiniConfig
 from . import roofline
 from .lengths import length_label
 
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "int8-rows": 1}
 
 
 def _subject_config(cfg: InfiniConfig, subject: dict) -> InfiniConfig:

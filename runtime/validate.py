@@ -31,10 +31,15 @@ DEFAULT_TOLERANCES = {
     # int8 weights (export/quantize.py), measured on random weights: tiny 9e-3 / 9e-3 / 2e-4,
     # small 3.9e-2 / 2.2e-2 / 1.3e-3 (logits / memory_out / norm_out); about 2x margin
     "int8": {"logits": 8e-2, "memory_out": 5e-2, "norm_out": 5e-3},
+    # int8-rows, measured the same way: tiny 9e-3 / 9e-3 / 2e-4, small 5.2e-2 / 2.5e-2 /
+    # 1.5e-3, the passkey model 2.7e-2 / 2.6e-2 / 3.8e-3
+    "int8-rows": {"logits": 1e-1, "memory_out": 5e-2, "norm_out": 8e-3},
 }
 # greedy agreement on random weights (flat logits: small margins) is the hard case: int8
-# measured 0.986 on tiny, 0.91 on small; a trained model's peaked logits agree far more
-DEFAULT_MIN_GREEDY = {"float32": 0.99, "float16": 0.9, "bfloat16": 0.8, "int8": 0.85}
+# measured 0.984 on tiny, 0.909 on small, int8-rows 0.987 and 0.894; on the passkey model's
+# random tokens 0.989 and 0.986
+DEFAULT_MIN_GREEDY = {"float32": 0.99, "float16": 0.9, "bfloat16": 0.8, "int8": 0.85,
+                      "int8-rows": 0.85}
 
 
 @dataclass

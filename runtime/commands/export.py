@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from infini_trt.export.quantize import METHODS as QUANTIZE_METHODS
+
 from .options import DTYPE_CHOICE
 
 
@@ -16,9 +18,11 @@ from .options import DTYPE_CHOICE
               help="plugin: one custom node per layer (+ its ONNX function); "
                    "portable: plain ONNX ops.")
 @click.option("--opset", default=20, type=click.IntRange(18, 23), help="ONNX opset.")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="int8: int8 weights (per channel) for ONNX Runtime on the CPU; activations "
-                   "quantized per call; state, caches and attention stay fp32.")
+@click.option("--quantize", type=click.Choice(QUANTIZE_METHODS), default=None,
+              help="int8 projections for ONNX Runtime on the CPU, activations quantized per "
+                   "call; state, caches and attention stay fp32. int8: weights and "
+                   "activations per block of 128 channels (the more accurate); int8-rows: one "
+                   "scale per weight column and per activation row (the faster).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 def export(checkpoint: str, output: str, dtype: str | None, memory_op: str, opset: int,
            quantize: str | None, force: bool) -> None:

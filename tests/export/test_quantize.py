@@ -1,5 +1,5 @@
-"""int8 weights for ONNX Runtime: what is quantized, what is not, and parity with the float64
-reference within the stated default tolerance."""
+"""int8 projections for ONNX Runtime (both methods): what is quantized, what is not, and
+parity with the float64 reference within the stated default tolerance."""
 import json
 
 import onnx
@@ -10,18 +10,27 @@ from click.testing import CliRunner
 from infini_trt.export import preset
 from infini_trt.export.errors import InfiniTrtError
 from infini_trt.export.manifest import read_manifest
-from infini_trt.export.quantize import quantize_export
+from infini_trt.export.quantize import quantize_export, row_gemms
 from infini_trt.runtime.cli import main
 from infini_trt.runtime.validate import DEFAULT_MIN_GREEDY, DEFAULT_TOLERANCES, validate_export
 
 TINY = preset("tiny")
 
 
-@pytest.fixture(scope="module")
-def int8_export(exported, tmp_path_factory):
+METHODS = ("int8", "int8-rows")
+
+
+def _op(method, graph):
+    """The node a projection of `graph` becomes: int8-rows' row GEMMs, MatMulNBits in the
+    decoding graph."""
+    return "MatMulIntegerToFloat" if row_gemms(method, graph) else "MatMulNBits"
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def int8_export(exported, tmp_path_factory, request):
     ckpt, out = exported(TINY)
-    target = tmp_path_factory.mktemp("int8") / "onnx"
-    quantize_export(out, target)
+    target = tmp_path_factory.mktemp(request.param) / "onnx"
+    quantize_export(out, target, request.param)
     return ckpt, out, target
 
 
@@ -37,14 +46,17 @@ def _ops(path):
 def test_int8_export_quantizes_the_projections_only(int8_export):
     _, fp32, int8 = int8_export
     manifest = read_manifest(int8)
-    assert manifest.precision == "int8" and manifest.dtype == "float32"
+    method = manifest.precision
+    assert method in METHODS and manifest.dtype == "float32"
     assert manifest.quantization["bits"] == 8
     projections = 7 * TINY.n_layers + 1        # q, k, v, o, gate, up, down; LM head
-    for graph in ("segment", "extend"):
+    assert row_gemms("int8-rows", "segment") and not row_gemms("int8-rows", "extend")
+    for graph in ("segment", "prefill", "extend"):
         ops, weight_matmuls = _ops(manifest.graph_file(graph))
-        assert ops.count("MatMulNBits") == projections, graph
+        # the prefill graph's LM head reads one row: a Gemm that stays float32
+        assert ops.count(_op(method, graph)) == projections - (graph == "prefill"), graph
         assert weight_matmuls == [], graph               # no float32 projection left
-        assert ops.count("LinearMemoryUpdate") == (TINY.n_layers if graph == "segment" else 0)
+        assert ops.count("LinearMemoryUpdate") == (0 if graph == "extend" else TINY.n_layers)
         assert ops.count("Gather") >= 1                  # the embedding lookup stays float32
     # the fold graph has no weights: copied unchanged
     assert manifest.graphs["fold"]["files"] == read_manifest(fp32).graphs["fold"]["files"]
@@ -54,13 +66,14 @@ def test_int8_export_quantizes_the_projections_only(int8_export):
 
 def test_int8_export_passes_validate_with_its_default_tolerance(int8_export):
     ckpt, _, int8 = int8_export
+    method = read_manifest(int8).precision
     report = validate_export(ckpt, int8, segments=4, batch=2, include_torch=False)
-    assert report.dtype == "int8"
+    assert report.dtype == method
     ort = report.backends[0]
-    assert ort.backend == "onnxruntime-cpu (int8)"
-    assert ort.min_greedy == DEFAULT_MIN_GREEDY["int8"]
+    assert ort.backend == f"onnxruntime-cpu ({method})"
+    assert ort.min_greedy == DEFAULT_MIN_GREEDY[method]
     for name, out in ort.outputs.items():
-        assert out.tolerance == DEFAULT_TOLERANCES["int8"][name]
+        assert out.tolerance == DEFAULT_TOLERANCES[method][name]
     assert report.passed, report.table()
     # and it is really quantized: far from float32 parity
     assert ort.outputs["logits"].rel_rms > 1e-4
@@ -100,5 +113,20 @@ def test_build_refuses_int8_export_before_touching_tensorrt(int8_export):
 def test_manifest_of_int8_export_is_json_with_the_record(int8_export):
     _, _, int8 = int8_export
     data = json.loads((int8 / "manifest.json").read_text())
-    assert data["quantization"]["op"] == "MatMulNBits"
+    record = data["quantization"]
+    for graph in ("segment", "prefill", "extend"):
+        op = record["graphs"][graph]["op"] if "graphs" in record else record["op"]
+        assert op == _op(record["method"], graph)
     assert data["source"]["quantized_from"]
+
+
+def test_bench_runs_a_quantized_export_only_as_its_own_method(int8_export):
+    from infini_trt.runtime.bench import resolve
+
+    _, _, int8 = int8_export
+    method = read_manifest(int8).precision
+    own = resolve(f"onnxruntime:{method}", int8, log=lambda s: None)
+    assert own.status == "ok" and own.path == str(int8) and own.precision == method
+    for other in ("onnxruntime", *(f"onnxruntime:{m}" for m in METHODS if m != method)):
+        subject = resolve(other, int8, log=lambda s: None)
+        assert subject.status == "skipped" and f"use onnxruntime:{method}" in subject.reason

@@ -164,8 +164,8 @@ def test_parse_length():
 @pytest.fixture(scope="module")
 def short_run(exported, tmp_path_factory):
     ckpt, out = exported(TINY)
-    subjects = ["torch", "onnxruntime", "onnxruntime:int8", "tensorrt",
-                "infini-transformer-pytorch", "full-attention"]
+    subjects = ["torch", "onnxruntime", "onnxruntime:int8", "onnxruntime:int8-rows",
+                "tensorrt", "infini-transformer-pytorch", "full-attention"]
     settings = BenchSettings(lengths=(2 * N, 4 * N + 5), batch=2, decode_tokens=3,
                              isolate=False, threads=1, calibrate_s=0.1)
     with pytest.MonkeyPatch.context() as mp:                  # the int8 copy goes here
@@ -177,7 +177,7 @@ def test_bench_measures_every_subject_or_says_why(short_run):
     report = short_run
     json.dumps(report)                                        # JSON-able as it is
     names = [s["name"] for s in report["subjects"]]
-    assert names[:3] == ["torch", "onnxruntime", "onnxruntime:int8"]
+    assert names[:4] == ["torch", "onnxruntime", "onnxruntime:int8", "onnxruntime:int8-rows"]
     trt = next(s for s in report["subjects"] if s["name"] == "tensorrt")
     if not torch.cuda.is_available():
         assert trt["status"] == "skipped" and "GPU" in trt["reason"]
@@ -203,10 +203,10 @@ def test_bench_measures_every_subject_or_says_why(short_run):
             assert p["vs_torch"]["prefill"] > 0
     torch_points = report["subjects"][0]["points"]
     assert all(p["vs_torch"] == {"prefill": 1.0, "decode": 1.0} for p in torch_points)
-    int8 = report["subjects"][2]
-    assert int8["precision"] == "int8" and "int8" in int8["label"]
-    assert int8["points"][0]["decode_bytes_per_token"]["weights"] == \
-        roofline.matmul_params(TINY) / 2
+    for int8, method in zip(report["subjects"][2:4], ("int8", "int8-rows")):
+        assert int8["precision"] == method and f"({method})" in int8["label"]
+        assert int8["points"][0]["decode_bytes_per_token"]["weights"] == \
+            roofline.matmul_params(TINY) / 2
 
 
 def test_bench_table_and_plot(short_run, tmp_path):
