@@ -18,10 +18,10 @@ u8 x s8 GEMM per projection with one activation scale per row (token) and one we
 output column (export/quantize_rows.py); the decoding graph (extend) gets "int8"'s MatMulNBits,
 whose fused kernel is faster on one token: `small`, ONNX Runtime, 2 threads, a token 2.85 ms
 against 3.71 with row GEMMs (the ~40 small nodes a layer that quantize the rows cost more there
-than the GEMVs; float32: 7.66 ms). `small`, one 1024-token prefill, 2 threads, random weights,
-against float32 ONNX Runtime: 1.59x (MatMulNBits 1.22x in the same run), logits relative RMS
-5.3e-2 (3.9e-2), greedy agreement 87% (91%); the passkey model: 2.8e-2 (2.7e-2), 98.4%
-(98.8%). The row GEMMs ran at ~550-670 GOP/s, MatMulNBits' blocked ones at ~300.
+than the GEMVs; float32: 7.66 ms). `bench` on `small` (2 threads, rounds in alternation):
+prefill 1.64-1.74x float32 ONNX Runtime, "int8" 1.15-1.30x; `validate`: logits relative RMS
+5.2e-2 (int8: 3.9e-2), greedy agreement 89% (91%) on random weights, 98.6% (98.9%) on the
+passkey model. Its GEMMs ran at ~550-670 GOP/s, MatMulNBits' blocked ones at ~300.
 
 (ONNX Runtime's own dynamic quantization, DynamicQuantizeMatMul with per-channel int8 weights
 and one activation scale per tensor, was as fast but less accurate: logits relative RMS 9.8e-2,

@@ -42,13 +42,14 @@ import torch
 
 from infini_trt.export.config import InfiniConfig
 from infini_trt.export.errors import InfiniTrtError
+from infini_trt.export.quantize import METHODS as QUANTIZE_METHODS
 
 from . import roofline
 from .bench_measure import interleaved, measure, warm_up
 from .lengths import length_label
 
-BACKENDS = ("torch", "torch:bf16", "torch:fp16", "onnxruntime", "onnxruntime:int8",
-            "onnxruntime:int8-rows", "tensorrt")
+BACKENDS = ("torch", "torch:bf16", "torch:fp16", "onnxruntime",
+            *(f"onnxruntime:{method}" for method in QUANTIZE_METHODS), "tensorrt")
 PEERS = ("infini-transformer-pytorch", "full-attention")
 
 
