@@ -177,10 +177,15 @@ def fold_weight_parts(graph: onnx.GraphProto) -> None:
             graph.initializer.append(values[name])
     del graph.node[:]
     graph.node.extend(kept)
+    drop_unused_initializers(graph)
+
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove, in place, the initializers that no node reads and no output is."""
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    unused = [t for t in graph.initializer if t.name not in used]
-    for t in unused:
-        graph.initializer.remove(t)
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def finalize(proto: onnx.ModelProto, spec: GraphSpec, rule: str | None, opset: int,

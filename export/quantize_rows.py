@@ -56,6 +56,8 @@ def quantize_rows(model) -> int:
     """Rewrite `model` (an onnx.ModelProto, in place) -> how many MatMuls it quantized."""
     from onnx import helper, numpy_helper
 
+    from .onnx_export import drop_unused_initializers
+
     graph = model.graph
     targets = weight_matmuls(graph)
     if not targets:
@@ -107,10 +109,7 @@ def quantize_rows(model) -> int:
     new_nodes = [m for n in graph.node for m in replacements.get(id(n), [n])]
     del graph.node[:]
     graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    drop_unused_initializers(graph)                       # the float32 weights
     _require_opsets(model)
     return len(targets)
 

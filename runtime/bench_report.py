@@ -19,11 +19,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from infini_trt.export.config import InfiniConfig
+from infini_trt.export.quantize import METHODS as QUANTIZE_METHODS
 
 from . import roofline
 from .lengths import length_label
 
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "int8-rows": 1}
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, **{m: 1 for m in QUANTIZE_METHODS}}
 
 
 def _subject_config(cfg: InfiniConfig, subject: dict) -> InfiniConfig:

@@ -46,8 +46,6 @@ def session_options(ort, threads: int | None = None):
     return so
 
 
-
-
 def providers_for(ort, device: str | None) -> tuple[list[str], str]:
     """(providers, device) for 'cpu', 'cuda' or None (CUDA when onnxruntime has it)."""
     available = ort.get_available_providers()

@@ -53,14 +53,13 @@ def graphs():
     rng = np.random.default_rng()
     w1, w2 = (rng.standard_normal((K, N)).astype(np.float32) for _ in range(2))
     w3 = rng.standard_normal((N, N)).astype(np.float32)
-    fp32 = _graph(w1, w2, w3)
     int8 = _graph(w1, w2, w3)
     assert quantize_rows(int8) == 3
-    return fp32, int8, (w1, w2, w3)
+    return int8, (w1, w2, w3)
 
 
 def test_rewrite_shares_the_quantization_of_an_input(graphs):
-    _, int8, _ = graphs
+    int8, _ = graphs
     ops = [n.op_type for n in int8.graph.node]
     assert ops.count("MatMulIntegerToFloat") == 3 and "MatMul" not in ops
     assert ops.count("QuantizeLinear") == 2                   # x once (p1 and p2), y1 once
@@ -69,7 +68,7 @@ def test_rewrite_shares_the_quantization_of_an_input(graphs):
 
 
 def test_ort_computes_the_stated_math_row_by_row(graphs):
-    fp32, int8, (w1, w2, w3) = graphs
+    int8, (w1, w2, w3) = graphs
     rng = np.random.default_rng()
     x = rng.standard_normal((2, 6, K)).astype(np.float32)
     x[0, :4] *= np.array([1e-4, 1.0, 1e4, 0.0], np.float32)[:, None]   # rows far apart
@@ -89,7 +88,7 @@ def test_ort_computes_the_stated_math_row_by_row(graphs):
 
 
 def test_a_row_does_not_depend_on_the_others(graphs):
-    _, int8, _ = graphs
+    int8, _ = graphs
     session = _session(int8)
     rng = np.random.default_rng()
     x = rng.standard_normal((3, 5, K)).astype(np.float32)
