@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from infini_trt.export.checkpoint import WEIGHTS_FILE, read_checkpoint
-from infini_trt.export.errors import InfiniTrtError
+from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.export.files import sha256_file
 from infini_trt.export.manifest import read_manifest
 
@@ -109,6 +109,12 @@ class ValidationReport:
     seed: int
     reference: str
     backends: list[BackendReport]
+    tokens: str = "random"        # where the input came from: "random" or a token file
+
+    @property
+    def input(self) -> str:
+        return (f"random tokens (seed {self.seed})" if self.tokens == "random"
+                else f"the tokens of {self.tokens}")
 
     @property
     def passed(self) -> bool:
@@ -118,12 +124,12 @@ class ValidationReport:
         return {"checkpoint": self.checkpoint, "export": self.export, "dtype": self.dtype,
                 "segments": self.segments, "segment_len": self.segment_len,
                 "partial_segment_tokens": self.partial, "batch": self.batch, "seed": self.seed,
-                "reference": self.reference, "passed": self.passed,
+                "tokens": self.tokens, "reference": self.reference, "passed": self.passed,
                 "backends": [b.to_dict() for b in self.backends]}
 
     def table(self) -> str:
         lines = [f"reference: {self.reference}; {self.segments} segments of {self.segment_len} "
-                 f"+ {self.partial} tokens, batch {self.batch}, seed {self.seed}",
+                 f"+ {self.partial} tokens, batch {self.batch}, {self.input}",
                  f"{'backend':26s} {'output':11s} {'max abs':>9s} {'rel RMS':>9s} "
                  f"{'tol':>7s} {'cosine':>9s} {'first->last seg rel RMS':>24s}  result"]
         for b in self.backends:
@@ -171,19 +177,24 @@ def check_export_matches(checkpoint: Path, export_dir: Path) -> None:
 def validate(reference: Runner, candidates: list[Runner], segments: int = 8, batch: int = 2,
              seed: int = 0, tolerances: dict[str, float] | None = None,
              min_greedy: float | None = None, dtype: str = "float32",
-             progress: bool | None = None, labels: tuple[str, str] = ("", "")
+             progress: bool | None = None, labels: tuple[str, str] = ("", ""),
+             tokens: np.ndarray | None = None, tokens_label: str = "random"
              ) -> ValidationReport:
     """Run `reference` and every candidate over `segments` full segments plus a partial one
-    of random tokens, each carrying its own state, and compare. Odd segments go through
-    `advance` (the prefill graph: only the last token's logits are compared there), the others
-    through `step`, so that both graphs are checked on the same carried state."""
+    of random tokens (or over `tokens` (B, T), as they are), each carrying its own state, and
+    compare. Odd segments go through `advance` (the prefill graph: only the last token's
+    logits are compared there), the others through `step`, so that both graphs are checked on
+    the same carried state."""
     cfg = reference.config
     if segments < 1:
         raise InfiniTrtError("--segments must be at least 1")
     n = cfg.segment_len
-    rng = np.random.default_rng(seed)
-    partial = int(rng.integers(1, n)) if n > 1 else 0
-    tokens = rng.integers(0, cfg.vocab_size, size=(batch, segments * n + partial), dtype=np.int64)
+    if tokens is None:
+        rng = np.random.default_rng(seed)
+        partial = int(rng.integers(1, n)) if n > 1 else 0
+        tokens = rng.integers(0, cfg.vocab_size, size=(batch, segments * n + partial),
+                              dtype=np.int64)
+    batch, (segments, partial) = tokens.shape[0], divmod(tokens.shape[1], n)
     tol = {**DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES["float32"]), **(tolerances or {})}
     greedy = DEFAULT_MIN_GREEDY.get(dtype, 0.99) if min_greedy is None else min_greedy
     reports = [BackendReport(c.description, {o: OutputReport(o, tol[o]) for o in OUTPUTS}, greedy)
@@ -210,16 +221,35 @@ def validate(reference: Runner, candidates: list[Runner], segments: int = 8, bat
                 report.agree += int((logits.argmax(-1) == want_next).sum())
                 report.positions += want_next.size
     return ValidationReport(labels[0], labels[1], dtype, segments, n, partial, batch, seed,
-                            reference.description, reports)
+                            reference.description, reports, tokens_label)
+
+
+def validation_tokens(path: str | Path, tokenizer, batch: int, segments: int,
+                      segment_len: int) -> np.ndarray:
+    """The tokens of a file (text, or .npy ids [T] or [B, T]) to validate on -> (B, T): a
+    stream of tokens is cut into `batch` rows of equal length, a [B, T] file keeps its rows;
+    each row is cut to `segments` segments (the file's tokens as they are when it has fewer,
+    the last segment partial). The runners check the ids against the vocabulary."""
+    from .score import read_tokens
+
+    ids, stream = read_tokens(path, tokenizer)
+    if stream:
+        per_row = ids.shape[1] // batch
+        if per_row < 1:
+            raise InputError(f"{path} holds {ids.shape[1]} tokens, fewer than --batch {batch}")
+        ids = ids[:, :batch * per_row].reshape(batch, per_row)
+    return np.ascontiguousarray(ids[:, :segments * segment_len])
 
 
 def validate_export(checkpoint: str | Path, export_dir: str | Path, segments: int = 8,
                     batch: int = 2, seed: int = 0, tolerances: dict[str, float] | None = None,
                     min_greedy: float | None = None, include_torch: bool = True,
                     extra: list[Runner] | None = None, progress: bool | None = None,
-                    log: Callable[[str], None] = lambda s: None) -> ValidationReport:
+                    log: Callable[[str], None] = lambda s: None,
+                    tokens_file: str | Path | None = None) -> ValidationReport:
     """validate() with the float64 PyTorch reference of `checkpoint`, PyTorch in the export's
-    dtype, ONNX Runtime on `export_dir`, and any `extra` runners (TensorRT)."""
+    dtype, ONNX Runtime on `export_dir`, and any `extra` runners (TensorRT); on random tokens,
+    or on the tokens of `tokens_file` (validation_tokens)."""
     from .runners.ort_runner import OrtRunner
     from .runners.torch_runner import TorchRunner
 
@@ -227,6 +257,14 @@ def validate_export(checkpoint: str | Path, export_dir: str | Path, segments: in
     check_export_matches(checkpoint, export_dir)
     manifest = read_manifest(export_dir)
     dtype = manifest.dtype
+    tokens = None
+    if tokens_file is not None:
+        from .tokenizer import model_tokenizer
+
+        cfg = manifest.config
+        tokenizer = (None if Path(tokens_file).suffix == ".npy"
+                     else model_tokenizer(export_dir, cfg.vocab_size))
+        tokens = validation_tokens(tokens_file, tokenizer, batch, segments, cfg.segment_len)
     reference = TorchRunner.from_checkpoint(checkpoint, dtype="float64")
     candidates: list[Runner] = []
     if include_torch:
@@ -237,7 +275,8 @@ def validate_export(checkpoint: str | Path, export_dir: str | Path, segments: in
         f"{reference.description} ...")
     try:
         return validate(reference, candidates, segments, batch, seed, tolerances, min_greedy,
-                        manifest.precision, progress, labels=(str(checkpoint), str(export_dir)))
+                        manifest.precision, progress, labels=(str(checkpoint), str(export_dir)),
+                        tokens=tokens, tokens_label=str(tokens_file or "random"))
     finally:
         for runner in (reference, *candidates):
             runner.close()

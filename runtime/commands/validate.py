@@ -13,6 +13,10 @@ import click
 @click.option("--segments", default=8, type=click.IntRange(1), help="Full segments to run.")
 @click.option("--batch", default=2, type=click.IntRange(1), help="Sequences per step.")
 @click.option("--seed", default=0, help="Seed of the random tokens.")
+@click.option("--tokens", "tokens_file", type=click.Path(dir_okay=False), default=None,
+              help="Validate on these tokens instead of random ones: text (encoded with the "
+                   "model's tokenizer, cut into --batch rows) or .npy ids ([T], or [B, T] "
+                   "rows); at most --segments segments of each row are run.")
 @click.option("--tol", "tolerances", multiple=True, metavar="[OUTPUT=]REL_RMS",
               help="Relative-RMS tolerance, per output (logits, memory_out, norm_out) or for "
                    "all [default: by dtype, 1e-5 for fp32]. Repeatable.")
@@ -27,13 +31,15 @@ import click
               help="Write the full report (per segment) as JSON.")
 @click.option("--progress/--no-progress", default=None)
 def validate(checkpoint: str, export_dir: str, segments: int, batch: int, seed: int,
-             tolerances: tuple[str, ...], min_greedy: float | None, engine: str | None,
+             tokens_file: str | None, tolerances: tuple[str, ...], min_greedy: float | None, engine: str | None,
              cuda_graphs: bool, report: str | None, progress: bool | None) -> None:
     """Compare PyTorch, ONNX Runtime (and TensorRT with --engine) with the float64 reference
     over many segments.
 
     Each backend carries its own state across all segments; odd segments go through the
     prompt-reading graph (last token's logits only), the others through the segment graph.
+    Random tokens are the hard case for greedy agreement (a model is unsure of what follows
+    them: near-ties); --tokens gives text of the kind the model is deployed on.
     Exits 1 if any output is outside its tolerance, has NaN/Inf, or greedy agreement is too
     low."""
     from infini_trt.export.files import atomic_file
@@ -46,7 +52,7 @@ def validate(checkpoint: str, export_dir: str, segments: int, batch: int, seed: 
         extra.append(TrtRunner(export_dir, engine=engine, cuda_graphs=cuda_graphs))
     result = validate_export(checkpoint, export_dir, segments, batch, seed,
                              parse_tolerances(list(tolerances)), min_greedy, extra=extra,
-                             progress=progress, log=click.echo)
+                             progress=progress, log=click.echo, tokens_file=tokens_file)
     click.echo(result.table())
     if report:
         with atomic_file(report) as tmp:

@@ -102,3 +102,21 @@ def test_two_training_steps_write_a_loadable_checkpoint(example, tmp_path):
     model = load_checkpoint(out)
     assert (out / "tokenizer.json").is_file()
     assert model.cfg == example["train"].passkey_config()
+
+
+def test_prompts_script_writes_the_generators_prompts(tmp_path):
+    """examples/passkey/prompts.py: input for `validate --tokens`, the evaluation's prompts."""
+    import subprocess
+
+    from infini_trt.runtime.models import bundled_model
+    from infini_trt.runtime.passkey import open_task
+
+    out = tmp_path / "p.npy"
+    done = subprocess.run([sys.executable, str(EXAMPLE / "prompts.py"), str(out), "--length",
+                           "256", "--count", "3", "--seed", "4"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ids = np.load(out)
+    gen, _, _ = open_task(bundled_model(), "256", "middle")
+    want = gen.batch(np.random.default_rng(4), 3, 256)
+    assert ids.shape == (3, 256) and ids.dtype == np.int64
+    assert np.array_equal(ids, np.stack([p.ids for p in want]))

@@ -81,6 +81,66 @@ def test_validate_cli_passes_and_writes_report(exported, tmp_path):
     assert ort["outputs"]["logits"]["rel_rms"] <= 1e-5
 
 
+class Recording(Runner):
+    """A backend that records the ids it is given."""
+
+    backend = "recording"
+
+    def __init__(self, inner):
+        self.inner, self.config, self.seen = inner, inner.config, []
+
+    def _reset(self, batch):
+        self.inner.reset(batch)
+
+    def _step(self, ids):
+        self.seen.append(np.asarray(ids).copy())
+        return self.inner.step(ids)
+
+    def state(self):
+        return self.inner.state()
+
+
+def test_validate_runs_on_the_given_tokens_as_they_are(tiny_model):
+    tokens = np.random.default_rng(11).integers(0, 256, (3, 2 * N + 5))
+    ref, seen = TorchRunner(tiny_model), Recording(TorchRunner(copy.deepcopy(tiny_model).float()))
+    report = validate(ref, [seen], tokens=tokens, tokens_label="t.npy", progress=False)
+    assert np.array_equal(np.concatenate(seen.seen, axis=1), tokens)
+    assert (report.batch, report.segments, report.partial) == (3, 2, 5)
+    assert report.to_dict()["tokens"] == "t.npy" and "the tokens of t.npy" in report.table()
+    assert report.passed and report.backends[0].positions == 3 * (N + 1 + 5)
+
+
+def test_validate_cli_on_a_text_file(exported, tmp_path):
+    ckpt, out = exported(TINY)
+    text = "The compressive memory carries the key across segments. " * 12
+    (tmp_path / "t.txt").write_text(text)
+    result = invoke("validate", ckpt, "--onnx", out, "--tokens", tmp_path / "t.txt",
+                    "--batch", 3, "--segments", 4, "--report", tmp_path / "r.json",
+                    "--no-progress")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = len(text.encode()) // 3                        # bytes; each row cut to 4 segments
+    assert report["batch"] == 3 and report["segments"] * N + report["partial_segment_tokens"] \
+        == min(rows, 4 * N)
+    assert report["backends"][-1]["greedy_agreement"] >= 0.99
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "no such token file"),
+    (np.array([1]), "holds 1 tokens, fewer than --batch 2"),
+    (np.array([[1, 999]]), "token id 999 is outside the vocabulary"),
+], ids=["missing", "too-short", "out-of-vocab"])
+def test_validate_bad_token_files(exported, tmp_path, content, message):
+    ckpt, out = exported(TINY)
+    path = tmp_path / "t.npy"
+    if content is not None:
+        np.save(path, content)
+    result = invoke("validate", ckpt, "--onnx", out, "--tokens", path, "--report",
+                    tmp_path / "r.json", "--no-progress")
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r.json").exists()
+
+
 def test_validate_cli_fails_with_exit_1(exported):
     ckpt, out = exported(TINY)
     result = invoke("validate", ckpt, "--onnx", out, "--segments", 1, "--tol", "1e-12",
