@@ -174,8 +174,9 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
     gets enough samples).
 
     -> {"rounds", "segments", "decode_tokens", "decode_positions" (the rounds'),
-    "matmul_fp32_flops_per_s" (the median of the rounds'), "points": {name: [{length, segment_ms (p50 ...), prefill_tokens_per_s (a segment
-    over its median), decode_token_ms, decode_tokens_per_s (over the median)}]}}"""
+    "matmul_fp32_flops_per_s" (the median of the rounds'), "points": {name: [{length,
+    segment_ms (p50 ...), prefill_tokens_per_s (a segment over its median), decode_token_ms,
+    decode_tokens_per_s (over the median)}]}}"""
     from .roofline import matmul_probe
 
     matmul_rate = matmul_probe(torch.float32)

@@ -3,7 +3,8 @@
 Every backend carries its own state from segment to segment (no resets, no shared state), so
 errors that accumulate in the recurrence show up. The reference is the PyTorch model of the
 same checkpoint in float64. For each backend, output and segment: max abs error, relative RMS
-and cosine; greedy next-token agreement; NaN/Inf fails.
+and cosine; greedy next-token agreement; NaN/Inf fails. The input is random tokens (the hard
+case for greedy agreement: near-ties), or a token file of the kind the model is deployed on.
 """
 from __future__ import annotations
 

@@ -31,8 +31,9 @@ import click
               help="Write the full report (per segment) as JSON.")
 @click.option("--progress/--no-progress", default=None)
 def validate(checkpoint: str, export_dir: str, segments: int, batch: int, seed: int,
-             tokens_file: str | None, tolerances: tuple[str, ...], min_greedy: float | None, engine: str | None,
-             cuda_graphs: bool, report: str | None, progress: bool | None) -> None:
+             tokens_file: str | None, tolerances: tuple[str, ...], min_greedy: float | None,
+             engine: str | None, cuda_graphs: bool, report: str | None,
+             progress: bool | None) -> None:
     """Compare PyTorch, ONNX Runtime (and TensorRT with --engine) with the float64 reference
     over many segments.
 
