@@ -65,6 +65,17 @@ def load_tokenizer(path: Path | None, vocab_size: int):
     return ByteTokenizer()
 
 
+class LazyTokenizer:
+    """A tokenizer made on first use: for readers of token files (`score.read_tokens`) that
+    need one only when the file is text, so that .npy ids work for models without one."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def encode(self, text: str) -> list[int]:
+        return self.make().encode(text)
+
+
 def tokenizer_file(model: str | Path) -> Path | None:
     """The tokenizer.json of a checkpoint or export directory, if it has one."""
     from infini_trt.export.manifest import is_export_dir, read_manifest

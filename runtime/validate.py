@@ -260,11 +260,10 @@ def validate_export(checkpoint: str | Path, export_dir: str | Path, segments: in
     dtype = manifest.dtype
     tokens = None
     if tokens_file is not None:
-        from .tokenizer import model_tokenizer
+        from .tokenizer import LazyTokenizer, model_tokenizer
 
         cfg = manifest.config
-        tokenizer = (None if Path(tokens_file).suffix == ".npy"
-                     else model_tokenizer(export_dir, cfg.vocab_size))
+        tokenizer = LazyTokenizer(lambda: model_tokenizer(export_dir, cfg.vocab_size))
         tokens = validation_tokens(tokens_file, tokenizer, batch, segments, cfg.segment_len)
     reference = TorchRunner.from_checkpoint(checkpoint, dtype="float64")
     candidates: list[Runner] = []

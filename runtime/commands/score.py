@@ -31,11 +31,11 @@ def score(model: str, token_file: str, backend: str, device: str | None,
     the export cached, for the onnxruntime and tensorrt backends)."""
     from infini_trt.runtime.runners import open_runner
     from infini_trt.runtime.score import read_tokens, score as run_score
-    from infini_trt.runtime.tokenizer import model_tokenizer
+    from infini_trt.runtime.tokenizer import LazyTokenizer, model_tokenizer
 
     options = runner_options(backend, engine, cuda_graphs)
     with open_runner(model, backend, device=device, **options) as runner:
-        text_tokenizer = _Lazy(lambda: model_tokenizer(model, runner.config.vocab_size))
+        text_tokenizer = LazyTokenizer(lambda: model_tokenizer(model, runner.config.vocab_size))
         tokens, was_1d = read_tokens(token_file, text_tokenizer)
         result = run_score(runner, tokens, logits_out, squeeze=was_1d, progress=progress)
     if as_json:
@@ -46,16 +46,6 @@ def score(model: str, token_file: str, backend: str, device: str | None,
                f"{result.tokens_per_s:,.0f} tokens/s, peak RSS {result.peak_rss_mb:,.0f} MiB")
     if logits_out:
         click.echo(f"logits written to {logits_out}")
-
-
-class _Lazy:
-    """A tokenizer made only if a text file needs it."""
-
-    def __init__(self, make):
-        self.make = make
-
-    def encode(self, text: str):
-        return self.make().encode(text)
 
 
 COMMANDS = [score]

@@ -81,23 +81,36 @@ def test_validate_cli_passes_and_writes_report(exported, tmp_path):
     assert ort["outputs"]["logits"]["rel_rms"] <= 1e-5
 
 
-class Recording(Runner):
-    """A backend that records the ids it is given."""
+class Wrapping(Runner):
+    """A backend that runs another one (the test backends below change one thing of it)."""
 
-    backend = "recording"
+    backend = "wrapping"
 
     def __init__(self, inner):
-        self.inner, self.config, self.seen = inner, inner.config, []
+        self.inner, self.config = inner, inner.config
 
     def _reset(self, batch):
         self.inner.reset(batch)
 
     def _step(self, ids):
-        self.seen.append(np.asarray(ids).copy())
         return self.inner.step(ids)
 
     def state(self):
         return self.inner.state()
+
+
+class Recording(Wrapping):
+    """A backend that records the ids it is given."""
+
+    backend = "recording"
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.seen = []
+
+    def _step(self, ids):
+        self.seen.append(np.asarray(ids).copy())
+        return super()._step(ids)
 
 
 def test_validate_runs_on_the_given_tokens_as_they_are(tiny_model):
@@ -155,25 +168,19 @@ def test_validate_refuses_an_export_of_another_model(exported):
     assert result.exit_code == 1 and "another config" in result.output
 
 
-class NaNAfter(Runner):
+class NaNAfter(Wrapping):
     """A backend that goes wrong in its third segment: validation must catch it."""
 
     backend = "broken"
 
-    def __init__(self, inner):
-        self.inner, self.config, self.calls = inner, inner.config, 0
-
     def _reset(self, batch):
-        self.inner.reset(batch)
+        super()._reset(batch)
         self.calls = 0
 
     def _step(self, ids):
         self.calls += 1
-        logits = self.inner.step(ids)
+        logits = super()._step(ids)
         return logits * float("nan") if self.calls == 3 else logits
-
-    def state(self):
-        return self.inner.state()
 
 
 def test_validate_catches_nan_in_a_late_segment(tiny_model):
