@@ -19,7 +19,7 @@ import torch
 
 from .config import InfiniConfig
 from .errors import CheckpointError, ConfigError
-from .files import atomic_dir
+from .files import atomic_dir, check_output
 from .model import InfiniLM
 
 FORMAT, FORMAT_VERSION = "infini-trt", 1
@@ -56,8 +56,9 @@ class Checkpoint:
 
 
 def save_checkpoint(model: InfiniLM, path: str | Path, tokenizer: str | Path | None = None,
-                    force: bool = False) -> Path:
-    """Write `model` as a native checkpoint directory (atomically)."""
+                    force: bool = False, inputs: tuple = ()) -> Path:
+    """Write `model` as a native checkpoint directory (atomically); `inputs` (what the model
+    was read from) and the tokenizer are refused as the output."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -66,7 +67,8 @@ def save_checkpoint(model: InfiniLM, path: str | Path, tokenizer: str | Path | N
     dtype = model.embed.weight.dtype
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype_name(dtype),
             "model": model.cfg.to_dict()}
-    with atomic_dir(path, force=force) as tmp:
+    sources = (*inputs, *([tokenizer] if tokenizer is not None else []))
+    with atomic_dir(path, force=force, inputs=sources) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
@@ -83,6 +85,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path} is not a checkpoint directory (expected a directory "
                               f"with {CONFIG_FILE} and {WEIGHTS_FILE})")
     config_path = path / CONFIG_FILE
+    if (path / "manifest.json").is_file() and not config_path.is_file():
+        raise CheckpointError(f"{path} is an export directory (it has manifest.json), not a "
+                              f"checkpoint; give the checkpoint it was exported from")
     if not config_path.is_file():
         raise CheckpointError(f"{path} is not an infini-trt checkpoint: it has no {CONFIG_FILE}")
     try:
@@ -132,7 +137,7 @@ def _listing(names: list[str], limit: int = 3) -> str:
 def check_state_dict(model: InfiniLM, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                      where: str) -> None:
     """Raise CheckpointError unless `tensors` are exactly the model's, with its shapes and
-    `dtype`."""
+    `dtype`, and every value finite."""
     expected = {k: v for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         expected.pop("lm_head.weight")
@@ -150,6 +155,11 @@ def check_state_dict(model: InfiniLM, tensors: dict[str, torch.Tensor], dtype: t
         if t.dtype != dtype:
             raise CheckpointError(f"{where}: tensor {name} is {dtype_name_or_str(t.dtype)}, "
                                   f"config.json says {dtype_name(dtype)}")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{where}: tensor {name} has {bad:,} NaN or infinite "
+                                  f"value(s); the checkpoint is broken")
 
 
 def dtype_name_or_str(dtype: torch.dtype) -> str:

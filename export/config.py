@@ -7,6 +7,7 @@ with a guarded division, one memory per KV head).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -65,12 +66,12 @@ class InfiniConfig:
                                   f"got {getattr(self, name)!r}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        for name in ("norm_eps", "memory_eps", "rope_theta"):
+        for name in ("norm_eps", "memory_eps", "rope_theta", "gate_init"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"config field '{name}' must be a positive number, got {value!r}")
-        if isinstance(self.gate_init, bool) or not isinstance(self.gate_init, (int, float)):
-            raise ConfigError(f"config field 'gate_init' must be a number, got {self.gate_init!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or (name != "gate_init" and value <= 0):
+                kind = "a finite number" if name == "gate_init" else "a finite positive number"
+                raise ConfigError(f"config field '{name}' must be {kind}, got {value!r}")
         for f in fields(self):
             if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
                 raise ConfigError(f"config field '{f.name}' must be true or false, "

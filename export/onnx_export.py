@@ -28,7 +28,7 @@ from infini_trt.plugins.memory_update.onnx_function import memory_update_functio
 from . import memory_op
 from .checkpoint import dtype_from_name, dtype_name, load_checkpoint, read_checkpoint
 from .errors import InfiniTrtError
-from .files import atomic_dir, sha256_file
+from .files import atomic_dir, check_output, sha256_file
 from .io_spec import (EXTEND, FOLD, PREFILL, SEGMENT, GraphSpec, extend_graph, fold_graph,
                       prefill_graph, segment_graph)
 from .manifest import Manifest, package_version
@@ -229,11 +229,12 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
                  tokenizer: Path | None = None,
                  log: Callable[[str], None] = lambda s: None,
                  graphs: tuple[str, ...] = (SEGMENT, PREFILL, EXTEND, FOLD),
-                 quantize: str | None = None) -> Manifest:
+                 quantize: str | None = None, inputs: tuple = ()) -> Manifest:
     """Export `model` (already in its export dtype) into the directory `output`: the segment
     graph, the prompt-reading graph (prefill) and the decoding graphs (extend, fold), or those
     of them that `graphs` names.
-    `quantize="int8"`: int8 weights for ONNX Runtime (export/quantize.py)."""
+    `quantize="int8"`: int8 weights for ONNX Runtime (export/quantize.py). `inputs` (and the
+    tokenizer) are refused as the output."""
     if memory_op_mode not in MEMORY_OPS:
         raise InfiniTrtError(f"--memory-op must be one of {', '.join(MEMORY_OPS)}")
     if opset not in OPSETS:
@@ -251,7 +252,9 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
                                fold_graph(cfg, dtype)) if spec.name in graphs]
     sizes = {"batch": 2, "seq": min(3, cfg.segment_len), "window": cfg.segment_len}
     graphs = {}
-    with atomic_dir(output, force=force) as tmp:
+    sources = (*inputs, *([tokenizer] if tokenizer is not None else []))
+    check_output(output, "dir", force, inputs=sources)
+    with atomic_dir(output, force=force, inputs=sources) as tmp:
         for spec in specs:
             wrapper, file, doc = GRAPHS[spec.name]
             log(f"tracing the {spec.name} graph ({cfg.n_layers} layers, {dtype}, opset {opset})")
@@ -287,6 +290,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | N
                       quantize: str | None = None) -> Manifest:
     """Load a native checkpoint, cast it to `dtype` (default: its own) and export it
     (`quantize="int8"`: with int8 weights, for ONNX Runtime)."""
+    check_output(output, "dir", force, inputs=(checkpoint,))       # before the long work
     ckpt = read_checkpoint(checkpoint)
     model = load_checkpoint(checkpoint)
     if dtype is not None:
@@ -295,4 +299,4 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | N
     source = {"checkpoint": str(ckpt.path.resolve()), "weights_sha256": sha256_file(weights),
               "checkpoint_dtype": dtype_name(ckpt.dtype)}
     return export_model(model, output, memory_op_mode, opset, force, source,
-                        ckpt.tokenizer_path, log, quantize=quantize)
+                        ckpt.tokenizer_path, log, quantize=quantize, inputs=(ckpt.path,))

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import InfiniTrtError, MissingDependencyError
-from .files import atomic_dir, sha256_file
+from .files import atomic_dir, check_output, sha256_file
 from .io_spec import EXTEND, FOLD, PREFILL, SEGMENT
 
 METHODS = ("int8", "int8-rows")
@@ -159,11 +159,12 @@ def quantize_export(source: str | Path, output: str | Path, method: str = "int8"
     weights (fold) are copied as they are."""
     from .manifest import read_manifest
 
+    check_output(output, "dir", force, inputs=(source,))
     manifest = read_manifest(source)
     if manifest.quantization:
         raise InfiniTrtError(f"{source} is already quantized ({manifest.quantization['method']})")
     check_method(method, manifest.dtype)
-    with atomic_dir(output, force=force) as tmp:
+    with atomic_dir(output, force=force, inputs=(source,)) as tmp:
         for graph in manifest.graphs.values():
             for file in graph["files"]:
                 shutil.copyfile(manifest.path / file, tmp / file)

@@ -38,6 +38,7 @@ import torch
 from ..checkpoint import dtype_from_name, save_checkpoint
 from ..config import InfiniConfig
 from ..errors import CheckpointError, ConfigError
+from ..files import check_output, inside
 from .common import expect_shape, native_model, read_json
 
 DEFAULT_GATE_INIT = -5.0
@@ -210,7 +211,7 @@ def weight_files(src: Path) -> dict[str, Path]:
         weight_map = read_json(index, "shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no \"weight_map\"")
-        files = {name: src / str(file) for name, file in weight_map.items()}
+        files = {name: inside(src, file) for name, file in weight_map.items()}
         missing = sorted({p.name for p in files.values() if not p.is_file()})
         if missing:
             raise CheckpointError(f"{src} is missing shard(s) {', '.join(missing[:3])}"
@@ -294,9 +295,10 @@ def convert_hf(src: str | Path, output: str | Path, gate_init: float = DEFAULT_G
                dtype: str | None = None, force: bool = False) -> InfiniConfig:
     """SRC_DIR (a Llama-family HF checkpoint) -> a native checkpoint at `output`, keeping its
     tokenizer.json. Returns the converted model's config."""
+    check_output(output, "dir", force, inputs=(src,))              # before any reading
     model = load_hf(src, segment_len, update_rule, gate_init,
                     None if dtype is None else dtype_from_name(dtype))
     tokenizer = Path(src) / "tokenizer.json"
     save_checkpoint(model, output, tokenizer=tokenizer if tokenizer.is_file() else None,
-                    force=force)
+                    force=force, inputs=(src,))
     return model.cfg

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import dtype_from_name, save_checkpoint
+from ..files import check_output
 from ..config import InfiniConfig
 from ..errors import CheckpointError, ConfigError
 from .common import expect_shape, native_model, read_json
@@ -215,9 +216,10 @@ def convert_lucidrains(src: str | Path, model_args: str | Path, output: str | Pa
                        force: bool = False) -> InfiniConfig:
     """SRC (their state_dict) + ARGS.json (their constructor arguments) -> a native
     checkpoint at `output`. Returns the converted model's config."""
+    check_output(output, "dir", force, inputs=(src, model_args))   # before any reading
     args = read_json(Path(model_args), "model arguments file")
     state = load_source(src)
     model = convert_state_dict(state, args, segment_len,
                                None if dtype is None else dtype_from_name(dtype), str(src))
-    save_checkpoint(model, output, force=force)
+    save_checkpoint(model, output, force=force, inputs=(src, model_args))
     return model.cfg
