@@ -1,7 +1,13 @@
 """The manifest (`manifest.json`) that every export directory carries: what was exported, from
-what, with which tools, and the hashes of its files. Engines built later are recorded in it."""
+what, with which tools, and the hashes of its files. Engines built later are recorded in it.
+
+The manifest carries a hash of its own content (all but the engine records, which `build`
+adds later and which carry their own hashes): an edited manifest (a segment length or
+vocabulary that its graphs were not made for) is refused instead of run. The graph files are
+checked against their recorded hashes by whoever loads them (`runtime/artifacts.py`)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,10 +15,13 @@ from typing import Any
 
 from .config import InfiniConfig
 from .errors import InfiniTrtError
+from .files import inside
 from .io_spec import GraphSpec
 
 MANIFEST_FILE = "manifest.json"
-FORMAT, FORMAT_VERSION = "infini-trt-export", 1
+FORMAT, FORMAT_VERSION = "infini-trt-export", 2
+CONTENT_HASH = "content_sha256"
+UNHASHED = ("engines", CONTENT_HASH)             # written after the export, or the hash itself
 
 
 def package_version(name: str) -> str | None:
@@ -52,7 +61,12 @@ class Manifest:
 
     def graph_file(self, name: str) -> Path:
         self.graph(name)
-        return self.path / self.graphs[name]["file"]
+        return inside(self.path, self.graphs[name]["file"])
+
+    def graph_files(self) -> dict[Path, str]:
+        """Every file of every graph (weights' external data included) -> its recorded sha256."""
+        return {inside(self.path, file): digest for graph in self.graphs.values()
+                for file, digest in graph["files"].items()}
 
     @property
     def source_checkpoint(self) -> Path | None:
@@ -62,19 +76,26 @@ class Manifest:
 
     @property
     def tokenizer_path(self) -> Path | None:
-        return self.path / self.tokenizer if self.tokenizer else None
+        return inside(self.path, self.tokenizer) if self.tokenizer else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": self.versions,
+        data = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": self.versions,
                 "config": self.config.to_dict(), "dtype": self.dtype,
                 "memory_op": self.memory_op, "opset": self.opset, "plugin": self.plugin,
                 "tokenizer": self.tokenizer, "source": self.source, "graphs": self.graphs,
                 "engines": self.engines, "quantization": self.quantization}
+        return {**data, CONTENT_HASH: content_hash(data)}
 
     def write(self, directory: Path | None = None) -> Path:
         target = (directory or self.path) / MANIFEST_FILE
         target.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return target
+
+
+def content_hash(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's JSON content, all but the fields in UNHASHED."""
+    hashed = {k: v for k, v in data.items() if k not in UNHASHED}
+    return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
 
 
 def is_export_dir(path: str | Path) -> bool:
@@ -107,7 +128,12 @@ def read_manifest(path: str | Path) -> Manifest:
         raise InfiniTrtError(f"{file} is not an infini-trt export manifest")
     if data.get("format_version") != FORMAT_VERSION:
         raise InfiniTrtError(f"{file}: format_version {data.get('format_version')!r} is not "
-                             f"supported (this infini-trt reads {FORMAT_VERSION}); re-export")
+                             f"supported (this infini-trt reads {FORMAT_VERSION}); export the "
+                             f"checkpoint again with this infini-trt")
+    if data.get(CONTENT_HASH) != content_hash(data):
+        raise InfiniTrtError(f"{file} was changed after the export (its content hash does not "
+                             f"match): its graphs may not be what it describes; export again "
+                             f"instead of editing a manifest")
     try:
         manifest = Manifest(path=path, config=InfiniConfig.from_dict(data["config"]),
                             dtype=data["dtype"], memory_op=data["memory_op"],
@@ -120,6 +146,8 @@ def read_manifest(path: str | Path) -> Manifest:
     except InfiniTrtError as exc:
         raise InfiniTrtError(f"{file}: {exc}") from None
     for name, graph in manifest.graphs.items():
-        if not (path / graph["file"]).is_file():
-            raise InfiniTrtError(f"{path}: the {name} graph file {graph['file']} is missing")
+        if not manifest.graph_file(name).is_file():
+            raise InfiniTrtError(f"{path}: the {name} graph file {graph['file']} is missing; "
+                                 f"export again")
+        manifest.graph_files()                        # every file name stays inside path
     return manifest

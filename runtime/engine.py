@@ -252,9 +252,11 @@ def build_engines(export_dir: str | Path, settings: BuildSettings, engine: str |
     b<max batch>.engine]; the other graphs' engines go beside it as <stem>.<graph>.engine.
     Returns the manifest entry.
     """
+    from infini_trt.runtime.artifacts import file_sha256, verify_export
     from infini_trt.runtime.cache import cache_root
 
     manifest = read_manifest(export_dir)
+    verify_export(manifest)
     if settings.max_batch < 1:
         raise EngineError("--max-batch must be at least 1")
     if manifest.quantization:
@@ -284,9 +286,9 @@ def build_engines(export_dir: str | Path, settings: BuildSettings, engine: str |
         cached = root / "engines" / key / f"{name}.engine"
         meta_file = cached.with_suffix(".json")
         started = time.perf_counter()
-        hit = cached.is_file() and meta_file.is_file()
+        meta = _cached_meta(meta_file)
+        hit = meta is not None and cached.is_file() and file_sha256(cached) == meta["sha256"]
         if hit:
-            meta = json.loads(meta_file.read_text())
             log(f"{name}: engine cache hit ({key})")
         else:
             log(f"{name}: building ({settings.backend} {version}, sm{cc.replace('.', '')}, "
@@ -297,7 +299,7 @@ def build_engines(export_dir: str | Path, settings: BuildSettings, engine: str |
             with atomic_file(cached) as tmp:
                 tmp.write_bytes(plan)
                 _readable(tmp)
-            meta = {"plugin_layers": plugin_layers,
+            meta = {"plugin_layers": plugin_layers, "sha256": file_sha256(cached),
                     "build_s": round(time.perf_counter() - started, 3)}
             with atomic_file(meta_file) as tmp:
                 tmp.write_text(json.dumps(meta))
@@ -318,6 +320,17 @@ def build_engines(export_dir: str | Path, settings: BuildSettings, engine: str |
              "graphs": files}
     record_engine(manifest, files["segment"]["file"], entry)
     return entry
+
+
+def _cached_meta(meta_file: Path) -> dict | None:
+    """The record of a cached engine, or None where there is none or it is unreadable (the
+    engine is then built again)."""
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and {"sha256", "plugin_layers", "build_s"} <= set(meta) \
+        else None
 
 
 def custom_nodes(onnx_path: Path) -> int:

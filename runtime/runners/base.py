@@ -240,12 +240,10 @@ def open_runner(model: str | Path, backend: str, device: str | None = None,
         from .torch_runner import TorchRunner
 
         if is_export_dir(path):
+            from infini_trt.runtime.artifacts import source_checkpoint
+
             manifest = read_manifest(path)
-            source = manifest.source_checkpoint
-            if source is None:
-                where = manifest.source.get("checkpoint") or "an unknown source"
-                raise InfiniTrtError(f"{path} was exported from {where}, which is not "
-                                     f"available; give the checkpoint itself")
+            source = source_checkpoint(manifest)
             return TorchRunner.from_checkpoint(source, device=device or "cpu",
                                                dtype=dtype or manifest.dtype)
         return TorchRunner.from_checkpoint(path, device=device or "cpu", dtype=dtype)

@@ -20,6 +20,7 @@ from infini_trt.export.errors import InfiniTrtError, InputError, MissingDependen
 from infini_trt.export.io_spec import EXTEND, FOLD, PREFILL, SEGMENT
 from infini_trt.export.manifest import read_manifest
 
+from ..artifacts import verify_export
 from .base import DecodeCaches, Runner
 
 
@@ -105,11 +106,7 @@ class OrtRunner(Runner):
         self.torch_device = torch.device(self.device)
         self.sessions: dict = {}
         self.bindings: dict[str, Binding] = {}
-        for name, graph in self.manifest.graphs.items():   # fail early on a missing file
-            for file in graph["files"]:
-                if not (self.manifest.path / file).is_file():
-                    raise InfiniTrtError(f"{self.manifest.path / file} ({name} graph) is "
-                                         f"missing; export again")
+        verify_export(self.manifest)       # fail early on a missing, changed or swapped file
         # sessions load on first use: a prompt read by `run` needs the prefill graph, never
         # the segment graph, and each session holds its own copy of the weights
 

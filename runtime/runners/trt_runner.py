@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from infini_trt.export.errors import InfiniTrtError, InputError
-from infini_trt.export.files import sha256_file
 from infini_trt.export.io_spec import EXTEND, FOLD, PREFILL, SEGMENT, GraphSpec
 from infini_trt.export.manifest import read_manifest
+
+from ..artifacts import file_sha256, verify_export
 
 from .base import DecodeCaches, Runner
 
@@ -112,6 +113,7 @@ class TrtRunner(Runner):
             raise InfiniTrtError("the tensorrt backend runs on a CUDA GPU; --device cpu is "
                                  "not available for it")
         self.manifest = read_manifest(export_dir)
+        verify_export(self.manifest)
         if runtime is None and engine is None and not self.manifest.engines:
             engines.build_engines(export_dir, engines.BuildSettings(),
                                   log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -157,7 +159,7 @@ class TrtRunner(Runner):
 
             path = self._engine_file(graph)
             recorded = self.entry["graphs"][graph]["sha256"]
-            if sha256_file(path) != recorded:
+            if not path.is_file() or file_sha256(path) != recorded:
                 raise EngineError(f"engine file {path} changed since it was built; rebuild it "
                                   f"with `infini-trt build`")
             self.engines[graph] = GraphEngine(self.runtime, path.read_bytes(),

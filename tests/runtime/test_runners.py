@@ -167,17 +167,17 @@ def test_bad_state_shape_and_missing_model(exported, tmp_path):
         open_runner(out, "jax")
 
 
-def test_onnxruntime_reports_a_corrupt_graph(exported, tmp_path):
+def test_onnxruntime_refuses_a_corrupt_or_missing_graph(exported, tmp_path):
     import shutil
 
     _, out = exported(TINY)
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     (broken / "model.onnx").write_bytes(b"not an onnx file")
-    runner = open_runner(broken, "onnxruntime")          # sessions load on first use
-    runner.reset(1)
-    with pytest.raises(InfiniTrtError, match="onnxruntime cannot load"):
-        runner.step(np.zeros((1, 4), np.int64))
+    with pytest.raises(InfiniTrtError, match="model.onnx is not the file .* sha256 differs"):
+        open_runner(broken, "onnxruntime")                 # before any session loads
+    shutil.copy(out / "model.onnx", broken / "model.onnx")
+    open_runner(broken, "onnxruntime").close()
     (broken / "prefill.onnx").unlink()
     with pytest.raises(InfiniTrtError, match="prefill graph.*missing"):
         open_runner(broken, "onnxruntime")
