@@ -28,3 +28,8 @@ class MissingDependencyError(InfiniTrtError):
 
 class InputError(InfiniTrtError):
     """Input tensors or token files with the wrong shape, dtype or content."""
+
+
+class InfiniTrtWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI prints it as one
+    line on stderr): e.g. prompt words outside the tokenizer's vocabulary."""

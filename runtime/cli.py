@@ -7,24 +7,64 @@ works on a machine with only the base install.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
+import warnings
 
 import click
 
-from infini_trt.export.errors import InfiniTrtError
+from infini_trt.export.errors import InfiniTrtError, InfiniTrtWarning
 
 COMMAND_MODULES = ["checkpoint", "convert", "export", "build", "score", "run", "validate",
                    "passkey", "bench"]
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that every `atomic_*` writer on the stack
+    removes its temporary output (the default action would kill the process on the spot)."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)        # one is enough: let cleanup finish
+    raise Terminated()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, InfiniTrtWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
+
+
+_default_show_warning = warnings.showwarning
+
+
 class Group(click.Group):
-    """A click group that turns any InfiniTrtError into one line on stderr and exit code 1."""
+    """A click group that turns any InfiniTrtError into one line on stderr and exit code 1,
+    SIGTERM and Ctrl-C into one line and exit codes 143 and 130 (after the writers of
+    outputs have removed what they had begun), and our warnings into one line each."""
 
     def invoke(self, ctx: click.Context):
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _terminate)
+        else:                                              # pragma: no cover
+            previous = None
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except InfiniTrtError as exc:
             raise click.ClickException(str(exc)) from None
+        except Terminated:
+            click.echo("infini-trt: terminated (SIGTERM); no partial output was left", err=True)
+            ctx.exit(143)
+        except KeyboardInterrupt:
+            click.echo("\ninfini-trt: interrupted; no partial output was left", err=True)
+            ctx.exit(130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"],

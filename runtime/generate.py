@@ -16,12 +16,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from infini_trt.export.errors import InputError
+from infini_trt.export.errors import InfiniTrtError, InputError
 
 from .loop import progress_bar
 from .resources import peak_rss_bytes
 from .runners.base import Runner
 from .sampling import SamplingConfig, next_tokens
+from .text_stream import TextStream
 
 
 @dataclass
@@ -106,12 +107,14 @@ def prefill(runner: Runner, prompts: list[np.ndarray], progress: bool | None = N
 
 
 def generate(runner: Runner, prompts: list[list[int]] | list[np.ndarray], cfg: SamplingConfig,
-             tokenizer=None, on_token: Callable[[int, int], None] | None = None,
+             tokenizer=None, on_text: Callable[[int, str], None] | None = None,
              progress: bool | None = None) -> GenerationResult:
     """Generate up to cfg.max_new_tokens for each prompt (token ids), batched.
 
-    `on_token(b, token_id)` is called for every token as it is chosen (streaming). Stops a
-    sequence at cfg.eos_id or a stop string (decoded with `tokenizer`)."""
+    With a tokenizer, `on_text(b, text)` is called with each piece of sequence b's text as it
+    becomes final (streaming; `text_stream.TextStream`): the pieces add up to the sequence's
+    `text`. Stops a sequence at cfg.eos_id or where a stop string appears (the text ends
+    before it)."""
     if cfg.stop and tokenizer is None:
         raise InputError("stop strings need a tokenizer")
     prompts = [np.asarray(p, dtype=np.int64) for p in prompts]
@@ -123,10 +126,17 @@ def generate(runner: Runner, prompts: list[list[int]] | list[np.ndarray], cfg: S
     n = runner.config.segment_len
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     sequences = [Sequence(prompt_tokens=len(p)) for p in prompts]
+    streams = [TextStream(tokenizer, cfg.stop) if tokenizer is not None else None
+               for _ in prompts]
+
+    def emit(b: int, text: str) -> None:
+        if text and on_text is not None:
+            on_text(b, text)
 
     t0 = time.perf_counter()
     logits, position = prefill(runner, prompts, progress)
     t_prefill = time.perf_counter() - t0
+    _check_finite(logits, runner, "the prompt")
     seen = torch.zeros((batch, vocab), dtype=torch.bool, device=logits.device)
     if cfg.repetition_penalty != 1.0:
         for b, p in enumerate(prompts):
@@ -145,9 +155,10 @@ def generate(runner: Runner, prompts: list[list[int]] | list[np.ndarray], cfg: S
             token = int(tokens_np[b])
             sequences[b].token_ids.append(token)
             seen[b, token] = True
-            if on_token is not None:
-                on_token(int(b), token)
-            reason = _finished(sequences[b], token, cfg, tokenizer)
+            if streams[b] is not None:
+                emit(int(b), streams[b].push(token))
+            reason = ("eos" if cfg.eos_id is not None and token == cfg.eos_id else
+                      "stop" if streams[b] is not None and streams[b].stopped else None)
             if reason:
                 sequences[b].finish_reason = reason
                 active[b] = False
@@ -155,29 +166,23 @@ def generate(runner: Runner, prompts: list[list[int]] | list[np.ndarray], cfg: S
             break
         ids = np.where(active, tokens_np, 0)[:, None].astype(np.int64)
         logits = runner.extend(ids, position, active.astype(np.int64))[:, 0]
+        _check_finite(logits, runner, f"decoded token {i + 1}")
         position += active
         full = position == n
         runner.fold(full)
         position[full] = 0
     t_end = time.perf_counter()
-    if tokenizer is not None:
-        for s in sequences:
-            s.text = _trim_stop(tokenizer.decode(s.token_ids), cfg.stop)
+    for b, (sequence, stream) in enumerate(zip(sequences, streams)):
+        if stream is not None:
+            emit(b, stream.finish())
+            sequence.text = stream.text
     return GenerationResult(runner.description, sequences, t_prefill, ttft,
                             t_end - t_decode if decoded else 0.0, decoded,
                             peak_rss_bytes() / 2**20)
 
 
-def _finished(seq: Sequence, token: int, cfg: SamplingConfig, tokenizer) -> str | None:
-    if cfg.eos_id is not None and token == cfg.eos_id:
-        return "eos"
-    if cfg.stop:
-        tail = tokenizer.decode(seq.token_ids[-64:])
-        if any(s in tail for s in cfg.stop):
-            return "stop"
-    return None
-
-
-def _trim_stop(text: str, stops: tuple[str, ...]) -> str:
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return text[:cut] if cut >= 0 else text
+def _check_finite(logits: torch.Tensor, runner: Runner, where: str) -> None:
+    if not bool(torch.isfinite(logits).all()):
+        raise InfiniTrtError(f"{runner.description} produced NaN or infinite logits after "
+                             f"{where}; the model or its export is broken (check it with "
+                             f"`infini-trt validate`)")

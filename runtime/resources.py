@@ -1,8 +1,17 @@
-"""Peak memory of this process, as reported by the kernel."""
+"""Memory: peak use of this process, as reported by the kernel, and sizes for people."""
 from __future__ import annotations
 
 import resource
 import sys
+
+
+def format_bytes(n: float) -> str:
+    """'512.0 KiB', '3.2 MiB', '20.1 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} TiB"            # pragma: no cover
 
 
 def peak_rss_bytes() -> int:

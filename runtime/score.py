@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infini_trt.export.errors import InputError
+from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.export.files import atomic_file
 
 from .loop import Timer, stream
-from .resources import peak_rss_bytes
+from .resources import format_bytes, peak_rss_bytes
 from .runners.base import Runner
 
 
@@ -31,22 +31,36 @@ class ScoreResult:
         return asdict(self)
 
 
-def read_tokens(path: str | Path, tokenizer=None) -> tuple[np.ndarray, bool]:
+def read_tokens(path: str | Path, tokenizer=None, vocab_size: int | None = None
+                ) -> tuple[np.ndarray, bool]:
     """A token file -> (ids (B, T) int64, was_1d). `.npy` holds ints ([T] or [B, T]); any
-    other file is text, encoded with `tokenizer`."""
+    other file is text, encoded with `tokenizer`. With `vocab_size`, ids outside
+    [0, vocab_size) are refused (checked before the cast to int64, which would wrap)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not a token file (.npy ids or text)")
     if not path.is_file():
         raise InputError(f"no such token file: {path}")
     if path.suffix == ".npy":
         try:
             ids = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:
             raise InputError(f"{path} is not a readable .npy file ({exc})") from None
+        if not isinstance(ids, np.ndarray):                 # np.load opened an .npz archive
+            ids.close()
+            raise InputError(f"{path} is an .npz archive, not a .npy array; write the ids "
+                             f"with numpy.save")
         if ids.dtype.kind not in "iu":
             raise InputError(f"{path} holds {ids.dtype} values; token ids must be integers")
         if ids.ndim not in (1, 2) or ids.size == 0:
             raise InputError(f"{path} must hold token ids of shape [T] or [B, T], got "
                              f"{list(ids.shape)}")
+        bad = ids[(ids < 0) | (ids >= vocab_size)] if vocab_size is not None else ids[:0]
+        if bad.size:
+            raise InputError(f"{path}: token id {int(bad.flat[0])} is outside the vocabulary "
+                             f"[0, {vocab_size})")
+        if ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max:
+            raise InputError(f"{path}: token id {int(ids.max())} is outside any vocabulary")
         return (ids[None] if ids.ndim == 1 else ids).astype(np.int64), ids.ndim == 1
     if tokenizer is None:
         raise InputError(f"{path} is text, and this model has no tokenizer")
@@ -60,6 +74,24 @@ def read_tokens(path: str | Path, tokenizer=None) -> tuple[np.ndarray, bool]:
     return np.asarray(ids, dtype=np.int64)[None], True
 
 
+def logits_bytes(tokens: np.ndarray, vocab_size: int) -> int:
+    """Size of the float32 logits of every token of `tokens` (B, T)."""
+    return 4 * tokens.size * vocab_size
+
+
+def check_logits_room(path: str | Path, nbytes: int) -> None:
+    """Refuse a --logits-out that the disk it lands on has no room for, before the work."""
+    import shutil
+
+    parent = Path(path).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if nbytes > free:
+        raise InputError(f"the logits need {format_bytes(nbytes)} and {parent} has "
+                         f"{format_bytes(free)} free; score fewer tokens or write elsewhere")
+
+
 def score(runner: Runner, tokens: np.ndarray, logits_out: str | Path | None = None,
           squeeze: bool = False, progress: bool | None = None) -> ScoreResult:
     """Stream `tokens` (B, T) through `runner`; mean NLL of each next token, perplexity,
@@ -67,6 +99,8 @@ def score(runner: Runner, tokens: np.ndarray, logits_out: str | Path | None = No
     batch, total = tokens.shape
     if total < 2:
         raise InputError("scoring needs at least 2 tokens")
+    if logits_out is not None:
+        check_logits_room(logits_out, logits_bytes(tokens, runner.config.vocab_size))
     nll_sum, predicted = 0.0, 0
     out = None
     with Timer() as timer, _LogitsFile(logits_out, tokens.shape, runner.config.vocab_size,
@@ -75,6 +109,10 @@ def score(runner: Runner, tokens: np.ndarray, logits_out: str | Path | None = No
             s = logits.shape[1]
             targets = torch.from_numpy(tokens[:, start + 1:start + s + 1]).to(logits.device)
             n = targets.shape[1]
+            if not bool(torch.isfinite(logits).all()):
+                raise InfiniTrtError(f"{runner.description} produced NaN or infinite logits "
+                                     f"in the segment at token {start:,}; the model or its "
+                                     f"export is broken (check it with `infini-trt validate`)")
             if n:
                 logp = torch.log_softmax(logits[:, :n].float(), dim=-1)
                 nll_sum -= float(logp.gather(-1, targets[..., None]).sum())

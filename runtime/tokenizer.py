@@ -1,9 +1,10 @@
 """Tokenizers: a Hugging Face `tokenizer.json` when the model has one, bytes otherwise."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from infini_trt.export.errors import InfiniTrtError
+from infini_trt.export.errors import InfiniTrtError, InfiniTrtWarning
 
 
 class ByteTokenizer:
@@ -41,6 +42,8 @@ class HFTokenizer:
         except Exception as exc:
             raise InfiniTrtError(f"cannot read tokenizer {path}: {exc}") from None
         self.name = str(path)
+        unk = getattr(self.tok.model, "unk_token", None)
+        self.unk = (unk, self.tok.token_to_id(unk)) if unk else None
         self.eos_id = None
         for candidate in ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<eos>"):
             token_id = self.tok.token_to_id(candidate)
@@ -49,7 +52,19 @@ class HFTokenizer:
                 break
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; words outside the vocabulary (which become the unknown token)
+        are named in an InfiniTrtWarning, since the model cannot read them."""
+        encoding = self.tok.encode(text, add_special_tokens=False)
+        if self.unk is not None:
+            unk, unk_id = self.unk
+            words = [text[a:b] for i, (a, b) in zip(encoding.ids, encoding.offsets)
+                     if i == unk_id and text[a:b] != unk]
+            if words:
+                shown = ", ".join(repr(w) for w in dict.fromkeys(words[:5]))
+                warnings.warn(InfiniTrtWarning(
+                    f"{len(words)} word(s) of the text are not in the tokenizer's vocabulary "
+                    f"and became {unk}: {shown}{' ...' if len(words) > 5 else ''}"))
+        return encoding.ids
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)

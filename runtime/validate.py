@@ -161,6 +161,8 @@ def parse_tolerances(items: list[str]) -> dict[str, float]:
                 out[n] = float(value)
             except ValueError:
                 raise InfiniTrtError(f"--tol: {value!r} is not a number") from None
+            if not np.isfinite(out[n]) or out[n] <= 0:
+                raise InfiniTrtError(f"--tol: {value!r} must be a finite positive number")
     return out
 
 
@@ -226,14 +228,14 @@ def validate(reference: Runner, candidates: list[Runner], segments: int = 8, bat
 
 
 def validation_tokens(path: str | Path, tokenizer, batch: int, segments: int,
-                      segment_len: int) -> np.ndarray:
+                      segment_len: int, vocab_size: int | None = None) -> np.ndarray:
     """The tokens of a file (text, or .npy ids [T] or [B, T]) to validate on -> (B, T): a
     stream of tokens is cut into `batch` rows of equal length, a [B, T] file keeps its rows;
     each row is cut to `segments` segments (the file's tokens as they are when it has fewer,
-    the last segment partial). The runners check the ids against the vocabulary."""
+    the last segment partial). Ids outside [0, vocab_size) are refused."""
     from .score import read_tokens
 
-    ids, stream = read_tokens(path, tokenizer)
+    ids, stream = read_tokens(path, tokenizer, vocab_size)
     if stream:
         per_row = ids.shape[1] // batch
         if per_row < 1:
@@ -264,7 +266,8 @@ def validate_export(checkpoint: str | Path, export_dir: str | Path, segments: in
 
         cfg = manifest.config
         tokenizer = LazyTokenizer(lambda: model_tokenizer(export_dir, cfg.vocab_size))
-        tokens = validation_tokens(tokens_file, tokenizer, batch, segments, cfg.segment_len)
+        tokens = validation_tokens(tokens_file, tokenizer, batch, segments, cfg.segment_len,
+                                   cfg.vocab_size)
     reference = TorchRunner.from_checkpoint(checkpoint, dtype="float64")
     candidates: list[Runner] = []
     if include_torch:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import click
 
+from .options import OUTPUT_FILE
+
 
 @click.command(short_help="Build TensorRT engines for an export.")
 @click.argument("export_dir", metavar="OUT", type=click.Path())
-@click.option("--engine", type=click.Path(dir_okay=False), default=None,
+@click.option("--engine", type=OUTPUT_FILE, default=None,
               help="Engine file of the segment graph (the decoding graphs' engines go beside "
                    "it) [default: OUT/engines/<backend>-sm<XY>-b<max batch>.engine].")
 @click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default="tensorrt",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .options import DTYPE_CHOICE
+from .options import DTYPE_CHOICE, OUTPUT_DIR
 
 
 @click.command(short_help="Import a checkpoint trained elsewhere (lucidrains, Hugging Face).")
@@ -11,7 +11,7 @@ from .options import DTYPE_CHOICE
               help="lucidrains: an infini-transformer-pytorch InfiniTransformer state_dict; "
                    "hf: a Hugging Face Llama/Mistral/Qwen2 checkpoint directory.")
 @click.argument("src", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--output", required=True, type=OUTPUT_DIR,
               help="Checkpoint directory to write.")
 @click.option("--model-args", type=click.Path(dir_okay=False), default=None,
               help="lucidrains: JSON of the InfiniTransformer constructor arguments.")

@@ -5,12 +5,12 @@ import click
 
 from infini_trt.export.quantize import METHODS as QUANTIZE_METHODS
 
-from .options import DTYPE_CHOICE
+from .options import DTYPE_CHOICE, OUTPUT_DIR
 
 
 @click.command(short_help="Export a checkpoint to ONNX graphs and a manifest.")
 @click.argument("checkpoint", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--output", required=True, type=OUTPUT_DIR,
               help="Export directory to write (model.onnx, manifest.json).")
 @click.option("--dtype", type=DTYPE_CHOICE, default=None,
               help="Compute dtype of the graph [default: the checkpoint's]. State stays fp32.")

@@ -6,6 +6,32 @@ BACKEND_CHOICE = click.Choice(["torch", "onnxruntime", "tensorrt"])
 DEVICE_CHOICE = click.Choice(["cpu", "cuda"])
 
 
+class OutputPath(click.ParamType):
+    """A file or directory the command will write, checked when the command line is read
+    (`files.check_output`), so that a long run never ends on an output it cannot write.
+    Whether a non-empty directory may be replaced (--force) is the command's to check."""
+
+    name = "path"
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def convert(self, value, param, ctx):
+        from infini_trt.export.errors import InfiniTrtError
+        from infini_trt.export.files import check_output
+
+        try:
+            check_output(value, self.kind)
+        except InfiniTrtError as exc:
+            raise click.ClickException(f"{param.opts[-1] if param else 'output'}: {exc}"
+                                       ) from None
+        return str(value)
+
+
+OUTPUT_FILE = OutputPath("file")
+OUTPUT_DIR = OutputPath("dir")
+
+
 def engine_options(command):
     """--engine and --cuda-graphs, for commands that can run the tensorrt backend."""
     command = click.option("--cuda-graphs", is_flag=True,
@@ -23,3 +49,10 @@ def runner_options(backend: str, engine: str | None, cuda_graphs: bool) -> dict:
             raise click.UsageError("--engine and --cuda-graphs go with --backend tensorrt")
         return {}
     return {"engine": engine, "cuda_graphs": cuda_graphs}
+
+
+def stop_strings(ctx, param, values):
+    """--stop: non-empty strings (an empty one would stop before the first token)."""
+    if any(v == "" for v in values):
+        raise click.BadParameter("a stop string must not be empty", ctx, param)
+    return values

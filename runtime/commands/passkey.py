@@ -5,7 +5,7 @@ import json
 
 import click
 
-from .options import BACKEND_CHOICE, DEVICE_CHOICE
+from .options import BACKEND_CHOICE, DEVICE_CHOICE, OUTPUT_FILE
 
 
 @click.command(short_help="The passkey retrieval grid (the paper's Table 3).")
@@ -19,7 +19,7 @@ from .options import BACKEND_CHOICE, DEVICE_CHOICE
               help="Where the key sits: start, middle, end, or fractions between 0 and 1.")
 @click.option("--trials", default=5, type=click.IntRange(1), help="Random keys per cell.")
 @click.option("--seed", default=0, help="Seed of the keys.")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "json_file", type=OUTPUT_FILE, default=None,
               help="Write the full result (every cell and answer) to this JSON file.")
 @click.option("--check/--no-check", default=True,
               help="Before the grid, check the exported graph against the float64 PyTorch "

@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from .options import BACKEND_CHOICE, DEVICE_CHOICE, engine_options, runner_options
+from .options import (BACKEND_CHOICE, DEVICE_CHOICE, engine_options, runner_options,
+                      stop_strings)
 
 
 @click.command()
@@ -14,7 +15,8 @@ from .options import BACKEND_CHOICE, DEVICE_CHOICE, engine_options, runner_optio
 @click.option("--prompt", "prompts", multiple=True,
               help="Prompt text. Repeat for a batch of prompts (of any lengths).")
 @click.option("--prompt-file", "prompt_files", multiple=True, type=click.Path(dir_okay=False),
-              help="Read a prompt from a file (text, or .npy token ids). Repeatable.")
+              help="Read a prompt from a file: text, or .npy token ids ([T]: one prompt; "
+                   "[B, T]: B prompts). Repeatable.")
 @click.option("--backend", type=BACKEND_CHOICE, default="onnxruntime")
 @click.option("--device", type=DEVICE_CHOICE, default=None,
               help="Where to run [default: cuda when the backend has it, else cpu].")
@@ -26,7 +28,8 @@ from .options import BACKEND_CHOICE, DEVICE_CHOICE, engine_options, runner_optio
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0)
 @click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible).")
-@click.option("--stop", "stops", multiple=True, help="Stop at this string. Repeatable.")
+@click.option("--stop", "stops", multiple=True, callback=stop_strings,
+              help="Stop where this string appears (the text ends before it). Repeatable.")
 @click.option("--eos/--no-eos", default=True, help="Stop at the tokenizer's end token.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (tokens, text, timings, peak memory).")
@@ -43,6 +46,7 @@ def run(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...], bac
     MODEL is a native checkpoint or an export directory. The prompt is prefilled segment by
     segment (with a progress bar), then the text is streamed to stdout as it is generated."""
     from infini_trt.export.errors import InputError
+    from infini_trt.export.manifest import model_config
     from infini_trt.runtime.generate import generate
     from infini_trt.runtime.runners import open_runner
     from infini_trt.runtime.sampling import SamplingConfig
@@ -53,24 +57,29 @@ def run(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...], bac
         raise InputError("give --prompt TEXT or --prompt-file FILE")
     sample = not greedy and any(v is not None for v in (temperature, top_k, top_p))
     options = runner_options(backend, engine, cuda_graphs)
+    vocab = model_config(model).vocab_size
+    tokenizer = model_tokenizer(model, vocab)            # the prompts are read before the work
+    token_lists = [tokenizer.encode(p) for p in prompts]
+    sources = list(prompts)
+    for file in prompt_files:
+        rows = read_tokens(file, tokenizer, vocab)[0]
+        token_lists += list(rows)
+        sources += [file if len(rows) == 1 else f"{file}[{i}]" for i in range(len(rows))]
+    if any(len(t) == 0 for t in token_lists):
+        raise InputError("a prompt is empty")
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=not sample,
+                         temperature=temperature or 1.0, top_k=top_k or 0,
+                         top_p=top_p or 1.0, repetition_penalty=repetition_penalty,
+                         seed=seed, eos_id=tokenizer.eos_id if eos else None, stop=stops)
+    stream = not as_json and len(token_lists) == 1
     with open_runner(model, backend, device=device, **options) as runner:
-        tokenizer = model_tokenizer(model, runner.config.vocab_size)
-        token_lists = [tokenizer.encode(p) for p in prompts]
-        token_lists += [read_tokens(f, tokenizer)[0][0] for f in prompt_files]
-        if any(len(t) == 0 for t in token_lists):
-            raise InputError("a prompt is empty")
-        cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=not sample,
-                             temperature=temperature or 1.0, top_k=top_k or 0,
-                             top_p=top_p or 1.0, repetition_penalty=repetition_penalty,
-                             seed=seed, eos_id=tokenizer.eos_id if eos else None, stop=stops)
-        streamer = None if as_json or len(token_lists) > 1 else _Streamer(tokenizer)
         result = generate(runner, token_lists, cfg, tokenizer,
-                          on_token=streamer, progress=progress)
-    if streamer is not None:
-        streamer.finish()
+                          on_text=_write if stream else None, progress=progress)
+    if stream:
+        _write(0, "\n")
     if as_json:
         data = result.to_dict()
-        for seq, text in zip(data["sequences"], list(prompts) + list(prompt_files)):
+        for seq, text in zip(data["sequences"], sources):
             seq["prompt"] = text
         click.echo(json.dumps(data, indent=2))
         return
@@ -84,25 +93,10 @@ def run(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...], bac
                f"tokens/s, peak RSS {result.peak_rss_mb:,.0f} MiB", err=True)
 
 
-class _Streamer:
-    """Prints the text of one sequence as it grows (waiting out incomplete UTF-8)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
-
-    def __call__(self, b: int, token: int) -> None:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return
-        sys.stdout.write(text[len(self.printed):])
-        sys.stdout.flush()
-        self.printed = text
-
-    def finish(self) -> None:
-        """The rest (what was held back, if the text ends in U+FFFD after all), a newline."""
-        sys.stdout.write(self.tokenizer.decode(self.ids)[len(self.printed):] + "\n")
-        sys.stdout.flush()
+def _write(b: int, text: str) -> None:
+    """Stream one piece of the text (the generator hands out only final text)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 COMMANDS = [run]

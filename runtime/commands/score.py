@@ -5,7 +5,7 @@ import json
 
 import click
 
-from .options import BACKEND_CHOICE, DEVICE_CHOICE, engine_options, runner_options
+from .options import BACKEND_CHOICE, DEVICE_CHOICE, OUTPUT_FILE, engine_options, runner_options
 
 
 @click.command(short_help="Teacher-forced logits and perplexity, any length.")
@@ -16,7 +16,7 @@ from .options import BACKEND_CHOICE, DEVICE_CHOICE, engine_options, runner_optio
 @click.option("--backend", type=BACKEND_CHOICE, default="onnxruntime")
 @click.option("--device", type=DEVICE_CHOICE, default=None,
               help="Where to run [default: cuda when the backend has it, else cpu].")
-@click.option("--logits-out", type=click.Path(dir_okay=False), default=None,
+@click.option("--logits-out", type=OUTPUT_FILE, default=None,
               help="Write all logits to this .npy file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--progress/--no-progress", default=None,
@@ -29,14 +29,25 @@ def score(model: str, token_file: str, backend: str, device: str | None,
 
     MODEL is a native checkpoint or an export directory (a checkpoint is exported first, and
     the export cached, for the onnxruntime and tensorrt backends)."""
+    from infini_trt.export.files import check_output
+    from infini_trt.export.manifest import model_config
+    from infini_trt.runtime.resources import format_bytes
     from infini_trt.runtime.runners import open_runner
-    from infini_trt.runtime.score import read_tokens, score as run_score
+    from infini_trt.runtime.score import check_logits_room, logits_bytes, read_tokens
+    from infini_trt.runtime.score import score as run_score
     from infini_trt.runtime.tokenizer import LazyTokenizer, model_tokenizer
 
     options = runner_options(backend, engine, cuda_graphs)
+    vocab = model_config(model).vocab_size
+    tokens, was_1d = read_tokens(token_file, LazyTokenizer(lambda: model_tokenizer(model, vocab)),
+                                 vocab)
+    if logits_out:
+        check_output(logits_out, "file", inputs=(token_file,))
+        size = logits_bytes(tokens, vocab)
+        check_logits_room(logits_out, size)
+        click.echo(f"writing {tokens.size:,} x {vocab:,} float32 logits ({format_bytes(size)}) "
+                   f"to {logits_out}", err=True)
     with open_runner(model, backend, device=device, **options) as runner:
-        text_tokenizer = LazyTokenizer(lambda: model_tokenizer(model, runner.config.vocab_size))
-        tokens, was_1d = read_tokens(token_file, text_tokenizer)
         result = run_score(runner, tokens, logits_out, squeeze=was_1d, progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))

@@ -5,6 +5,8 @@ import json
 
 import click
 
+from .options import OUTPUT_FILE
+
 
 @click.command(short_help="Check the exported graphs against the float64 reference.")
 @click.argument("checkpoint", type=click.Path())
@@ -27,7 +29,7 @@ import click
                    "export (its segment engine file).")
 @click.option("--cuda-graphs", is_flag=True,
               help="Run the TensorRT engine through CUDA graphs (with --engine).")
-@click.option("--report", type=click.Path(dir_okay=False), default=None,
+@click.option("--report", type=OUTPUT_FILE, default=None,
               help="Write the full report (per segment) as JSON.")
 @click.option("--progress/--no-progress", default=None)
 def validate(checkpoint: str, export_dir: str, segments: int, batch: int, seed: int,

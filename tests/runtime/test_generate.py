@@ -179,17 +179,16 @@ def test_bad_generation_requests(exported):
     assert result.exit_code == 1 and "give --prompt" in result.output
 
 
-def test_streamed_text_is_all_printed_and_non_byte_ids_show(capsys):
-    """The streamer holds back a text that ends in U+FFFD (an unfinished UTF-8 character) and
-    prints it at the end if it stays so; ids beyond the 256 bytes (a random 32K-vocabulary
-    model on the byte tokenizer) show as U+FFFD instead of vanishing."""
-    from infini_trt.runtime.commands.run import _Streamer
+def test_streamed_text_is_all_given_and_non_byte_ids_show():
+    """A text that ends in U+FFFD (an unfinished UTF-8 character) is held back and given at
+    the end if it stays so; ids beyond the 256 bytes (a random 32K-vocabulary model on the
+    byte tokenizer) show as U+FFFD instead of vanishing."""
+    from infini_trt.runtime.text_stream import TextStream
 
     tok = ByteTokenizer()
     assert tok.decode(tok.encode("é") + [300] + tok.encode("x")) == "é\ufffdx"
-    streamer = _Streamer(tok)
-    for token in tok.encode("ok ") + [tok.encode("é")[0], 1000]:
-        streamer(0, token)
-    assert capsys.readouterr().out == "ok "                  # the tail is held back ...
-    streamer.finish()
-    assert capsys.readouterr().out == "\ufffd\ufffd\n"       # ... and printed at the end
+    stream = TextStream(tok)
+    pieces = [stream.push(t) for t in tok.encode("ok ") + [tok.encode("é")[0], 1000]]
+    assert "".join(pieces) == "ok "                          # the tail is held back ...
+    assert stream.finish() == "\ufffd\ufffd"                  # ... and given at the end
+    assert stream.text == "ok \ufffd\ufffd"
