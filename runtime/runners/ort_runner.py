@@ -72,8 +72,8 @@ class Binding:
     """One graph's session and IOBinding, kept between calls: a name is re-bound only when its
     tensor's address, shape or dtype changed (ping-pong buffers alternate between two)."""
 
-    def __init__(self, session, device: str):
-        self.session, self.device = session, device
+    def __init__(self, session, device: str, name: str = "graph"):
+        self.session, self.device, self.name = session, device, name
         self.io = session.io_binding()
         self.bound: dict[str, tuple] = {}
 
@@ -85,7 +85,12 @@ class Binding:
                     bind(name, self.device, 0, element_type(tensor.dtype), list(tensor.shape),
                          tensor.data_ptr())
                     self.bound[name] = key
-        self.session.run_with_iobinding(self.io)
+        try:
+            self.session.run_with_iobinding(self.io)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InfiniTrtError(f"onnxruntime failed running the {self.name} graph: {first}"
+                                 ) from None
 
 
 class OrtRunner(Runner):
@@ -130,7 +135,7 @@ class OrtRunner(Runner):
              outputs: dict[str, torch.Tensor]) -> None:
         """Run one graph with every input and output bound to a torch tensor (zero-copy)."""
         if graph not in self.bindings:
-            self.bindings[graph] = Binding(self.session(graph), self.device)
+            self.bindings[graph] = Binding(self.session(graph), self.device, graph)
         self.bindings[graph].run(inputs, outputs)
 
     def _load(self, buffer: torch.Tensor, array: np.ndarray) -> torch.Tensor:

@@ -423,3 +423,24 @@ def test_check_output_allows_what_it_should(tmp_path, monkeypatch):
     with atomic_file("out.json", inputs=["in.json"]) as tmp:
         tmp.write_text("{}")
     assert (tmp_path / "out.json").read_text() == "{}"
+
+
+def test_an_onnxruntime_failure_is_one_line():
+    from infini_trt.runtime.runners.ort_runner import Binding
+
+    class Session:
+        def io_binding(self):
+            return self
+
+        def bind_input(self, *args):
+            pass
+
+        bind_output = bind_input
+
+        def run_with_iobinding(self, io):
+            raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid "
+                               "dimensions for input: memory\n more detail")
+
+    with pytest.raises(InfiniTrtError, match=r"^onnxruntime failed running the extend graph: "
+                                             r"\[ONNXRuntimeError\].*memory$"):
+        Binding(Session(), "cpu", "extend").run({}, {})
