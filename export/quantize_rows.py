@@ -6,11 +6,19 @@ A MatMul X (..., K) @ W (K, N) with a constant float32 weight becomes
     Xq   = QuantizeLinear(X, s, 128)                       uint8, blocked over the whole row
     Y    = MatMulIntegerToFloat(Xq, Wq, 1, w_scale, 128) * s
 
-with Wq = round(W / w_scale) int8 and w_scale = max|W[:, n]| / 127 (symmetric, one scale per
-output column, made here once). ONNX Runtime runs MatMulIntegerToFloat (com.microsoft) as one
-u8 x s8 GEMM with the column scales applied to its int32 result (AVX-512 VNNI here); the row
-scale cannot go into it (its a_scale is one number), hence the Mul after. Projections that
-read the same activations (q, k and v; gate and up) share one quantization of them.
+with Wq = round(W / w_scale) int8 in [-127, 127], one scale per output column, made here once
+(quantize_columns): w_scale = max|W[:, n]| / 127, raised where needed so that in every pair of
+input channels (2j, 2j+1) whose weights agree in sign |Wq[2j, n]| + |Wq[2j+1, n]| <= 128.
+ONNX Runtime runs MatMulIntegerToFloat (com.microsoft) as one u8 x s8 GEMM with the column
+scales applied to its int32 result; the row scale cannot go into it (its a_scale is one
+number), hence the Mul after. Projections that read the same activations (q, k and v; gate
+and up) share one quantization of them.
+
+Why the pair bound: without VNNI (AVX2; AVX-512 before VNNI) ONNX Runtime's u8 x s8 kernels
+multiply with vpmaddubsw, which adds the products of channels 2j and 2j+1 in int16 with
+saturation; 255 * 128 = 32640 fits, and products of opposite signs cannot add up. So bounded,
+every kernel computes the same integers: one export, exact on every x86 CPU, at the speed of
+the u8 x s8 kernels (7-bit weights would be exact too, at twice the rounding step).
 
 The row maximum is ReduceMax / ReduceMin (no |X| copy) and the division by s is
 QuantizeLinear's own, with opset 21's blocked form (block = the row): the graphs' default opset
@@ -19,10 +27,6 @@ becomes 21 (the operators changed by 21 only gained types).
 Against ONNX Runtime's dynamic quantization (DynamicQuantizeMatMul: one activation scale per
 *tensor*), a row's scale depends only on that row: the outliers of one token do not coarsen
 the others', and a sequence's results do not depend on what else is in the batch.
-
-Without VNNI, ONNX Runtime's AVX2 u8 x s8 kernel sums pairs of products in 16 bits, which full
-8-bit operands can saturate (what its quantizer's reduce_range option is for); the figures in
-export/quantize.py were measured with VNNI. `validate` states the parity on any machine.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ import numpy as np
 MS_DOMAIN = "com.microsoft"
 OPSET = 21                # QuantizeLinear with block_size
 ZERO_POINT = 128          # activations: uint8, symmetric around 128
+LEVELS = 127              # weights: int8 in [-LEVELS, LEVELS]
+PAIR_LIMIT = 128          # |Wq[2j]| + |Wq[2j+1]| of the same sign: 255 * 128 <= 32767 (int16)
 
 
 def weight_matmuls(graph) -> list:
@@ -44,11 +50,17 @@ def weight_matmuls(graph) -> list:
 
 
 def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float (K, N) -> (int8 (K, N), float32 scales (N,)): symmetric, one scale per column."""
+    """float (K, N) -> (int8 (K, N), float32 scales (N,)): symmetric, one scale per column,
+    levels in [-127, 127], and |q[2j, n]| + |q[2j+1, n]| <= 128 where the two agree in sign."""
     w = w.astype(np.float64)
-    scale = np.abs(w).max(axis=0) / 127.0
+    even, odd = w[0:len(w) - 1:2], w[1::2]                    # (K // 2, N) each
+    agree = np.sign(even) * np.sign(odd) >= 0
+    pairs = np.where(agree, np.abs(even) + np.abs(odd), 0.0)
+    # sums of <= LEVELS before rounding: <= LEVELS + 1 = PAIR_LIMIT after
+    peak = np.maximum(np.abs(w).max(axis=0), pairs.max(axis=0, initial=0.0))
+    scale = peak / LEVELS
     scale[scale == 0] = 1.0
-    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(w / scale), -LEVELS, LEVELS).astype(np.int8)
     return q, scale.astype(np.float32)
 
 

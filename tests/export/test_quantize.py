@@ -117,6 +117,10 @@ def test_manifest_of_int8_export_is_json_with_the_record(int8_export):
     for graph in ("segment", "prefill", "extend"):
         op = record["graphs"][graph]["op"] if "graphs" in record else record["op"]
         assert op == _op(record["method"], graph)
+        if op == "MatMulIntegerToFloat":            # the weights' range, and why it is safe
+            rows = record["graphs"][graph]
+            assert "[-127, 127]" in rows["weights"] and "<= 128" in rows["weights"]
+            assert "int16" in rows["weights_why"] and "255 * 128 <= 32767" in rows["weights_why"]
     assert data["source"]["quantized_from"]
 
 

@@ -1,15 +1,48 @@
-"""int8-rows (export/quantize_rows.py) on a small graph: ONNX Runtime computes the stated
-quantized math, each row at its own scale, independently of the other rows."""
+"""int8-rows (export/quantize_rows.py) on a small graph: the weights' levels keep the pair bound,
+ONNX Runtime computes the stated quantized math, each row at its own scale, independently of
+the other rows, also on a CPU without VNNI (emulated by qemu-user)."""
+import platform
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from infini_trt.export.quantize_rows import quantize_columns, quantize_rows
+from infini_trt.export.quantize_rows import LEVELS, PAIR_LIMIT, quantize_columns, quantize_rows
 
 ort = pytest.importorskip("onnxruntime")
 
 K, N = 48, 40
+
+
+@pytest.mark.parametrize("k", [48, 33], ids=["even-K", "odd-K"])
+def test_weight_levels_keep_the_pair_bound_and_round_to_nearest(k):
+    rng = np.random.default_rng()
+    w = np.concatenate([rng.standard_normal((k, 4)), rng.uniform(-1, 1, (k, 4)),
+                        rng.standard_normal((k, 2)) * rng.uniform(0, 3, (k, 1)) ** 4,
+                        np.zeros((k, 1))], axis=1)
+    w[:2, 4] = [-2.0, -2.0]                 # a pair of equal maxima (the rest <= 1): it binds
+    w[:, 1] = np.where(np.arange(k) % 2, 1.0, -1.0) * np.abs(w[:, 1])  # no pair agrees in sign
+    q, scale = quantize_columns(w.astype(np.float32))
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and np.isfinite(scale).all()
+    qi = q.astype(np.int64)
+    assert np.abs(qi).max() <= LEVELS == 127
+    even, odd = qi[0:k - 1:2], qi[1::2]
+    agree = np.sign(even) * np.sign(odd) >= 0
+    worst = int(np.where(agree, np.abs(even) + np.abs(odd), 0).max())
+    assert worst <= PAIR_LIMIT == 128
+    assert np.abs(qi[:2, 4]).sum() == PAIR_LIMIT    # the bound is reached, not overshot
+    # no clipping: every weight within half a step of its level
+    w32 = w.astype(np.float32).astype(np.float64)
+    assert (np.abs(qi * scale.astype(np.float64) - w32) <= scale * (0.5 + 1e-6)).all()
+    # 8-bit steps kept where no pair needs more: the step is max|W| / 127 there
+    peak = np.abs(w32).max(0)
+    np.testing.assert_allclose(scale[1], peak[1] / 127, rtol=1e-6)
+    assert (scale[:-1] >= peak[:-1] / 127 * (1 - 1e-6)).all() and scale[-1] == 1.0
+    assert not q[:, -1].any()
 
 
 def _graph(w1, w2, w3):
@@ -99,3 +132,68 @@ def test_a_row_does_not_depend_on_the_others(graphs):
     b = session.run(None, {"x": other})
     for ya, yb in zip(a, b):
         np.testing.assert_array_equal(ya[0, 0], yb[0, 0])
+
+
+# Run in qemu-user as an AMD EPYC Milan (AVX2 + FMA, no AVX-512, no VNNI): ONNX Runtime's CPUID
+# dispatch then picks its AVX2 u8 x s8 kernels, which add products in pairs in int16.
+QEMU_CPU = "EPYC-Milan"
+_CHILD = """
+import sys
+import numpy as np
+from infini_trt.runtime.cpu import cpu_features
+info = cpu_features()
+print("cpu", int(info["features"]["avx2"]), int(info["features"]["avx512f"]),
+      int(info["int8_dot"]), flush=True)
+import onnxruntime as ort
+options = ort.SessionOptions()
+options.log_severity_level = 3
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+inputs = np.load(sys.argv[2])
+np.savez(sys.argv[3], **{f"{name}/{i}": y for name in inputs.files
+                         for i, y in enumerate(session.run(None, {"x": inputs[name]}))})
+"""
+
+
+def _full_range_rows(rng, shape):
+    """Rows whose uint8 levels cover 1..255 (each row's max at +-1), rows far apart in scale,
+    a row with one outlier (the others near the zero point) and a zero row."""
+    x = rng.uniform(-1, 1, shape).astype(np.float32)
+    x[..., 0] = np.where(rng.random(shape[:-1]) < 0.5, -1.0, 1.0)
+    x *= 10.0 ** rng.integers(-3, 4, shape[:-1])[..., None]
+    flat = x.reshape(-1, shape[-1])
+    if len(flat) > 2:
+        flat[1] = rng.standard_normal(shape[-1]) * 1e-2
+        flat[1, 7] = 30.0
+        flat[2] = 0.0
+    return x
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="qemu-x86_64 runs x86-64 Python only")
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
+                    reason="qemu-x86_64 is not on PATH (Debian: apt-get install qemu-user)")
+def test_a_cpu_without_vnni_computes_the_stated_math(tmp_path):
+    rng = np.random.default_rng()
+    # uniform weights: most levels near the bound, same-sign pairs summing past 128 (8-bit
+    # levels would saturate the int16 pair sums); heavy-tailed ones for the product
+    w1, w2 = (rng.uniform(-1, 1, (K, N)).astype(np.float32) for _ in range(2))
+    w3 = (rng.standard_normal((N, N)) ** 3).astype(np.float32)
+    model = _graph(w1, w2, w3)
+    quantize_rows(model)
+    onnx.save(model, str(tmp_path / "int8rows.onnx"))
+    inputs = {"rows": _full_range_rows(rng, (2, 6, K)), "one": _full_range_rows(rng, (1, 1, K))}
+    np.savez(tmp_path / "x.npz", **inputs)
+    child = subprocess.run(["qemu-x86_64", "-cpu", QEMU_CPU, sys.executable, "-c", _CHILD,
+                            str(tmp_path / "int8rows.onnx"), str(tmp_path / "x.npz"),
+                            str(tmp_path / "y.npz")], capture_output=True, text=True, timeout=120)
+    said = [line for line in child.stderr.splitlines() if "TCG doesn't support" not in line]
+    if not child.stdout.startswith("cpu "):
+        pytest.skip(f"qemu-x86_64 -cpu {QEMU_CPU} did not start Python: {said[-3:]}")
+    assert child.returncode == 0, said[-10:]
+    assert child.stdout.split()[1:4] == ["1", "0", "0"], child.stdout    # AVX2, no AVX-512/VNNI
+    outputs = np.load(tmp_path / "y.npz")
+    for name, x in inputs.items():
+        y2, y3 = outputs[f"{name}/0"], outputs[f"{name}/1"]
+        assert np.isfinite(y2).all() and np.isfinite(y3).all()
+        assert _rel_rms(_stated_math(x, w2), y2) < 1e-6, name
+        y1 = _stated_math(x, w1).astype(np.float32)
+        assert _rel_rms(_stated_math(y1, w3), y3) < 1e-5, name
