@@ -30,17 +30,19 @@ DEFAULT_TOLERANCES = {
     "float16": {"logits": 2e-2, "memory_out": 2e-2, "norm_out": 2e-2},
     "bfloat16": {"logits": 6e-2, "memory_out": 6e-2, "norm_out": 6e-2},
     # int8 weights (export/quantize.py), measured on random weights: tiny 9e-3 / 9e-3 / 2e-4,
-    # small 3.9e-2 / 2.2e-2 / 1.3e-3 (logits / memory_out / norm_out); about 2x margin
+    # small 3.9e-2 / 2.2e-2 / 1.3e-3 (logits / memory_out / norm_out); about 2x margin. On
+    # 16 passkey prompts 3.4e-2 / 6.6e-3 / 1.6e-3 with VNNI and without (qemu EPYC-Milan, AVX2)
     "int8": {"logits": 8e-2, "memory_out": 5e-2, "norm_out": 5e-3},
-    # int8-rows, measured the same way: tiny 9e-3 / 9e-3 / 2e-4, small 5.2e-2 / 2.5e-2 /
-    # 1.5e-3, the passkey model 2.7e-2 / 2.6e-2 / 3.8e-3
-    "int8-rows": {"logits": 1e-1, "memory_out": 5e-2, "norm_out": 8e-3},
+    # int8-rows (pair-bounded weights: the same integers with VNNI and with AVX2 only), measured
+    # the same way: tiny 1.0e-2 / 1.2e-2 / 3e-4, small 5.8e-2 / 3.1e-2 / 1.9e-3, the passkey
+    # model 2.8e-2 / 1.4e-2 / 2.4e-3; 16 of its prompts 2.8e-2 / 9.2e-3 / 2.8e-3 on both CPUs
+    "int8-rows": {"logits": 1e-1, "memory_out": 6e-2, "norm_out": 8e-3},
 }
 # greedy agreement on random weights (flat logits: small margins) is the hard case: int8
-# measured 0.984 on tiny, 0.909 on small, int8-rows 0.987 and 0.894; on the passkey model's
-# random tokens 0.989 and 0.986
+# measured 0.984 on tiny, 0.909 on small, int8-rows 0.987 and 0.875; on the passkey model's
+# random tokens 0.989 and 0.989, on its prompts 0.9995 for both, with VNNI and with AVX2 only
 DEFAULT_MIN_GREEDY = {"float32": 0.99, "float16": 0.9, "bfloat16": 0.8, "int8": 0.85,
-                      "int8-rows": 0.85}
+                      "int8-rows": 0.82}
 
 
 @dataclass
