@@ -30,7 +30,7 @@ def test_score_logits_and_perplexity_match_the_reference(exported, tmp_path, bac
     result = invoke("score", out, "--tokens", tmp_path / "t.npy", "--backend", backend,
                     "--logits-out", tmp_path / "l.npy", "--json", "--no-progress")
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)                 # the logits' size goes to stderr
     with torch.no_grad():
         want = load_checkpoint(ckpt, dtype=torch.float64)(torch.from_numpy(tokens))[0]
     assert_close(want, np.load(tmp_path / "l.npy"), 1e-5)
