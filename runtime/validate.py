@@ -113,6 +113,8 @@ class ValidationReport:
     reference: str
     backends: list[BackendReport]
     tokens: str = "random"        # where the input came from: "random" or a token file
+    machine: str = ""             # the CPU and its features (cpu.cpu_summary): int8 kernels
+                                  # differ between CPUs, and the figures are this CPU's
 
     @property
     def input(self) -> str:
@@ -127,12 +129,14 @@ class ValidationReport:
         return {"checkpoint": self.checkpoint, "export": self.export, "dtype": self.dtype,
                 "segments": self.segments, "segment_len": self.segment_len,
                 "partial_segment_tokens": self.partial, "batch": self.batch, "seed": self.seed,
-                "tokens": self.tokens, "reference": self.reference, "passed": self.passed,
+                "tokens": self.tokens, "machine": self.machine, "reference": self.reference,
+                "passed": self.passed,
                 "backends": [b.to_dict() for b in self.backends]}
 
     def table(self) -> str:
         lines = [f"reference: {self.reference}; {self.segments} segments of {self.segment_len} "
                  f"+ {self.partial} tokens, batch {self.batch}, {self.input}",
+                 f"CPU: {self.machine}",
                  f"{'backend':26s} {'output':11s} {'max abs':>9s} {'rel RMS':>9s} "
                  f"{'tol':>7s} {'cosine':>9s} {'first->last seg rel RMS':>24s}  result"]
         for b in self.backends:
@@ -225,8 +229,10 @@ def validate(reference: Runner, candidates: list[Runner], segments: int = 8, bat
                     report.outputs[name].per_segment.append(errors(want, got))
                 report.agree += int((logits.argmax(-1) == want_next).sum())
                 report.positions += want_next.size
+    from .cpu import cpu_summary
+
     return ValidationReport(labels[0], labels[1], dtype, segments, n, partial, batch, seed,
-                            reference.description, reports, tokens_label)
+                            reference.description, reports, tokens_label, cpu_summary())
 
 
 def validation_tokens(path: str | Path, tokenizer, batch: int, segments: int,

@@ -79,6 +79,9 @@ def test_validate_cli_passes_and_writes_report(exported, tmp_path):
     assert ort["greedy_agreement"] >= 0.99
     assert len(ort["outputs"]["memory_out"]["per_segment"]) == 9
     assert ort["outputs"]["logits"]["rel_rms"] <= 1e-5
+    from infini_trt.runtime.cpu import cpu_summary
+
+    assert report["machine"] == cpu_summary() and f"CPU: {cpu_summary()}" in result.output
 
 
 class Wrapping(Runner):
