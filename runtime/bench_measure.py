@@ -151,7 +151,7 @@ def measure(runner, length: int, batch: int, decode_tokens: int, seed: int,
 
 
 def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_tokens: int,
-                seed: int, min_seconds: float = 10.0) -> dict:
+                seed: int, min_seconds: float = 10.0, matmul_s: float = 1.0) -> dict:
     """The cost per token of several runners at several context lengths, measured in
     alternation, with the machine's matmul rate among them.
 
@@ -168,18 +168,20 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
     are put into the cache untimed by one extend call). A token reads the cache slots before
     it, so its cost grows along the segment; the rounds' median is that of the positions
     visited, and a fold where the tokens complete a segment is timed as decoding meets it.
-    Among the visits of each round is one to the machine: an fp32 2048^3 matmul in
-    torch (best of 3), so that efficiencies are taken against the rate of the same minutes.
+    Among the visits of each round is one to the machine: an fp32 n^3 matmul in torch (best
+    of 3; n as `roofline.matmul_probe` sizes it for `matmul_s` seconds, so that a visit takes
+    at most about 1.5 x matmul_s on any machine), so that efficiencies are taken against the
+    rate of the same minutes.
     At least `rounds` rounds, and more while they take less than `min_seconds` (a small model
     gets enough samples).
 
     -> {"rounds", "segments", "decode_tokens", "decode_positions" (the rounds'),
-    "matmul_fp32_flops_per_s" (the median of the rounds'), "points": {name: [{length,
-    segment_ms (p50 ...), prefill_tokens_per_s (a segment over its median), decode_token_ms,
-    decode_tokens_per_s (over the median)}]}}"""
+    "matmul_fp32_flops_per_s" (the median of the rounds'), "matmul_n", "points": {name:
+    [{length, segment_ms (p50 ...), prefill_tokens_per_s (a segment over its median),
+    decode_token_ms, decode_tokens_per_s (over the median)}]}}"""
     from .roofline import matmul_probe
 
-    matmul_rate = matmul_probe(torch.float32)
+    matmul_rate = matmul_probe(torch.float32, matmul_s)
     pairs = [(name, length) for name in runners for length in sorted(states[name])]
     rng = np.random.default_rng(seed)
     segment_s = {pair: [] for pair in pairs}
@@ -226,6 +228,7 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
     return {"rounds": r, "segments": segments, "decode_tokens": decode_tokens,
             "decode_positions": [int(f * n) for f in positions],
             "matmul_fp32_flops_per_s": float(np.median(rates)) if rates else None,
+            "matmul_n": matmul_rate.size,
             "points": points}
 
 

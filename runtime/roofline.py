@@ -35,6 +35,8 @@ import torch
 
 from infini_trt.export.config import InfiniConfig
 
+from .cpu import cpu_features, cpu_summary
+
 
 # ----------------------------------------------------------------------------- formulas
 def matmul_params(cfg: InfiniConfig) -> int:
@@ -107,44 +109,128 @@ def decode_bytes_per_token(cfg: InfiniConfig, batch: int, bytes_per_weight: floa
 
 
 # --------------------------------------------------------------------------- the machine
-def _best_seconds(fn, seconds: float, min_runs: int = 3) -> float:
-    """The fastest of repeated calls of fn (after one warm-up), for about `seconds`."""
-    fn()
-    best, runs, t_end = float("inf"), 0, time.perf_counter() + seconds
-    while runs < min_runs or time.perf_counter() < t_end:
+SHARE = 2          # a probe's problem is sized so that making it and one call take at most
+                   # half its budget
+
+
+def _fastest(call, seconds: float, min_runs: int, best: float = float("inf")) -> float:
+    """The fastest of timed calls of `call`: at least `min_runs`, then more while the fastest
+    so far (or `best`, a call timed before) predicts that one more ends within `seconds`."""
+    runs, t_end = 0, time.perf_counter() + seconds
+    while runs < min_runs or time.perf_counter() + best <= t_end:
         t = time.perf_counter()
-        fn()
+        call()
         best = min(best, time.perf_counter() - t)
         runs += 1
     return best
 
 
-def matmul_probe(dtype: torch.dtype = torch.float32, n: int = 2048):
-    """A function seconds -> the measured FLOP/s of an n x n x n matrix product in torch on the
-    CPU (best run for about `seconds`, at least 3); its operands are made once, so that it can
-    be called again and again (bench's rounds)."""
+def _sized(make, sizes, share: float, growth: tuple[float, float]):
+    """make(size) -> a call, for the largest of `sizes` (ascending): each is made and called
+    once on the way up, and the next one only where the time so far and its making and call
+    as this size predicts them (making grows by growth[0] and a call by growth[1] from one
+    size to the next) fit in `share` seconds. -> (size, call, seconds of its call)."""
+    start = time.perf_counter()
+    for i, size in enumerate(sizes):
+        t = time.perf_counter()
+        call = make(size)
+        made = time.perf_counter()
+        call()
+        done = time.perf_counter()
+        predicted = (made - t) * growth[0] + (done - made) * growth[1]
+        if i + 1 == len(sizes) or done - start + predicted > share:
+            return size, call, done - made
+
+
+class Probe:
+    """A rate of this machine (FLOP/s or bytes/s) measured within `seconds`, whatever its
+    speed: the problem grows from small (`_sized`, to half the budget) and no call starts
+    that the calls before predict would end past the budget, so that a slow machine
+    (or one emulating a dtype) measures a smaller problem instead of hanging the run in C++,
+    where Ctrl-C cannot reach it.
+
+    `size` is the problem's, `first` the rate measured when made; calling the probe measures
+    again with the same operands (bench's rounds in alternation)."""
+
+    def __init__(self, make, work, sizes, growth: tuple[float, float], seconds: float):
+        t_end = time.perf_counter() + seconds
+        self.size, self._call, took = _sized(make, sizes, seconds / SHARE, growth)
+        self.work = work(self.size)
+        self.first = self.work / _fastest(self._call, t_end - time.perf_counter(), 0, took)
+
+    def __call__(self, seconds: float = 0.0, min_runs: int = 3) -> float:
+        """work / the fastest of at least `min_runs` calls (and more within `seconds`)."""
+        return self.work / _fastest(self._call, seconds, min_runs)
+
+
+def _doublings(smallest: int, largest: int) -> list[int]:
+    sizes = [smallest]
+    while sizes[-1] * 2 <= largest:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+def matmul_probe(dtype: torch.dtype = torch.float32, seconds: float = 1.0,
+                 n_max: int = 2048) -> Probe:
+    """The FLOP/s of an n x n x n matrix product in torch on the CPU, n doubled from 64 up
+    to n_max while it fits in `seconds` (`Probe`); probe.size is n."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(dtype)
-    b = torch.randn(n, n, generator=gen).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    return lambda seconds: 2.0 * n ** 3 / _best_seconds(lambda: torch.mm(a, b, out=out),
-                                                         seconds)
+
+    def make(n: int):
+        a = torch.randn(n, n, generator=gen).to(dtype)
+        b = torch.randn(n, n, generator=gen).to(dtype)
+        out = torch.empty(n, n, dtype=dtype)
+        return lambda: torch.mm(a, b, out=out)
+
+    return Probe(make, lambda n: 2.0 * n ** 3, _doublings(64, n_max), (4, 8), seconds)
 
 
-def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
-    """Measured FLOP/s of an n x n x n matrix product in torch on the CPU (best run)."""
-    return matmul_probe(dtype, n)(seconds)
+def matmul_rate(dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:
+    """Measured FLOP/s of a matrix product in torch on the CPU, within `seconds`."""
+    return matmul_probe(dtype, seconds).first
 
 
-def memory_bandwidth(nbytes: int = 1 << 28, seconds: float = 1.0) -> float:
-    """Measured read bandwidth in bytes/s: the sum of a float32 array far larger than the
-    caches (best run)."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    return nbytes / _best_seconds(lambda: x.sum(), seconds)
+def bandwidth_probe(seconds: float = 1.0, nbytes_max: int = 1 << 28) -> Probe:
+    """The read bandwidth in bytes/s: the sum of a float32 array, doubled from 4 MiB up to
+    nbytes_max (far larger than the caches) while it fits in `seconds`; probe.size is its
+    bytes."""
+    def make(nbytes: int):
+        x = torch.ones(nbytes // 4, dtype=torch.float32)
+        return lambda: x.sum()
+
+    return Probe(make, lambda nbytes: float(nbytes), _doublings(1 << 22, nbytes_max), (2, 2),
+                 seconds)
+
+
+def memory_bandwidth(seconds: float = 1.0) -> float:
+    """Measured read bandwidth in bytes/s, within `seconds`."""
+    return bandwidth_probe(seconds).first
+
+
+_INSTRUCTIONS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def missing_instructions(dtype: torch.dtype) -> str:
+    """'' where torch has this CPU's instructions for matrix products in `dtype`, else why
+    not ('no bf16 instructions on this CPU'). Without them torch emulates bf16 and fp16
+    products, tens of times slower than fp32: a figure would describe the emulation, and a
+    time estimated from the fp32 rate would be far too short."""
+    name = _INSTRUCTIONS.get(dtype)
+    if name is None:
+        return ""
+    if not cpu_features()[name]:
+        return f"no {name} instructions on this CPU"
+    try:                               # oneDNN's own view (ONEDNN_MAX_CPU_ISA can narrow it)
+        used = getattr(torch.ops.mkldnn, f"_is_mkldnn_{name}_supported")()
+    except (AttributeError, RuntimeError):
+        used = True
+    return "" if used else (f"torch's oneDNN does not use this CPU's {name} instructions "
+                            f"(ONEDNN_MAX_CPU_ISA?)")
 
 
 def describe_machine() -> dict:
-    """CPU model, cores, load average and library versions, for the benchmark record."""
+    """CPU model and instruction sets (`cpu.py`), cores, load average and library versions,
+    for the benchmark record."""
     from infini_trt.export.manifest import package_version
 
     cpu = platform.processor() or platform.machine()
@@ -155,7 +241,8 @@ def describe_machine() -> dict:
     except OSError:
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu, "cpu_features": cpu_features(), "cpu_summary": cpu_summary(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average": list(load) if load else None, "python": platform.python_version(),
             "versions": {name: package_version(name) for name in
                          ("infini-trt", "torch", "onnxruntime", "onnx",
