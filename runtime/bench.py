@@ -18,11 +18,14 @@ backends and for "is the cost per token flat in the context length".
 
 Each subject runs in a fresh process (`isolate`), so that its peak RSS is its own; it is
 warmed up first (every graph it uses, and a fold). The machine's fp32/bf16 matmul rate and memory
-bandwidth are measured in the same run (`roofline.py`) and turn the figures into prefill
-efficiency (model FLOPs/s over the matmul rate) and decode bandwidth use (bytes moved per
-token x tokens/s over the bandwidth). Ratios are taken against PyTorch eager of the same run.
+bandwidth are measured in the same run (`roofline.py`: bounded probes, bf16 only where the CPU
+has instructions for it) and turn the figures into prefill efficiency (model FLOPs/s over the
+matmul rate) and decode bandwidth use (bytes moved per token x tokens/s over the bandwidth).
+Ratios are taken against PyTorch eager of the same run. Every name and setting is checked, and
+every subject resolved, before the first measurement; Ctrl-C kills a subject's process.
 
-Subjects:  torch[:bf16|:fp16]   PyTorch eager (TorchRunner)
+Subjects:  torch[:bf16|:fp16]   PyTorch eager (TorchRunner; bf16/fp16 skipped on a CPU without
+                                instructions for them, where torch would emulate them)
            onnxruntime          ONNX Runtime on the fp32 export (IO binding)
            onnxruntime:int8     ONNX Runtime on the int8 export (export/quantize.py; also
                                 :int8-rows, its faster method)
@@ -41,7 +44,7 @@ from typing import Callable
 import torch
 
 from infini_trt.export.config import InfiniConfig
-from infini_trt.export.errors import InfiniTrtError
+from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.export.quantize import METHODS as QUANTIZE_METHODS
 
 from . import roofline
@@ -67,6 +70,22 @@ class BenchSettings:
     round_segments: int = 4           # segments prefilled per length and round
     round_decode_tokens: int = 16     # tokens decoded per length and round
     rounds_min_s: float = 10.0        # more rounds while they take less time than this
+
+    def __post_init__(self):
+        """InputError for a setting that cannot be measured, before anything is."""
+        if not self.lengths or min(self.lengths) < 1:
+            raise InputError(f"bad lengths {self.lengths!r}: give one or more token counts >= 1")
+        at_least = {"batch": 1, "decode_tokens": 1, "rounds": 0, "round_segments": 1,
+                    "round_decode_tokens": 1, "threads": 1}
+        for name, least in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise InputError(f"bad {name.replace('_', ' ')} {value}: at least {least}")
+        for name in ("budget_s", "calibrate_s"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"bad {name[:-2]} {getattr(self, name)}: give seconds > 0")
+        if self.rounds_min_s < 0:
+            raise InputError(f"bad rounds_min_s {self.rounds_min_s}: give seconds >= 0")
 
 
 @dataclass
@@ -193,7 +212,8 @@ def alternate(subjects: list[Subject], states: dict, cfg: InfiniConfig,
             runners[subject.name] = open_subject(subject, cfg, settings)
             warm_up(runners[subject.name], settings.batch)
         return interleaved(runners, states, settings.rounds, settings.round_segments,
-                           settings.round_decode_tokens, settings.seed, settings.rounds_min_s)
+                           settings.round_decode_tokens, settings.seed, settings.rounds_min_s,
+                           settings.calibrate_s)
     finally:
         for runner in runners.values():
             runner.close()
@@ -211,18 +231,61 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))          # PR_SET_PDEATHSIG
 
 
+def _start_worker() -> None:
+    """A worker's setup: it dies with its parent (`_die_with_parent`), and its progress bars
+    (off in bench) lock with a thread lock: tqdm's default lock is a named semaphore, which a
+    worker killed on Ctrl-C leaves behind for the resource tracker to warn about."""
+    import threading
+
+    from tqdm import tqdm
+
+    _die_with_parent()
+    tqdm.set_lock(threading.RLock())
+
+
 def _isolated(fn, *args):
-    """fn(*args) in a fresh (spawned) process, which dies with this one."""
+    """fn(*args) in a fresh (spawned) process, which dies with this one and is killed, not
+    waited for, when this one is interrupted (ProcessPoolExecutor's own exit would wait for
+    the worker to finish its subject). The worker starts with Ctrl-C ignored, so that a
+    terminal's SIGINT (sent to the whole process group) stops the parent only, which kills
+    the worker, instead of printing the worker's traceback."""
     import multiprocessing
+    import signal
+    import threading
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=context, initializer=_die_with_parent) as pool:
-        try:
-            return pool.submit(fn, *args).result()
-        except BrokenProcessPool:
-            raise InfiniTrtError("the benchmark process died (out of memory?)") from None
+    pool = ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker)
+    main = threading.current_thread() is threading.main_thread()
+    interrupted = False
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:                                    # the worker is spawned here, inheriting SIG_IGN
+            future = pool.submit(fn, *args)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+        return future.result()
+    except BrokenProcessPool:
+        raise InfiniTrtError("the benchmark process died (out of memory?)") from None
+    except BaseException:                       # KeyboardInterrupt, Terminated: stop it now
+        interrupted = True
+        _kill_workers(pool)
+        raise
+    finally:
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
+
+
+def _kill_workers(pool) -> None:
+    """Kill a ProcessPoolExecutor's worker processes (Python 3.14 has pool.kill_workers();
+    before it, its table of processes is the only handle)."""
+    if hasattr(pool, "kill_workers"):
+        pool.kill_workers()
+        return
+    for process in list((pool._processes or {}).values()):
+        process.kill()
+        process.join(5)
 
 
 # ------------------------------------------------------------------------------ resolving
@@ -244,6 +307,13 @@ def quantized_export(export_dir: Path, method: str, log: Callable[[str], None]) 
     return target
 
 
+def check_name(name: str) -> None:
+    """InfiniTrtError unless `name` is a backend or a peer."""
+    if name not in BACKENDS and name not in PEERS:
+        raise InfiniTrtError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)} "
+                             f"(peers: {', '.join(PEERS)})")
+
+
 def resolve(name: str, model: Path, log: Callable[[str], None]) -> Subject:
     """A subject name -> what its worker opens (exports made here, once, and cached)."""
     from infini_trt.export.manifest import is_export_dir, read_manifest
@@ -251,14 +321,17 @@ def resolve(name: str, model: Path, log: Callable[[str], None]) -> Subject:
     from .cache import cached_export
 
     backend, _, variant = name.partition(":")
+    check_name(name)
     if name in PEERS:
         return Subject(name, "lucidrains" if name == PEERS[0] else name)
-    if name not in BACKENDS:
-        raise InfiniTrtError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)} "
-                             f"(peers: {', '.join(PEERS)})")
     export = is_export_dir(model)
     if backend == "torch":
         precision = {"bf16": "bfloat16", "fp16": "float16"}.get(variant, "float32")
+        missing = roofline.missing_instructions(getattr(torch, precision))
+        if missing:
+            return Subject(name, "torch", precision=precision, status="skipped",
+                           reason=f"{missing}: torch would emulate {variant} matrix products, "
+                                  f"tens of times slower than fp32; not measured")
         path = read_manifest(model).source_checkpoint if export else model
         if path is None:
             return Subject(name, "torch", status="skipped",
@@ -283,36 +356,68 @@ def resolve(name: str, model: Path, log: Callable[[str], None]) -> Subject:
 
 
 # ------------------------------------------------------------------------------ the run
-def _limits(seconds: float, log: Callable[[str], None]) -> dict[str, float]:
-    """The machine's fp32 and bf16 matmul rates and memory read bandwidth, measured now."""
-    limits = {"matmul_fp32_flops_per_s": roofline.matmul_rate(torch.float32, seconds=seconds),
-              "matmul_bf16_flops_per_s": roofline.matmul_rate(torch.bfloat16, seconds=seconds),
-              "memory_read_bytes_per_s": roofline.memory_bandwidth(seconds=seconds)}
-    log(f"fp32 matmul {limits['matmul_fp32_flops_per_s'] / 1e9:,.0f} GFLOP/s, bf16 matmul "
-        f"{limits['matmul_bf16_flops_per_s'] / 1e9:,.0f} GFLOP/s, memory "
-        f"{limits['memory_read_bytes_per_s'] / 1e9:,.1f} GB/s")
+RATES = ("matmul_fp32_flops_per_s", "matmul_bf16_flops_per_s", "memory_read_bytes_per_s")
+
+
+def _limits(seconds: float, log: Callable[[str], None]) -> dict:
+    """The machine's fp32 and bf16 matmul rates and memory read bandwidth, measured now,
+    each within `seconds` (with the problem size each probe chose); the bf16 rate is None,
+    and "bf16_not_measured" says why, where torch has no bf16 instructions on this CPU."""
+    fp32 = roofline.matmul_probe(torch.float32, seconds)
+    limits = {"matmul_fp32_flops_per_s": fp32.first, "matmul_fp32_n": fp32.size}
+    missing = roofline.missing_instructions(torch.bfloat16)
+    if missing:
+        limits |= {"matmul_bf16_flops_per_s": None,
+                   "bf16_not_measured": f"{missing}; not measured"}
+        bf16 = f"bf16 matmul: {limits['bf16_not_measured']}"
+    else:
+        probe = roofline.matmul_probe(torch.bfloat16, seconds)
+        limits |= {"matmul_bf16_flops_per_s": probe.first, "matmul_bf16_n": probe.size}
+        bf16 = f"bf16 matmul {probe.first / 1e9:,.0f} GFLOP/s (n={probe.size})"
+    memory = roofline.bandwidth_probe(seconds)
+    limits |= {"memory_read_bytes_per_s": memory.first, "memory_read_bytes": memory.size}
+    log(f"fp32 matmul {fp32.first / 1e9:,.0f} GFLOP/s (n={fp32.size}), {bf16}, memory "
+        f"{memory.first / 1e9:,.1f} GB/s ({memory.size >> 20} MiB)")
     return limits
+
+
+def _best_limits(start: dict, end: dict) -> dict:
+    """The limits of a run measured at its start and end: {"start", "end"} and each rate the
+    higher of the two (None where neither measured it)."""
+    best = {key: max((x for x in (start[key], end[key]) if x is not None), default=None)
+            for key in RATES}
+    if "bf16_not_measured" in end:
+        best["bf16_not_measured"] = end["bf16_not_measured"]
+    return {"start": start, "end": end} | best
 
 
 def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
               log: Callable[[str], None] = print) -> dict:
     """Measure every subject at every length -> the report (a JSON-able dict; see
-    bench_report.py for the derived figures, table and plot)."""
+    bench_report.py for the derived figures, table and plot).
+
+    Every name is checked and every subject resolved (an export made and cached where one
+    is needed) before the machine is measured, so that a mistake ends the run at once."""
     from infini_trt.export.manifest import model_config
 
+    names = list(dict.fromkeys(subjects))
+    if not names:
+        raise InputError("nothing to measure: give at least one backend or peer")
+    for name in names:
+        check_name(name)
     model = Path(model)
     cfg = model_config(model)
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    resolved = [resolve(name, model, log) for name in names]
     machine = roofline.describe_machine()
+    log(f"CPU: {machine['cpu_summary']}")
     log("measuring the machine: fp32 and bf16 matmul rate, memory bandwidth ...")
     limits = _limits(settings.calibrate_s, log)
-    resolved, states = [], {}
-    for name in dict.fromkeys(subjects):
-        subject = resolve(name, model, log)
+    states = {}
+    for i, subject in enumerate(resolved):
         if subject.status != "ok":
-            log(f"{name}: skipped: {subject.reason}")
-            resolved.append(subject)
+            log(f"{subject.name}: skipped: {subject.reason}")
             continue
         args = (subject, cfg, settings, limits["matmul_fp32_flops_per_s"])
         try:
@@ -320,10 +425,10 @@ def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
                              else run_subject(*args))
         except InfiniTrtError as exc:
             subject.status, subject.reason, kept = "skipped", str(exc), {}
-            log(f"{name}: skipped: {exc}")
+            log(f"{subject.name}: skipped: {exc}")
         if kept:
-            states[name] = kept
-        resolved.append(subject)
+            states[subject.name] = kept
+        resolved[i] = subject
     together, alternation = [s for s in resolved if s.name in states], None
     if settings.rounds and together:
         log(f"{settings.rounds}+ rounds over {', '.join(s.name for s in together)} x "
@@ -339,8 +444,7 @@ def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
             subject.interleaved = (alternation or {}).get("points", {}).get(subject.name)
     machine["load_average_end"] = roofline.describe_machine()["load_average"]
     log("measuring the machine again (the best of both runs is its limit) ...")
-    again = _limits(settings.calibrate_s, log)
-    limits = {"start": limits, "end": again} | {k: max(limits[k], again[k]) for k in limits}
+    limits = _best_limits(limits, _limits(settings.calibrate_s, log))
     from .bench_report import derive
 
     return derive({"model": str(model), "config": cfg.to_dict(),

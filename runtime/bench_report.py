@@ -112,14 +112,17 @@ def table(report: dict) -> str:
     """The figures against context length, one row per subject and length."""
     limits, machine = report["limits"], report["machine"]
     s = report["settings"]
+    bf16 = limits.get("matmul_bf16_flops_per_s")
+    bf16 = (f"{bf16 / 1e9:,.0f} GFLOP/s" if bf16 is not None
+            else f"- ({limits.get('bf16_not_measured', 'not measured')})")
     lines = [f"model {report['model']}: {report['parameters']:,} parameters, segment "
              f"{report['config']['segment_len']}, batch {s['batch']}, "
              f"{s['decode_tokens']} decoded tokens per sequence",
-             f"machine: {machine['cpu']}, {machine['cores']} cores, load average "
+             f"CPU: {machine.get('cpu_summary', machine['cpu'])}",
+             f"machine: {machine['cores']} cores, load average "
              f"{_load(machine.get('load_average'))} -> {_load(machine.get('load_average_end'))}; "
              f"fp32 matmul {limits['matmul_fp32_flops_per_s'] / 1e9:,.0f} GFLOP/s, bf16 "
-             f"{limits['matmul_bf16_flops_per_s'] / 1e9:,.0f} GFLOP/s, memory read "
-             f"{limits['memory_read_bytes_per_s'] / 1e9:,.1f} GB/s",
+             f"{bf16}, memory read {limits['memory_read_bytes_per_s'] / 1e9:,.1f} GB/s",
              f"{'length':>6s}  {'subject':28s} {'prefill tok/s':>13s} {'vs torch':>8s} "
              f"{'segment p50/p95/p99 ms':>24s} {'TTFT s':>8s} {'decode tok/s':>12s} "
              f"{'vs torch':>8s} {'peak RSS MiB':>12s} {'prefill eff':>11s} {'decode BW':>9s}"]
@@ -156,10 +159,10 @@ def interleaved_table(report: dict) -> list[str]:
     r = report.get("alternation")
     if not measured or not r:
         return []
-    rate = r.get("matmul_fp32_flops_per_s")
+    rate, n = r.get("matmul_fp32_flops_per_s"), r.get("matmul_n")
     lines = [f"in alternation ({r['rounds']} rounds; per subject, length and round "
              f"{r['segments']} segments and {r['decode_tokens']} decoded tokens from the "
-             f"state the prompt left, and an fp32 matmul: "
+             f"state the prompt left, and an fp32 matmul{f' (n={n})' if n else ''}: "
              f"{(rate or 0) / 1e9:,.0f} GFLOP/s; medians):",
              f"{'length':>6s}  {'subject':28s} {'segment ms':>10s} {'prefill tok/s':>13s} "
              f"{'vs torch':>8s} {'vs first':>8s} {'eff':>5s} {'token ms':>9s} "

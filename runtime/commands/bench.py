@@ -32,7 +32,9 @@ def _names(text: str) -> list[str]:
               help="Skip a length whose prefill is estimated to take longer (seconds).")
 @click.option("--seed", default=0, help="Seed of the random prompts (and peers' weights).")
 @click.option("--calibrate", default=1.0, type=click.FloatRange(min=0.01),
-              help="Seconds for each measurement of the machine (matmul rates, bandwidth).")
+              help="Seconds for each measurement of the machine (matmul rates, bandwidth; "
+                   "each grows its problem from small to fit, bf16 only where the CPU has "
+                   "instructions for it).")
 @click.option("--rounds", default=5, type=click.IntRange(0),
               help="Rounds (at least; as many as fit in 10 s) in alternation after the "
                    "sequential runs, over this model's backends (open together) and the "
@@ -60,7 +62,8 @@ def bench(model: str, backends: str, peers: str, lengths: str, batch: int, decod
 
     MODEL is a native checkpoint or an export directory. Figures are set against the
     machine's fp32 matmul rate and memory bandwidth, measured in the same run, and against
-    PyTorch eager."""
+    PyTorch eager; the report names the CPU and its instruction sets. Every option is checked
+    before anything is measured."""
     from infini_trt.export.files import atomic_file
     from infini_trt.runtime.bench import BenchSettings, run_bench
     from infini_trt.runtime.bench_report import plot, table
