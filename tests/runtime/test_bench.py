@@ -167,7 +167,8 @@ def short_run(exported, tmp_path_factory):
     subjects = ["torch", "onnxruntime", "onnxruntime:int8", "onnxruntime:int8-rows",
                 "tensorrt", "infini-transformer-pytorch", "full-attention"]
     settings = BenchSettings(lengths=(2 * N, 4 * N + 5), batch=2, decode_tokens=3,
-                             isolate=False, threads=1, calibrate_s=0.1)
+                             isolate=False, threads=1, calibrate_s=0.1, rounds=1,
+                             rounds_min_s=0.0)
     with pytest.MonkeyPatch.context() as mp:                  # the int8 copy goes here
         mp.setenv("INFINI_TRT_CACHE", str(tmp_path_factory.mktemp("cache")))
         return run_bench(out, subjects, settings, log=lambda s: None)
@@ -210,8 +211,12 @@ def test_bench_measures_every_subject_or_says_why(short_run):
 
 
 def test_bench_table_and_plot(short_run, tmp_path):
+    from infini_trt.runtime.cpu import cpu_features, cpu_summary
+
     text = table(short_run)
     assert "prefill tok/s" in text and "onnxruntime:int8" in text
+    assert f"CPU: {cpu_summary()}" in text                   # the model and its features
+    assert short_run["machine"]["cpu_features"] == cpu_features()
     assert "tensorrt: skipped" in text or torch.cuda.is_available()
     pytest.importorskip("matplotlib")
     from infini_trt.runtime.bench_report import plot
@@ -234,7 +239,7 @@ def test_bench_cli(exported, tmp_path):
     result = CliRunner().invoke(main, [
         "bench", str(out), "--backends", "onnxruntime", "--peers", "none", "--lengths", "64",
         "--decode-tokens", "2", "--threads", "1", "--no-isolate", "--calibrate", "0.1",
-        "--json", str(tmp_path / "b.json")])
+        "--rounds", "0", "--json", str(tmp_path / "b.json")])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["subjects"][0]["points"][0]["length"] == 64
