@@ -19,7 +19,7 @@ import torch
 
 from .config import InfiniConfig
 from .errors import CheckpointError, ConfigError
-from .files import atomic_dir, check_output
+from .files import atomic_dir
 from .model import InfiniLM
 
 FORMAT, FORMAT_VERSION = "infini-trt", 1

@@ -35,9 +35,7 @@ Peers:     infini-transformer-pytorch   lucidrains' eager model at the same shap
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,16 +43,12 @@ import torch
 
 from infini_trt.export.config import InfiniConfig
 from infini_trt.export.errors import InfiniTrtError, InputError
-from infini_trt.export.quantize import METHODS as QUANTIZE_METHODS
 
 from . import roofline
 from .bench_measure import interleaved, measure, warm_up
+from .bench_subjects import Subject, check_name, open_subject, resolve
+from .isolate import run_isolated
 from .lengths import length_label
-
-BACKENDS = ("torch", "torch:bf16", "torch:fp16", "onnxruntime",
-            *(f"onnxruntime:{method}" for method in QUANTIZE_METHODS), "tensorrt")
-PEERS = ("infini-transformer-pytorch", "full-attention")
-
 
 @dataclass(frozen=True)
 class BenchSettings:
@@ -88,58 +82,6 @@ class BenchSettings:
             raise InputError(f"bad rounds_min_s {self.rounds_min_s}: give seconds >= 0")
 
 
-@dataclass
-class Subject:
-    """What one worker opens: picklable, resolved in the parent (exports made there)."""
-
-    name: str                         # as given: "onnxruntime:int8", "full-attention", ...
-    kind: str                         # torch | onnxruntime | tensorrt | lucidrains | full-attention
-    path: str | None = None           # checkpoint or export directory
-    precision: str = "float32"        # weights: float32 | bfloat16 | float16 | int8
-    label: str = ""                   # the runner's description, filled in by the worker
-    status: str = "ok"                # ok | skipped
-    reason: str = ""
-    points: list[dict] = field(default_factory=list)
-    interleaved: list | None = None   # its points in bench_measure.interleaved
-
-    @property
-    def infini(self) -> bool:
-        return self.kind != "full-attention"
-
-    @property
-    def restartable(self) -> bool:
-        """A runner of this model: its state can be read and restored (`interleaved`)."""
-        return self.kind in ("torch", "onnxruntime", "tensorrt")
-
-
-# ------------------------------------------------------------------------------ subjects
-def open_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings):
-    """The runner of one subject (in the worker process)."""
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    if subject.kind == "torch":
-        from .runners.torch_runner import TorchRunner
-
-        return TorchRunner.from_checkpoint(subject.path, dtype=subject.precision)
-    if subject.kind == "onnxruntime":
-        from .runners.ort_runner import OrtRunner
-
-        return OrtRunner(subject.path, threads=settings.threads)
-    if subject.kind == "tensorrt":
-        from .runners import open_runner
-
-        return open_runner(subject.path, "tensorrt")
-    if subject.kind == "lucidrains":
-        from .baselines import LucidrainsRunner
-
-        return LucidrainsRunner(cfg, seed=settings.seed)
-    from infini_trt.export.model import InfiniLM, init_weights
-
-    from .baselines import FullAttentionRunner
-
-    return FullAttentionRunner(init_weights(InfiniLM(cfg), settings.seed), capacity=1)
-
-
 def estimate_seconds(subject: Subject, cfg: InfiniConfig, length: int, batch: int,
                      matmul_rate: float) -> float:
     """A rough prefill time for `length`: scaled from this subject's last point by model
@@ -169,7 +111,7 @@ def run_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings,
 
     states = {}
     try:
-        runner = open_subject(subject, cfg, settings)
+        runner = open_subject(subject, cfg, settings.threads, settings.seed)
     except (InfiniTrtError, ImportError) as exc:
         subject.status, subject.reason = "skipped", str(exc).splitlines()[0]
         log(f"{subject.name}: skipped: {subject.reason}")
@@ -209,7 +151,7 @@ def alternate(subjects: list[Subject], states: dict, cfg: InfiniConfig,
     runners = {}
     try:
         for subject in subjects:
-            runners[subject.name] = open_subject(subject, cfg, settings)
+            runners[subject.name] = open_subject(subject, cfg, settings.threads, settings.seed)
             warm_up(runners[subject.name], settings.batch)
         return interleaved(runners, states, settings.rounds, settings.round_segments,
                            settings.round_decode_tokens, settings.seed, settings.rounds_min_s,
@@ -217,142 +159,6 @@ def alternate(subjects: list[Subject], states: dict, cfg: InfiniConfig,
     finally:
         for runner in runners.values():
             runner.close()
-
-
-def _die_with_parent() -> None:
-    """In a worker (Linux): be sent SIGTERM when the process that started it dies. Without it,
-    a bench killed with SIGTERM left its worker finishing the runs alone, loading the machine
-    under the next measurement."""
-    import ctypes
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))          # PR_SET_PDEATHSIG
-
-
-def _start_worker() -> None:
-    """A worker's setup: it dies with its parent (`_die_with_parent`), and its progress bars
-    (off in bench) lock with a thread lock: tqdm's default lock is a named semaphore, which a
-    worker killed on Ctrl-C leaves behind for the resource tracker to warn about."""
-    import threading
-
-    from tqdm import tqdm
-
-    _die_with_parent()
-    tqdm.set_lock(threading.RLock())
-
-
-def _isolated(fn, *args):
-    """fn(*args) in a fresh (spawned) process, which dies with this one and is killed, not
-    waited for, when this one is interrupted (ProcessPoolExecutor's own exit would wait for
-    the worker to finish its subject). The worker starts with Ctrl-C ignored, so that a
-    terminal's SIGINT (sent to the whole process group) stops the parent only, which kills
-    the worker, instead of printing the worker's traceback."""
-    import multiprocessing
-    import signal
-    import threading
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker)
-    main = threading.current_thread() is threading.main_thread()
-    interrupted = False
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-        try:                                    # the worker is spawned here, inheriting SIG_IGN
-            future = pool.submit(fn, *args)
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
-        return future.result()
-    except BrokenProcessPool:
-        raise InfiniTrtError("the benchmark process died (out of memory?)") from None
-    except BaseException:                       # KeyboardInterrupt, Terminated: stop it now
-        interrupted = True
-        _kill_workers(pool)
-        raise
-    finally:
-        pool.shutdown(wait=not interrupted, cancel_futures=True)
-
-
-def _kill_workers(pool) -> None:
-    """Kill a ProcessPoolExecutor's worker processes (Python 3.14 has pool.kill_workers();
-    before it, its table of processes is the only handle)."""
-    if hasattr(pool, "kill_workers"):
-        pool.kill_workers()
-        return
-    for process in list((pool._processes or {}).values()):
-        process.kill()
-        process.join(5)
-
-
-# ------------------------------------------------------------------------------ resolving
-def quantized_export(export_dir: Path, method: str, log: Callable[[str], None]) -> Path:
-    """The quantized copy (`method`) of an fp32 export, made once and kept in the export
-    cache."""
-    from infini_trt.export.manifest import is_export_dir, package_version
-    from infini_trt.export.quantize import quantize_export
-
-    from .cache import cache_root
-
-    key = hashlib.sha256(json.dumps(
-        {"manifest": (export_dir / "manifest.json").read_text(), "method": method,
-         "onnxruntime": package_version("onnxruntime")}).encode()).hexdigest()[:20]
-    target = cache_root() / "quantized" / key
-    if not is_export_dir(target):
-        log(f"quantizing {export_dir} ({method}) into {target} (cached for next time) ...")
-        quantize_export(export_dir, target, method, force=True, log=log)
-    return target
-
-
-def check_name(name: str) -> None:
-    """InfiniTrtError unless `name` is a backend or a peer."""
-    if name not in BACKENDS and name not in PEERS:
-        raise InfiniTrtError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)} "
-                             f"(peers: {', '.join(PEERS)})")
-
-
-def resolve(name: str, model: Path, log: Callable[[str], None]) -> Subject:
-    """A subject name -> what its worker opens (exports made here, once, and cached)."""
-    from infini_trt.export.manifest import is_export_dir, read_manifest
-
-    from .cache import cached_export
-
-    backend, _, variant = name.partition(":")
-    check_name(name)
-    if name in PEERS:
-        return Subject(name, "lucidrains" if name == PEERS[0] else name)
-    export = is_export_dir(model)
-    if backend == "torch":
-        precision = {"bf16": "bfloat16", "fp16": "float16"}.get(variant, "float32")
-        missing = roofline.missing_instructions(getattr(torch, precision))
-        if missing:
-            return Subject(name, "torch", precision=precision, status="skipped",
-                           reason=f"{missing}: torch would emulate {variant} matrix products, "
-                                  f"tens of times slower than fp32; not measured")
-        path = read_manifest(model).source_checkpoint if export else model
-        if path is None:
-            return Subject(name, "torch", status="skipped",
-                           reason=f"{model} was exported from a checkpoint that is not here")
-        return Subject(name, "torch", str(path), precision)
-    if backend == "tensorrt":
-        from .engine import gpu
-
-        if gpu() is None:
-            return Subject(name, "tensorrt", status="skipped",
-                           reason="TensorRT runs on a CUDA GPU and none was found")
-        return Subject(name, "tensorrt", str(model if export else cached_export(model, log=log)))
-    directory = model if export else cached_export(model, dtype="float32", log=log)
-    manifest = read_manifest(directory)
-    if manifest.quantization and manifest.precision != variant:
-        return Subject(name, "onnxruntime", status="skipped",
-                       reason=f"{model} is an {manifest.precision} export; use "
-                              f"onnxruntime:{manifest.precision}")
-    if variant and not manifest.quantization:
-        directory = quantized_export(Path(directory), variant, log)
-    return Subject(name, "onnxruntime", str(directory), variant or manifest.dtype)
 
 
 # ------------------------------------------------------------------------------ the run
@@ -421,7 +227,7 @@ def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
             continue
         args = (subject, cfg, settings, limits["matmul_fp32_flops_per_s"])
         try:
-            subject, kept = (_isolated(run_subject, *args) if settings.isolate
+            subject, kept = (run_isolated(run_subject, *args) if settings.isolate
                              else run_subject(*args))
         except InfiniTrtError as exc:
             subject.status, subject.reason, kept = "skipped", str(exc), {}
@@ -436,7 +242,7 @@ def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
             f"in alternation ...")
         args = (together, states, cfg, settings)
         try:
-            alternation = _isolated(alternate, *args) if settings.isolate else alternate(*args)
+            alternation = run_isolated(alternate, *args) if settings.isolate else alternate(*args)
         except InfiniTrtError as exc:
             alternation = None
             log(f"the rounds in alternation failed: {exc}")

@@ -5,6 +5,8 @@ import json
 
 import click
 
+from .options import OUTPUT_FILE
+
 
 def _names(text: str) -> list[str]:
     return [] if text.strip().lower() in ("", "none") else [t.strip() for t in text.split(",")]
@@ -49,9 +51,9 @@ def _names(text: str) -> list[str]:
                    "that changes with the round (a token reads the cache before it).")
 @click.option("--isolate/--no-isolate", default=True,
               help="Run each subject in a fresh process, so that its peak RSS is its own.")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "json_file", type=OUTPUT_FILE, default=None,
               help="Write every figure as JSON.")
-@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None,
+@click.option("--plot", "plot_file", type=OUTPUT_FILE, default=None,
               help="Write a PNG: throughput and memory against length (log x).")
 def bench(model: str, backends: str, peers: str, lengths: str, batch: int, decode_tokens: int,
           threads: int | None, budget: float, seed: int, calibrate: float, rounds: int,

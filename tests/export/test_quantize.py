@@ -125,7 +125,7 @@ def test_manifest_of_int8_export_is_json_with_the_record(int8_export):
 
 
 def test_bench_runs_a_quantized_export_only_as_its_own_method(int8_export):
-    from infini_trt.runtime.bench import resolve
+    from infini_trt.runtime.bench_subjects import resolve
 
     _, _, int8 = int8_export
     method = read_manifest(int8).precision

@@ -255,7 +255,7 @@ def test_isolated_worker_dies_with_its_parent():
     import signal
 
     from helpers import death_signal
-    from infini_trt.runtime.bench import _isolated
+    from infini_trt.runtime.isolate import run_isolated as _isolated
 
     assert death_signal() == 0                            # this process: not set
     assert _isolated(death_signal) == signal.SIGTERM

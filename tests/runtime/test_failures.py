@@ -117,8 +117,10 @@ def test_a_replaced_directory_is_whole_before_and_after(tmp_path):
     ["init", "--preset", "tiny", "-o", "{file}/sub"],
     ["score", "{ck}", "--tokens", "{file}", "--logits-out", "{file}/sub/l.npy"],
     ["build", "{ck}", "--engine", "{file}/x.engine"],
+    ["bench", "{ck}", "--json", "/proc/x/b.json"],
+    ["bench", "{ck}", "--plot", "{file}/b.png"],
 ], ids=["validate-report", "passkey-json", "init-proc", "init-under-a-file", "score-logits",
-        "build-engine"])
+        "build-engine", "bench-json", "bench-plot"])
 def test_every_output_location_is_checked_before_the_work(args, checkpoint, tmp_path,
                                                           monkeypatch):
     afile = tmp_path / "afile"
