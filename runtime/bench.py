@@ -46,6 +46,7 @@ from infini_trt.export.errors import InfiniTrtError, InputError
 
 from . import roofline
 from .bench_measure import interleaved, measure, warm_up
+from .bench_report import gflops
 from .bench_subjects import Subject, check_name, open_subject, resolve
 from .isolate import run_isolated
 from .lengths import length_label
@@ -179,10 +180,10 @@ def _limits(seconds: float, log: Callable[[str], None]) -> dict:
     else:
         probe = roofline.matmul_probe(torch.bfloat16, seconds)
         limits |= {"matmul_bf16_flops_per_s": probe.first, "matmul_bf16_n": probe.size}
-        bf16 = f"bf16 matmul {probe.first / 1e9:,.0f} GFLOP/s (n={probe.size})"
+        bf16 = f"bf16 matmul {gflops(probe.first)} GFLOP/s (n={probe.size})"
     memory = roofline.bandwidth_probe(seconds)
     limits |= {"memory_read_bytes_per_s": memory.first, "memory_read_bytes": memory.size}
-    log(f"fp32 matmul {fp32.first / 1e9:,.0f} GFLOP/s (n={fp32.size}), {bf16}, memory "
+    log(f"fp32 matmul {gflops(fp32.first)} GFLOP/s (n={fp32.size}), {bf16}, memory "
         f"{memory.first / 1e9:,.1f} GB/s ({memory.size >> 20} MiB)")
     return limits
 

@@ -27,6 +27,11 @@ from .lengths import length_label
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, **{m: 1 for m in QUANTIZE_METHODS}}
 
 
+def gflops(rate: float) -> str:
+    """A FLOP/s figure in GFLOP/s: whole numbers, three digits below 10 (an emulated CPU)."""
+    return f"{rate / 1e9:,.0f}" if rate >= 1e10 else f"{rate / 1e9:.3g}"
+
+
 def _subject_config(cfg: InfiniConfig, subject: dict) -> InfiniConfig:
     """The shape whose FLOPs a subject computes (lucidrains has one K/V head per head)."""
     return cfg.replace(n_kv_heads=cfg.n_heads) if subject["kind"] == "lucidrains" else cfg
@@ -113,7 +118,7 @@ def table(report: dict) -> str:
     limits, machine = report["limits"], report["machine"]
     s = report["settings"]
     bf16 = limits.get("matmul_bf16_flops_per_s")
-    bf16 = (f"{bf16 / 1e9:,.0f} GFLOP/s" if bf16 is not None
+    bf16 = (f"{gflops(bf16)} GFLOP/s" if bf16 is not None
             else f"- ({limits.get('bf16_not_measured', 'not measured')})")
     lines = [f"model {report['model']}: {report['parameters']:,} parameters, segment "
              f"{report['config']['segment_len']}, batch {s['batch']}, "
@@ -121,7 +126,7 @@ def table(report: dict) -> str:
              f"CPU: {machine.get('cpu_summary', machine['cpu'])}",
              f"machine: {machine['cores']} cores, load average "
              f"{_load(machine.get('load_average'))} -> {_load(machine.get('load_average_end'))}; "
-             f"fp32 matmul {limits['matmul_fp32_flops_per_s'] / 1e9:,.0f} GFLOP/s, bf16 "
+             f"fp32 matmul {gflops(limits['matmul_fp32_flops_per_s'])} GFLOP/s, bf16 "
              f"{bf16}, memory read {limits['memory_read_bytes_per_s'] / 1e9:,.1f} GB/s",
              f"{'length':>6s}  {'subject':28s} {'prefill tok/s':>13s} {'vs torch':>8s} "
              f"{'segment p50/p95/p99 ms':>24s} {'TTFT s':>8s} {'decode tok/s':>12s} "
@@ -163,7 +168,7 @@ def interleaved_table(report: dict) -> list[str]:
     lines = [f"in alternation ({r['rounds']} rounds; per subject, length and round "
              f"{r['segments']} segments and {r['decode_tokens']} decoded tokens from the "
              f"state the prompt left, and an fp32 matmul{f' (n={n})' if n else ''}: "
-             f"{(rate or 0) / 1e9:,.0f} GFLOP/s; medians):",
+             f"{gflops(rate or 0)} GFLOP/s; medians):",
              f"{'length':>6s}  {'subject':28s} {'segment ms':>10s} {'prefill tok/s':>13s} "
              f"{'vs torch':>8s} {'vs first':>8s} {'eff':>5s} {'token ms':>9s} "
              f"{'decode tok/s':>12s} {'vs torch':>8s} {'vs first':>8s}"]
