@@ -233,15 +233,8 @@ def describe_machine() -> dict:
     for the benchmark record."""
     from infini_trt.export.manifest import package_version
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cpu_features": cpu_features(), "cpu_summary": cpu_summary(),
+    return {"cpu": cpu_features()["model"], "cpu_features": cpu_features(), "cpu_summary": cpu_summary(),
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average": list(load) if load else None, "python": platform.python_version(),
             "versions": {name: package_version(name) for name in
