@@ -91,8 +91,8 @@ def _state(cfg: InfiniConfig):
 
 def _cache(cfg: InfiniConfig, dtype: str, layer: int | None = None,
            slots: int | str | None = None):
-    """The decoding caches (`InfiniLM.init_cache`): all layers, or one layer's slice; `slots`
-    of them (default: the whole segment)."""
+    """The decoding caches (`empty_caches` of runtime/kv_cache.py): all layers, or one layer's
+    slice; `slots` of them (default: the whole segment)."""
     lead = (cfg.n_layers, "batch") if layer is None else ("batch",)
     suffix = "" if layer is None else f"_{layer}"
     n, hd = cfg.segment_len if slots is None else slots, cfg.head_dim

@@ -3,7 +3,7 @@
     logits, memory, norm = model.step(input_ids, memory, norm)   # one segment, pure in the state
     logits, memory, norm = model(input_ids)                      # any length: the definition
     logits, k_new, v_new = model.extend(ids, start, memory, norm, k_caches, v_caches)
-    write_cache(k_cache, v_cache, k_new, v_new, start, length)    # the caller's, in place
+    # the caller writes k_new, v_new into its caches (runtime/kv_cache.py: write_cache)
     memory, norm = model.fold_cache(k_cache, v_cache, memory, norm, fold)
 
 `step` is the per-segment recurrent graph that is exported; `forward` splits a sequence into
@@ -139,46 +139,6 @@ def _attend_causally(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor,
     scores = q @ k_t + mask                  # a broadcast Where over the scores is 10x slower
     work = torch.promote_types(scores.dtype, torch.float32)   # fp16/bf16 -> fp32
     return torch.softmax(scores.to(work), dim=-1).to(v.dtype) @ v
-
-
-def empty_caches(cfg: InfiniConfig, batch: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed decoding caches of one segment: k_cache (L, B, Hkv, hd, N) (rotated keys,
-    transposed) and v_cache (L, B, Hkv, N, hd). Layer i's slices are contiguous: they are
-    what `extend` takes."""
-    shape = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
-    return (torch.zeros(shape, dtype=dtype, device=device).transpose(-1, -2).contiguous(),
-            torch.zeros(shape, dtype=dtype, device=device))
-
-
-WINDOW_STEP = 64        # cache slots; windows grow by max(this, segment_len / 16)
-
-
-def cache_window(end: int, segment_len: int) -> int:
-    """How many of a segment's cache slots to give `extend` when the call's tokens end at
-    segment position `end` (the largest start + length of the batch): `end` rounded up to a
-    multiple of max(64, segment_len / 16), so that the window changes once every that many
-    tokens. A smaller step would save little reading and cost a move of the caches every
-    few tokens (the `tiny` preset, 32 slots, ONNX Runtime: 0.343 ms a token with a step of 2
-    against 0.259 with its whole segment as the window, medians of 30 alternating rounds)."""
-    step = max(WINDOW_STEP, segment_len // 16)
-    return min(segment_len, max(step, -(-end // step) * step))
-
-
-def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
-                v_new: torch.Tensor, start, length) -> None:
-    """Write new tokens into the decoding caches, in place (the runners' job, not the graph's).
-
-    k_cache (L, B, Hkv, hd, N): rotated keys, stored transposed so that attention reads them
-    without a transpose; v_cache (L, B, Hkv, N, hd); k_new, v_new (L, B, Hkv, S, hd) from
-    `InfiniLM.extend`. The first length[b] new tokens go to slots start[b] .. on; the rest of
-    the S (padding) are dropped.
-    """
-    for b, (s, n) in enumerate(zip(start, length)):
-        s, n = int(s), int(n)
-        if n:
-            k_cache[:, b, :, :, s:s + n] = k_new[:, b, :, :n].transpose(-1, -2)
-            v_cache[:, b, :, s:s + n] = v_new[:, b, :, :n]
 
 
 class PartedLinear(nn.Linear):
@@ -394,12 +354,6 @@ class InfiniLM(nn.Module):
         return self.lm_head(self.final_norm(x)), memory_out, norm_out
 
     # ------------------------------------------------------------------------- decoding
-    def init_cache(self, batch: int, device: torch.device | str | None = None):
-        """`empty_caches` in the weights' dtype, on their device unless told."""
-        weight = self.embed.weight
-        return empty_caches(self.cfg, batch, weight.dtype,
-                            weight.device if device is None else device)
-
     def extend(self, input_ids: torch.Tensor, start: torch.Tensor, memory: torch.Tensor,
                norm: torch.Tensor, k_caches, v_caches):
         """Continue the current segment of each sequence from its caches (decoding).
@@ -407,9 +361,9 @@ class InfiniLM(nn.Module):
         input_ids (B, S): tokens at segment positions start[b] .. start[b]+S-1 (start + S may
         pass N only for padding, whose outputs mean nothing); memory/norm are read, not
         written; k_caches, v_caches: per layer (B, Hkv, hd, W) and (B, Hkv, W, hd), read only:
-        the first W slots of the segment, max(start) <= W <= N (`cache_window`).
+        the first W slots of the segment, max(start) <= W <= N (runtime/kv_cache.py: `cache_window`).
         -> (logits (B, S, V), k_new, v_new (L, B, Hkv, S, hd)): the new tokens' rotated keys
-        and values, which `write_cache` puts into the caches. Decoding is S = 1.
+        and values, which the caller puts into its caches (`write_cache`). Decoding is S = 1.
         """
         x = self.embed(input_ids)
         rope = self.rope(self.cfg.segment_len, x.dtype, x.device)
@@ -422,7 +376,7 @@ class InfiniLM(nn.Module):
 
     def fold_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, memory: torch.Tensor,
                    norm: torch.Tensor, fold: torch.Tensor):
-        """Write each full segment held in the caches (`init_cache` layout) into memory, where
+        """Write each full segment held in the caches (`kv_cache.empty_caches` layout) into memory, where
         fold[b] is true (others keep their state) -> (memory_out, norm_out). The memory takes
         un-rotated keys: the cached ones are rotated back (by minus their angle) first."""
         cos, sin = self.rope(self.cfg.segment_len, k_cache.dtype, k_cache.device)

@@ -88,7 +88,7 @@ def _decode_cache_slots(cfg: InfiniConfig, kind: str, p: dict) -> float:
     full-attention baseline; the cache window of its segment position for our runners
     (`cache_window`: the tokens decode from where the prompt ended); the whole segment for
     the lucidrains peer."""
-    from infini_trt.export.model import cache_window
+    from .kv_cache import cache_window
 
     tokens = p["decode_tokens"] // p["batch"]
     if kind == "full-attention":

@@ -21,7 +21,8 @@ from infini_trt.export.io_spec import EXTEND, FOLD, PREFILL, SEGMENT
 from infini_trt.export.manifest import read_manifest
 
 from ..artifacts import verify_export
-from .base import DecodeCaches, Runner
+from ..kv_cache import DecodeCaches
+from .base import Runner
 
 
 def import_onnxruntime():

@@ -8,7 +8,9 @@ import torch
 
 from infini_trt.export.checkpoint import dtype_from_name, dtype_name, load_checkpoint
 from infini_trt.export.errors import InputError
-from infini_trt.export.model import InfiniLM, cache_window, write_cache
+from infini_trt.export.model import InfiniLM
+
+from ..kv_cache import cache_window, empty_caches, write_cache
 
 from .base import Runner
 
@@ -36,7 +38,8 @@ class TorchRunner(Runner):
     @torch.inference_mode()
     def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
         if self.k_cache is None:
-            self.k_cache, self.v_cache = self.model.init_cache(self.batch, self.device)
+            self.k_cache, self.v_cache = empty_caches(self.config, self.batch,
+                                                      self.model.embed.weight.dtype, self.device)
         tokens, begin = (torch.from_numpy(a).to(self.device) for a in (ids, start))
         window = cache_window(int((start + length).max()), self.config.segment_len)
         logits, k_new, v_new = self.model.extend(tokens, begin, self.memory, self.norm,

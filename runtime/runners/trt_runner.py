@@ -26,7 +26,8 @@ from infini_trt.export.manifest import read_manifest
 
 from ..artifacts import file_sha256, verify_export
 
-from .base import DecodeCaches, Runner
+from ..kv_cache import DecodeCaches
+from .base import Runner
 
 
 class GraphEngine:

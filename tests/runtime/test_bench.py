@@ -22,6 +22,7 @@ from infini_trt.runtime.bench import BenchSettings, run_bench
 from infini_trt.runtime.lengths import parse_length
 from infini_trt.runtime.bench_measure import PeakMemory
 from infini_trt.runtime.bench_report import table
+from infini_trt.runtime.kv_cache import empty_caches
 from infini_trt.runtime.cli import main
 
 TINY = preset("tiny")
@@ -85,7 +86,7 @@ def test_matmul_params_and_decode_bytes_count_the_weights():
     assert roofline.matmul_params(TINY) == linear
     moved = roofline.decode_bytes_per_token(TINY, batch=4, bytes_per_weight=1, cache_len=N)
     assert moved["weights"] == linear / 4
-    k_cache, _ = model.init_cache(1)
+    k_cache, _ = empty_caches(TINY, 1, torch.float32)
     memory, norm = model.init_state(1)
     assert moved["cache"] == 2 * k_cache.numel() * 4
     assert moved["state"] == (memory.numel() + norm.numel()) * 4

@@ -13,7 +13,7 @@ from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.runtime.cli import main
 from infini_trt.runtime.generate import generate, prefill
 from infini_trt.runtime.runners import open_runner
-from infini_trt.runtime.runners.base import DecodeCaches
+from infini_trt.runtime.kv_cache import DecodeCaches
 from infini_trt.runtime.sampling import (SamplingConfig, apply_repetition_penalty, next_tokens,
                                          top_k_filter, top_p_filter)
 from infini_trt.runtime.tokenizer import ByteTokenizer

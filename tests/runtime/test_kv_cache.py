@@ -1,12 +1,12 @@
-"""The graph runners' decoding caches: windows of the first slots of a segment, moved to a new
-layout when the window changes, against a whole-segment cache written slot by slot."""
+"""The decoding caches: the write of new rows against a slot-by-slot loop; the graph runners'
+windows of the first slots of a segment, moved to a new layout when the window changes, against
+a whole-segment cache written slot by slot."""
 import numpy as np
 import pytest
 import torch
 
 from infini_trt.export import preset
-from infini_trt.export.model import cache_window, empty_caches, write_cache
-from infini_trt.runtime.runners.base import DecodeCaches
+from infini_trt.runtime.kv_cache import DecodeCaches, cache_window, empty_caches, write_cache
 
 CFG = preset("tiny").replace(segment_len=320, n_layers=3)     # windows of 64 slots
 
@@ -68,3 +68,23 @@ def test_caches_of_an_extend_graph_without_the_window_axis_hold_the_whole_segmen
     caches = DecodeCaches(CFG, 1, torch.float32, torch.device("cpu"), windowed=False)
     assert caches.fit(1)["v_cache_0"].shape == (1, CFG.n_kv_heads, CFG.segment_len,
                                                 CFG.head_dim)
+
+
+def test_write_cache_writes_only_the_real_tokens_in_place():
+    gen = torch.Generator().manual_seed(0)
+    L, b, h, n, s, hd = 2, 5, 2, 8, 3, 4
+    k_cache = torch.randn(L, b, h, hd, n, generator=gen)       # keys stored transposed
+    v_cache = torch.randn(L, b, h, n, hd, generator=gen)
+    k_new, v_new = (torch.randn(L, b, h, s, hd, generator=gen) for _ in "kv")
+    # full, padded, empty (length 0, also at start == N), and ending at the last slot
+    start = [0, 2, 4, n, 5]
+    length = [3, 1, 0, 0, 3]
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    for i in range(b):
+        for j in range(length[i]):
+            want_k[:, i, :, :, start[i] + j] = k_new[:, i, :, j]
+            want_v[:, i, :, start[i] + j] = v_new[:, i, :, j]
+    k_ptr, v_ptr = k_cache.data_ptr(), v_cache.data_ptr()
+    write_cache(k_cache, v_cache, k_new, v_new, start, length)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    assert (k_cache.data_ptr(), v_cache.data_ptr()) == (k_ptr, v_ptr)

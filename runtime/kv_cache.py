@@ -1,0 +1,128 @@
+"""The decoding caches: the K/V rows of each sequence's current segment, which the decoding
+graph (`extend`) reads and which the runner, not the graph, writes (a graph that updated them in
+place would export them as constants).
+
+    k_cache (L, B, Hkv, hd, N)   rotated keys, stored transposed (attention reads them as is)
+    v_cache (L, B, Hkv, N, hd)
+
+`cache_window` is how many slots a call reads; `DecodeCaches` keeps the caches of a graph
+runner (ONNX Runtime, TensorRT) in flat buffers laid out for the current window.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from infini_trt.export.config import InfiniConfig
+
+
+def empty_caches(cfg: InfiniConfig, batch: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed decoding caches of one segment: k_cache (L, B, Hkv, hd, N) (rotated keys,
+    transposed) and v_cache (L, B, Hkv, N, hd). Layer i's slices are contiguous: they are
+    what `extend` takes."""
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
+    return (torch.zeros(shape, dtype=dtype, device=device).transpose(-1, -2).contiguous(),
+            torch.zeros(shape, dtype=dtype, device=device))
+
+
+WINDOW_STEP = 64        # cache slots; windows grow by max(this, segment_len / 16)
+
+
+def cache_window(end: int, segment_len: int) -> int:
+    """How many of a segment's cache slots to give `extend` when the call's tokens end at
+    segment position `end` (the largest start + length of the batch): `end` rounded up to a
+    multiple of max(64, segment_len / 16), so that the window changes once every that many
+    tokens: a smaller step would save little reading and cost a move of the caches every
+    few tokens."""
+    step = max(WINDOW_STEP, segment_len // 16)
+    return min(segment_len, max(step, -(-end // step) * step))
+
+
+def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
+                v_new: torch.Tensor, start, length) -> None:
+    """Write new tokens into the decoding caches, in place (the runners' job, not the graph's).
+
+    k_cache (L, B, Hkv, hd, N): rotated keys, stored transposed so that attention reads them
+    without a transpose; v_cache (L, B, Hkv, N, hd); k_new, v_new (L, B, Hkv, S, hd) from
+    `InfiniLM.extend`. The first length[b] new tokens go to slots start[b] .. on; the rest of
+    the S (padding) are dropped.
+    """
+    for b, (s, n) in enumerate(zip(start, length)):
+        s, n = int(s), int(n)
+        if n:
+            k_cache[:, b, :, :, s:s + n] = k_new[:, b, :, :n].transpose(-1, -2)
+            v_cache[:, b, :, s:s + n] = v_new[:, b, :, :n]
+
+
+class DecodeCaches:
+    """The decoding state of a graph runner (ONNX Runtime, TensorRT): the K/V caches of the
+    current segment (`empty_caches` layout), the buffers the extend graph writes the new
+    tokens' rows into, and `write`, which puts those rows into the caches.
+
+    Windowed (an extend graph whose caches have a dynamic `window` axis): the caches hold the
+    first `window` slots of the segment (`cache_window` of the tokens' end), so that a token
+    early in a segment reads a short cache, not the whole segment's. Each cache lives in one
+    flat buffer with every layer at a fixed offset and laid out densely for the current window;
+    when the window changes (every max(64, segment_len/16) tokens) the slots in use are moved
+    to the new layout through a one-layer scratch buffer. Nothing is allocated after the first
+    call; at window N the buffer is the whole (L, B, Hkv, ., .) cache that the fold graph takes.
+    """
+
+    def __init__(self, cfg: InfiniConfig, batch: int, dtype: torch.dtype,
+                 device: torch.device, windowed: bool = True):
+        self._dims = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim)
+        self.segment_len, self.windowed = cfg.segment_len, windowed
+        size = int(np.prod(self._dims)) * cfg.segment_len
+        self._flat = [torch.zeros(size, dtype=dtype, device=device) for _ in "kv"]
+        self._scratch = torch.empty(size // cfg.n_layers, dtype=dtype, device=device)
+        self._rows = [torch.empty(size, dtype=dtype, device=device) for _ in "kv"]
+        self._layout(cfg.segment_len)
+
+    @classmethod
+    def for_graph(cls, spec, cfg: InfiniConfig, batch: int, device: torch.device):
+        """Caches for the extend graph `spec` (its cache dtype; windowed if it has the axis)."""
+        cache = spec.input("k_cache_0")
+        return cls(cfg, batch, getattr(torch, cache.dtype), device,
+                   windowed=isinstance(cache.dims[-1], str))
+
+    def _layout(self, window: int) -> None:
+        """k (L, B, Hkv, hd, window) and v (L, B, Hkv, window, hd) over the flat buffers; each
+        layer's slice (the extend graph's input) is contiguous."""
+        layers, batch, heads, hd = self._dims
+        stride = batch * heads * hd * self.segment_len           # one layer, at any window
+        self.window = window
+        self.k = self._flat[0].as_strided((layers, batch, heads, hd, window),
+                                          (stride, heads * hd * window, hd * window, window, 1))
+        self.v = self._flat[1].as_strided((layers, batch, heads, window, hd),
+                                          (stride, heads * window * hd, window * hd, hd, 1))
+        self.inputs = {**{f"k_cache_{i}": self.k[i] for i in range(layers)},
+                       **{f"v_cache_{i}": self.v[i] for i in range(layers)}}
+
+    def fit(self, end: int) -> dict[str, torch.Tensor]:
+        """Make the window hold segment positions 0 .. end-1 (`end`: the largest start + length
+        of the call) -> the extend graph's cache inputs."""
+        window = cache_window(end, self.segment_len) if self.windowed else self.segment_len
+        if window != self.window:
+            keep = min(window, self.window)
+            old_k, old_v = self.k, self.v
+            self._layout(window)
+            for i in range(self._dims[0]):
+                for old, new in ((old_k[i][..., :keep], self.k[i][..., :keep]),
+                                 (old_v[i][:, :, :keep], self.v[i][:, :, :keep])):
+                    moving = self._scratch[:old.numel()].view(old.shape)
+                    moving.copy_(old)
+                    new.copy_(moving)
+        return self.inputs
+
+    def new_rows(self, seq: int) -> dict[str, torch.Tensor]:
+        """{"k_new", "v_new"}: (L, B, Hkv, seq, hd) views at fixed addresses."""
+        layers, batch, heads, hd = self._dims
+        shape = (layers, batch, heads, seq, hd)
+        size = int(np.prod(shape))
+        return {"k_new": self._rows[0][:size].view(shape),
+                "v_new": self._rows[1][:size].view(shape)}
+
+    def write(self, rows: dict[str, torch.Tensor], start: np.ndarray,
+              length: np.ndarray) -> None:
+        write_cache(self.k, self.v, rows["k_new"], rows["v_new"], start, length)
