@@ -2,7 +2,7 @@
 
 For each subject (a backend of this model, or a peer) and each context length L:
 
-    prefill   B prompts of L random tokens, streamed as a user's prompt is (`generate.prefill`:
+    prefill   B prompts of L random tokens, streamed as a user's prompt is (`Session.feed`:
               full segments through the prefill graph, the rest through the K/V cache);
               every call timed -> tokens/s, per-segment latency p50/p95/p99
     TTFT      prefill plus the choice of the first token (greedy)

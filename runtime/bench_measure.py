@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .resources import peak_gpu_bytes
+from .session import Session
 
 
 class PeakMemory:
@@ -93,19 +94,14 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 GOLDEN_RATIO = (5 ** 0.5 - 1) / 2         # positions r * this mod 1 fill [0, 1) evenly
 
 
-def _decode(runner, token: np.ndarray, position: np.ndarray, count: int) -> list[float]:
-    """Decode `count` greedy tokens per sequence from `token` at segment `position` (extend,
-    and a fold where a segment completes) -> the seconds of each token."""
-    n, seconds = runner.config.segment_len, []
-    ones = np.ones(len(token), dtype=np.int64)
+def _decode(session: Session, token: np.ndarray, count: int) -> list[float]:
+    """Decode `count` greedy tokens per sequence from `token` (the session folds where a
+    segment completes) -> the seconds of each token."""
+    seconds = []
     for _ in range(count):
         t = time.perf_counter()
-        out = runner.extend(token[:, None], position, ones)
-        position += 1
-        full = position == n
-        runner.fold(full)
-        position[full] = 0
-        token = out[:, 0].argmax(-1).cpu().numpy()
+        out = session.decode(token)
+        token = out.argmax(-1).cpu().numpy()
         seconds.append(time.perf_counter() - t)
     return seconds
 
@@ -116,8 +112,6 @@ def measure(runner, length: int, batch: int, decode_tokens: int, seed: int,
     per sequence (greedy) -> one point: timings, latencies, peak memory. When `states` is
     given and the prompts end on a segment boundary, the state they leave is kept there under
     `length`, with the first decoded token (for `interleaved`)."""
-    from .generate import prefill
-
     cfg = runner.config
     n = cfg.segment_len
     prompts = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length))
@@ -126,13 +120,14 @@ def measure(runner, length: int, batch: int, decode_tokens: int, seed: int,
     memory, timed = PeakMemory(), Timed(runner)
     memory.reset()
     t0 = time.perf_counter()
-    logits, position = prefill(timed, list(prompts), progress=False)
+    session = Session(timed, batch)
+    logits = session.feed(list(prompts), progress=False)
     t_prefill = time.perf_counter() - t0
     token = logits.argmax(-1).cpu().numpy()
     ttft = time.perf_counter() - t0
-    if states is not None and not position.any():
+    if states is not None and not session.position.any():
         states[length] = (*(np.array(a) for a in runner.state()), token)
-    itl = _decode(runner, token, position, decode_tokens)
+    itl = _decode(session, token, decode_tokens)
     decode_s = float(sum(itl))
     gpu = peak_gpu_bytes()
     segments, between = percentiles(timed.seconds), percentiles(itl)
@@ -208,13 +203,11 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
                 t = time.perf_counter()
                 _sync(runner.advance(ids))
                 segment_s[name, length].append(time.perf_counter() - t)
-            runner.reset(batch)
+            session = Session(runner, batch)
             runner.set_state(memory, norm)
-            position = np.full(batch, int(spread * n), dtype=np.int64)
-            if position[0]:                                # the segment so far, untimed
-                runner.extend(rng.integers(0, runner.config.vocab_size, (batch, position[0])),
-                              np.zeros(batch, dtype=np.int64), position.copy())
-            token_s[name, length] += _decode(runner, token, position, decode_tokens)
+            session.feed(list(rng.integers(0, runner.config.vocab_size,      # the segment so
+                                           (batch, int(spread * n)))), progress=False)  # far
+            token_s[name, length] += _decode(session, token, decode_tokens)
         r += 1
     points = {name: [] for name in runners}
     for name, length in pairs:
@@ -236,13 +229,9 @@ def warm_up(runner, batch: int) -> None:
     """Load and run every graph that `measure` uses once: a segment (prefill graph), a
     continuation that fills the next one (extend), and one decoded token that completes it
     (a fold)."""
-    from .generate import prefill
-
     n = runner.config.segment_len
     if hasattr(runner, "capacity"):
         runner.capacity = 2 * n + 2
-    prompts = np.zeros((batch, 2 * n - 1), dtype=np.int64)
-    logits, position = prefill(runner, list(prompts), progress=False)
-    runner.extend(logits.argmax(-1).cpu().numpy()[:, None], position,
-                  np.ones(batch, dtype=np.int64))
-    runner.fold(position + 1 == n)
+    session = Session(runner, batch)
+    logits = session.feed(list(np.zeros((batch, 2 * n - 1), dtype=np.int64)), progress=False)
+    session.decode(logits.argmax(-1).cpu().numpy())              # completes a segment: a fold

@@ -1,11 +1,9 @@
-"""Generation: prefill a batch of prompts of any lengths, then decode token by token.
+"""Generation: feed a batch of prompts of any lengths into a Session, then decode token by
+token, choosing each token from the logits of the one before (runtime/sampling.py).
 
-Prefill streams the prompts segment by segment: full segments that all prompts share go
-through the prefill graph (the segment step with the last token's logits only, `advance`); the
-rest of each prompt continues through the K/V cache (`extend`) with completed segments folded
-into memory (`fold`). Decoding then feeds one token per
-sequence per call: the cost of a token is O(segment length), whatever the context length, and
-memory stays constant. The logits equal those of the sequence forward (tests/runtime).
+The session reads the prompts segment by segment (runtime/session.py) and decoding feeds one
+token per sequence per call: a token costs O(segment length), whatever the context length,
+and memory stays constant. The logits equal those of the sequence forward (tests/runtime).
 """
 from __future__ import annotations
 
@@ -18,10 +16,10 @@ import torch
 
 from infini_trt.export.errors import InfiniTrtError, InputError
 
-from .loop import progress_bar
 from .resources import peak_rss_bytes
 from .runners.base import Runner
 from .sampling import SamplingConfig, next_tokens
+from .session import Session
 from .text_stream import TextStream
 
 
@@ -65,65 +63,30 @@ class GenerationResult:
                 "peak_rss_mb": self.peak_rss_mb}
 
 
-def prefill(runner: Runner, prompts: list[np.ndarray], progress: bool | None = None
-            ) -> tuple[torch.Tensor, np.ndarray]:
-    """Run every prompt into the runner's state and caches.
+def generate(target: Runner | Session, prompts: list[list[int]] | list[np.ndarray],
+             cfg: SamplingConfig, tokenizer=None,
+             on_text: Callable[[int, str], None] | None = None,
+             progress: bool | None = None, feed_last: bool = False) -> GenerationResult:
+    """Generate up to cfg.max_new_tokens after each prompt (token ids), batched.
 
-    -> (logits of each prompt's last token (B, V), segment position of each sequence (B,)).
-    """
-    n = runner.config.segment_len
-    batch = len(prompts)
-    lengths = np.array([len(p) for p in prompts])
-    if (lengths < 1).any():
-        raise InputError("every prompt needs at least one token")
-    runner.reset(batch)
-    last = [None] * batch
-    shared = int(lengths.min()) // n                       # full segments every prompt has
-    with progress_bar(int(lengths.sum()), "prefill", progress) as bar:
-        if shared:
-            common = np.stack([p[:shared * n] for p in prompts])
-        for r in range(shared):
-            logits = runner.advance(common[:, r * n:(r + 1) * n])      # last token's only
-            bar.update(batch * n)
-            for b in np.flatnonzero(lengths == (r + 1) * n):
-                last[b] = logits[b]
-        done = np.full(batch, shared * n)
-        position = np.zeros(batch, dtype=np.int64)
-        while (done < lengths).any():
-            take = np.minimum(lengths - done, n - position)
-            ids = np.zeros((batch, int(take.max())), dtype=np.int64)
-            for b in range(batch):
-                ids[b, :take[b]] = prompts[b][done[b]:done[b] + take[b]]
-            logits = runner.extend(ids, position, take)
-            bar.update(int(take.sum()))
-            done += take
-            for b in np.flatnonzero((take > 0) & (done == lengths)):
-                last[b] = logits[b, take[b] - 1]
-            position += take
-            full = position == n
-            runner.fold(full)
-            position[full] = 0
-    return torch.stack(last), position
-
-
-def generate(runner: Runner, prompts: list[list[int]] | list[np.ndarray], cfg: SamplingConfig,
-             tokenizer=None, on_text: Callable[[int, str], None] | None = None,
-             progress: bool | None = None) -> GenerationResult:
-    """Generate up to cfg.max_new_tokens for each prompt (token ids), batched.
-
+    `target`: a runner (each prompt starts a new sequence), or a Session whose rows continue
+    from where they are (a loaded context): the prompts are fed after what the rows hold, and
+    a row given an empty prompt generates from its last logits. feed_last: feed each row's
+    last generated token too, so that the session holds the whole answer (to save it).
     With a tokenizer, `on_text(b, text)` is called with each piece of sequence b's text as it
     becomes final (streaming; `text_stream.TextStream`): the pieces add up to the sequence's
     `text`. Stops a sequence at cfg.eos_id or where a stop string appears (the text ends
     before it)."""
     if cfg.stop and tokenizer is None:
         raise InputError("stop strings need a tokenizer")
-    prompts = [np.asarray(p, dtype=np.int64) for p in prompts]
+    prompts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+    session = target if isinstance(target, Session) else Session(target, len(prompts))
+    if len(prompts) != session.batch:
+        raise InputError(f"give one prompt for each of the session's {session.batch} rows")
+    if any(len(p) == 0 and session.last[b] is None for b, p in enumerate(prompts)):
+        raise InputError("every prompt needs at least one token (or a context to continue)")
+    runner, batch = session.runner, session.batch
     vocab = runner.config.vocab_size
-    for p in prompts:
-        if p.size and (p.min() < 0 or p.max() >= vocab):
-            raise InputError(f"prompt token ids must be in [0, {vocab})")
-    batch = len(prompts)
-    n = runner.config.segment_len
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     sequences = [Sequence(prompt_tokens=len(p)) for p in prompts]
     streams = [TextStream(tokenizer, cfg.stop) if tokenizer is not None else None
@@ -134,7 +97,7 @@ def generate(runner: Runner, prompts: list[list[int]] | list[np.ndarray], cfg: S
             on_text(b, text)
 
     t0 = time.perf_counter()
-    logits, position = prefill(runner, prompts, progress)
+    logits = session.feed(prompts, progress)
     t_prefill = time.perf_counter() - t0
     _check_finite(logits, runner, "the prompt")
     seen = torch.zeros((batch, vocab), dtype=torch.bool, device=logits.device)
@@ -151,6 +114,7 @@ def generate(runner: Runner, prompts: list[list[int]] | list[np.ndarray], cfg: S
         else:
             decoded += int(active.sum())
         tokens_np = tokens.cpu().numpy()
+        chosen = active.copy()
         for b in np.flatnonzero(active):
             token = int(tokens_np[b])
             sequences[b].token_ids.append(token)
@@ -162,15 +126,13 @@ def generate(runner: Runner, prompts: list[list[int]] | list[np.ndarray], cfg: S
             if reason:
                 sequences[b].finish_reason = reason
                 active[b] = False
-        if not active.any() or i == cfg.max_new_tokens - 1:
+        last_round = not active.any() or i == cfg.max_new_tokens - 1
+        if last_round and not feed_last:
             break
-        ids = np.where(active, tokens_np, 0)[:, None].astype(np.int64)
-        logits = runner.extend(ids, position, active.astype(np.int64))[:, 0]
+        logits = session.decode(tokens_np, chosen if feed_last else active)
+        if last_round:
+            break
         _check_finite(logits, runner, f"decoded token {i + 1}")
-        position += active
-        full = position == n
-        runner.fold(full)
-        position[full] = 0
     t_end = time.perf_counter()
     for b, (sequence, stream) in enumerate(zip(sequences, streams)):
         if stream is not None:

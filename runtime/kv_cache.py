@@ -115,6 +115,12 @@ class DecodeCaches:
                     new.copy_(moving)
         return self.inputs
 
+    def slots(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) holding at least slots 0 .. end-1, the window never made smaller here (a
+        sequence's rows beyond `end` stay)."""
+        self.fit(max(end, self.window))
+        return self.k, self.v
+
     def new_rows(self, seq: int) -> dict[str, torch.Tensor]:
         """{"k_new", "v_new"}: (L, B, Hkv, seq, hd) views at fixed addresses."""
         layers, batch, heads, hd = self._dims

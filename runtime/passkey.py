@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from infini_trt.export.errors import InputError
 
@@ -24,6 +25,7 @@ from .loop import Timer, progress_bar
 from .passkey_data import DEPTHS, PasskeyGenerator
 from .resources import peak_rss_bytes
 from .runners.base import Runner
+from .session import Session
 
 def parse_depths(text: str) -> list[tuple[str, float]]:
     """'start,middle,end' or fractions of the admissible range, e.g. '0,0.25,1'."""
@@ -112,18 +114,19 @@ def answer_argmax(runner: Runner, prompts: list, progress: bool | None = None,
     position, (B, answer length). Only one segment of ids and logits exists at a time."""
     length, first = prompts[0].length, prompts[0].answer_start - 1
     n = runner.config.segment_len
-    runner.reset(len(prompts))
+    session = Session(runner, len(prompts))
     picked = []
     with progress_bar(len(prompts) * length, desc, progress) as bar:
         for start in range(0, length, n):
             stop = min(start + n, length)
             ids = np.stack([p.window(start, stop) for p in prompts])
             lo, hi = max(first, start), min(stop, length - 1)
-            if lo < hi:                                                 # answer positions
-                logits = runner.step(ids)                               # (B, S, V)
-                picked.append(logits[:, lo - start:hi - start].argmax(-1).cpu().numpy())
-            else:                                                       # no logits needed
-                runner.advance(ids)
+
+            def pick(offset: int, logits: torch.Tensor, lo=lo, hi=hi) -> None:
+                a, b = lo - start - offset, hi - start - offset       # answer positions
+                picked.append(logits[:, max(a, 0):max(b, 0)].argmax(-1).cpu().numpy())
+
+            session.feed(list(ids), progress=False, on_logits=pick if lo < hi else None)
             bar.update(ids.size)
     return np.concatenate(picked, axis=1)
 

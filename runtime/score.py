@@ -10,9 +10,10 @@ import torch
 from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.export.files import atomic_file
 
-from .loop import Timer, stream
+from .loop import Timer
 from .resources import format_bytes, peak_rss_bytes
 from .runners.base import Runner
+from .session import Session
 
 
 @dataclass
@@ -92,33 +93,48 @@ def check_logits_room(path: str | Path, nbytes: int) -> None:
                          f"{format_bytes(free)} free; score fewer tokens or write elsewhere")
 
 
-def score(runner: Runner, tokens: np.ndarray, logits_out: str | Path | None = None,
+def score(target: Runner | Session, tokens: np.ndarray, logits_out: str | Path | None = None,
           squeeze: bool = False, progress: bool | None = None) -> ScoreResult:
-    """Stream `tokens` (B, T) through `runner`; mean NLL of each next token, perplexity,
-    throughput. With `logits_out` every logit is written to a .npy file ((B,) T, V)."""
+    """Stream `tokens` (B, T) through a runner (new sequences) or a Session (its rows go on
+    from where they are, e.g. a loaded context); mean NLL of each next token, perplexity,
+    throughput. A session's rows that have last logits predict the first token too. With
+    `logits_out` every logit is written to a .npy file ((B,) T, V)."""
+    session = target if isinstance(target, Session) else Session(target, tokens.shape[0])
+    runner = session.runner
     batch, total = tokens.shape
+    if batch != session.batch:
+        raise InputError(f"{batch} rows of tokens for a session of {session.batch}")
     if total < 2:
         raise InputError("scoring needs at least 2 tokens")
     if logits_out is not None:
         check_logits_room(logits_out, logits_bytes(tokens, runner.config.vocab_size))
     nll_sum, predicted = 0.0, 0
-    out = None
+    known = [b for b in range(batch) if session.last[b] is not None]
+    if known:                                       # the context predicts the first token
+        logp = torch.log_softmax(session.last_logits()[known].float(), dim=-1)
+        first = torch.from_numpy(tokens[known, 0]).to(logp.device)
+        nll_sum -= float(logp.gather(-1, first[:, None]).sum())
+        predicted += len(known)
+
+    def on_logits(start: int, logits: torch.Tensor) -> None:
+        nonlocal nll_sum, predicted
+        if not bool(torch.isfinite(logits).all()):
+            raise InfiniTrtError(f"{runner.description} produced NaN or infinite logits "
+                                 f"in the segment at token {start:,}; the model or its "
+                                 f"export is broken (check it with `infini-trt validate`)")
+        s = logits.shape[1]
+        targets = torch.from_numpy(tokens[:, start + 1:start + s + 1]).to(logits.device)
+        n = targets.shape[1]
+        if n:
+            logp = torch.log_softmax(logits[:, :n].float(), dim=-1)
+            nll_sum -= float(logp.gather(-1, targets[..., None]).sum())
+            predicted += batch * n
+        if out is not None:
+            out.write(start, logits)
+
     with Timer() as timer, _LogitsFile(logits_out, tokens.shape, runner.config.vocab_size,
                                        squeeze) as out:
-        for start, logits in stream(runner, tokens, progress=progress, desc="score"):
-            s = logits.shape[1]
-            targets = torch.from_numpy(tokens[:, start + 1:start + s + 1]).to(logits.device)
-            n = targets.shape[1]
-            if not bool(torch.isfinite(logits).all()):
-                raise InfiniTrtError(f"{runner.description} produced NaN or infinite logits "
-                                     f"in the segment at token {start:,}; the model or its "
-                                     f"export is broken (check it with `infini-trt validate`)")
-            if n:
-                logp = torch.log_softmax(logits[:, :n].float(), dim=-1)
-                nll_sum -= float(logp.gather(-1, targets[..., None]).sum())
-                predicted += batch * n
-            if out is not None:
-                out.write(start, logits)
+        session.feed(list(tokens), progress=progress, on_logits=on_logits, desc="score")
     nll = nll_sum / predicted
     return ScoreResult(runner.description, batch, total, predicted, nll, float(np.exp(nll)),
                        timer.seconds, batch * total / timer.seconds, peak_rss_bytes() / 2**20)

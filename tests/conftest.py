@@ -42,6 +42,7 @@ def exported(tmp_path_factory):
     """exported(cfg, seed=0, dtype=torch.float32, memory_op="plugin", graphs=all)
     -> (checkpoint_dir, export_dir) of a random model, exported once per session."""
     from infini_trt.export import save_checkpoint
+    from infini_trt.export.files import sha256_file
     from infini_trt.export.onnx_export import export_model
 
     made = {}
@@ -53,8 +54,9 @@ def exported(tmp_path_factory):
             root = tmp_path_factory.mktemp("exported")
             model = random_model(cfg, seed=seed, dtype=dtype)
             save_checkpoint(model, root / "ckpt")
+            weights = sha256_file(root / "ckpt" / "model.safetensors")
             export_model(model, root / "onnx", memory_op_mode=memory_op, graphs=tuple(graphs),
-                         source={"checkpoint": str(root / "ckpt")})
+                         source={"checkpoint": str(root / "ckpt"), "weights_sha256": weights})
             made[key] = (set(graphs), (root / "ckpt", root / "onnx"))
         return made[key][1]
 

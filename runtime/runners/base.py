@@ -1,6 +1,7 @@
 """The runner contract, input checks shared by every backend, and `open_runner`."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,30 @@ from infini_trt.export.config import InfiniConfig
 from infini_trt.export.errors import InfiniTrtError, InputError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+@dataclass
+class RowState:
+    """One sequence's whole decoding state, as host arrays: memory (L, Hkv, dk, dv) and norm
+    (L, Hkv, dk), and the K/V rows of its current segment, k (L, Hkv, hd, P) (rotated keys,
+    transposed as the caches hold them) and v (L, Hkv, P, hd), P being its position in the
+    segment. Its size depends on P < segment_len only, never on the tokens seen."""
+
+    memory: np.ndarray
+    norm: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+
+    @property
+    def position(self) -> int:
+        return int(self.k.shape[-1])
+
+    @classmethod
+    def empty(cls, cfg: InfiniConfig, dtype=np.float32) -> "RowState":
+        layers, heads, hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+        return cls(np.zeros((layers, heads, cfg.dk, cfg.dv), dtype),
+                   np.zeros((layers, heads, cfg.dk), dtype),
+                   np.zeros((layers, heads, hd, 0), dtype), np.zeros((layers, heads, 0, hd), dtype))
 
 
 class Runner:
@@ -24,6 +49,7 @@ class Runner:
     config: InfiniConfig
     dtype: str = "float32"          # compute dtype of the weights/graph
     batch: int = 0
+    weights_sha256: str | None = None   # of the checkpoint the weights come from (contexts)
 
     # lifecycle ---------------------------------------------------------------------------
     def __enter__(self):
@@ -91,6 +117,55 @@ class Runner:
 
     def set_state(self, memory: np.ndarray, norm: np.ndarray) -> None:
         raise NotImplementedError
+
+    # rows --------------------------------------------------------------------------------
+    def read_row(self, b: int, position: int) -> RowState:
+        """Sequence b's state: memory, norm and the first `position` K/V slots of its segment
+        (copies; the runner goes on unchanged)."""
+        self._check_row(b, position)
+        with torch.no_grad():
+            memory, norm = self._state_tensors()
+            k, v = self._cache_tensors(position)
+            parts = (memory[:, b], norm[:, b], k[:, b, :, :, :position], v[:, b, :, :position])
+            return RowState(*(t.cpu().numpy().copy() for t in parts))
+
+    def write_row(self, b: int, row: RowState) -> None:
+        """Make sequence b's state `row` (the other sequences are left as they are); its next
+        token goes to segment position row.position."""
+        cfg = self.config
+        self._check_row(b, row.position)
+        layers, heads, hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+        want = {"memory": (layers, heads, cfg.dk, cfg.dv), "norm": (layers, heads, cfg.dk),
+                "k": (layers, heads, hd, row.position), "v": (layers, heads, row.position, hd)}
+        for name, shape in want.items():
+            got = getattr(row, name).shape
+            if tuple(got) != shape:
+                raise InputError(f"a row's {name} must have shape {shape}, got {tuple(got)}")
+        with torch.no_grad():
+            memory, norm = self._state_tensors()
+            k, v = self._cache_tensors(row.position)
+            p = row.position
+            for dst, src in ((memory[:, b], row.memory), (norm[:, b], row.norm),
+                             (k[:, b, :, :, :p], row.k), (v[:, b, :, :p], row.v)):
+                dst.copy_(torch.as_tensor(src).to(dst.dtype))
+
+    def _check_row(self, b: int, position: int) -> None:
+        if not self.batch:
+            raise InputError("call reset(batch) before reading or writing rows")
+        if not 0 <= b < self.batch:
+            raise InputError(f"row {b} is outside the batch of {self.batch}")
+        if not 0 <= position < self.config.segment_len:
+            raise InputError(f"a row's segment position must be in [0, "
+                             f"{self.config.segment_len}), got {position}")
+
+    def _state_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current memory (L, B, ...) and norm, as tensors that may be written in place."""
+        raise NotImplementedError(f"the {self.backend} runner has no row access")
+
+    def _cache_tensors(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V caches (`kv_cache.empty_caches` layout) holding at least slots 0 .. end-1
+        of every sequence, made if there are none yet; never fewer slots than they hold."""
+        raise NotImplementedError(f"the {self.backend} runner has no row access")
 
     def _reset(self, batch: int) -> None:
         raise NotImplementedError

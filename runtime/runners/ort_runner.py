@@ -103,6 +103,7 @@ class OrtRunner(Runner):
         self.manifest = read_manifest(export_dir)
         self.config = self.manifest.config
         self.dtype = self.manifest.dtype
+        self.weights_sha256 = self.manifest.source.get("weights_sha256")
         self.providers, self.device = providers_for(self._ort, device)
         self.threads = threads
         if self.dtype == "bfloat16" and self.device == "cpu":
@@ -161,6 +162,18 @@ class OrtRunner(Runner):
         self.start = torch.zeros(batch, dtype=torch.int64, device=device)
         self.fold_mask = torch.zeros(batch, dtype=torch.bool, device=device)
 
+    def _state_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.memory[self.current], self.norm[self.current]
+
+    def _cache_tensors(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._caches().slots(end)
+
+    def _caches(self) -> DecodeCaches:
+        if self.caches is None:
+            self.caches = DecodeCaches.for_graph(self.manifest.graph(EXTEND), self.config,
+                                                 self.batch, self.torch_device)
+        return self.caches
+
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         return (self.memory[self.current].cpu().numpy().copy(),
                 self.norm[self.current].cpu().numpy().copy())
@@ -194,10 +207,7 @@ class OrtRunner(Runner):
     def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
         """Each layer's cache slice is bound as its own input (no copy); the graph returns the
         new rows, written into the caches here."""
-        if self.caches is None:
-            self.caches = DecodeCaches.for_graph(self.manifest.graph(EXTEND), self.config,
-                                                 self.batch, self.torch_device)
-        caches = self.caches.fit(int((start + length).max()))
+        caches = self._caches().fit(int((start + length).max()))
         rows = self.caches.new_rows(ids.shape[1])
         logits = self._logits(ids)
         self._run(EXTEND,

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infini_trt.export.checkpoint import dtype_from_name, dtype_name, load_checkpoint
+from infini_trt.export.checkpoint import (WEIGHTS_FILE, dtype_from_name, dtype_name,
+                                          load_checkpoint)
 from infini_trt.export.errors import InputError
 from infini_trt.export.model import InfiniLM
 
@@ -28,8 +29,12 @@ class TorchRunner(Runner):
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu",
                         dtype: str | None = None) -> "TorchRunner":
+        from ..artifacts import file_sha256
+
         cast = dtype_from_name(dtype) if dtype else None
-        return cls(load_checkpoint(path, device=device, dtype=cast), device)
+        runner = cls(load_checkpoint(path, device=device, dtype=cast), device)
+        runner.weights_sha256 = file_sha256(Path(path) / WEIGHTS_FILE)
+        return runner
 
     def _reset(self, batch: int) -> None:
         self.memory, self.norm = self.model.init_state(batch, self.device)
@@ -37,9 +42,7 @@ class TorchRunner(Runner):
 
     @torch.inference_mode()
     def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
-        if self.k_cache is None:
-            self.k_cache, self.v_cache = empty_caches(self.config, self.batch,
-                                                      self.model.embed.weight.dtype, self.device)
+        self._cache_tensors(0)
         tokens, begin = (torch.from_numpy(a).to(self.device) for a in (ids, start))
         window = cache_window(int((start + length).max()), self.config.segment_len)
         logits, k_new, v_new = self.model.extend(tokens, begin, self.memory, self.norm,
@@ -65,6 +68,23 @@ class TorchRunner(Runner):
 
     def _advance(self, ids: np.ndarray) -> torch.Tensor:
         return self._step(ids, last_only=True)
+
+    @torch.inference_mode()
+    def read_row(self, b: int, position: int):
+        return super().read_row(b, position)
+
+    @torch.inference_mode()                  # the state is made in inference mode: write there
+    def write_row(self, b: int, row) -> None:
+        super().write_row(b, row)
+
+    def _state_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.memory, self.norm
+
+    def _cache_tensors(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k_cache is None:
+            self.k_cache, self.v_cache = empty_caches(self.config, self.batch,
+                                                      self.model.embed.weight.dtype, self.device)
+        return self.k_cache, self.v_cache
 
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         return self.memory.cpu().numpy(), self.norm.cpu().numpy()

@@ -120,6 +120,7 @@ class TrtRunner(Runner):
                                   log=lambda s: print(s, file=sys.stderr, flush=True))
             self.manifest = read_manifest(export_dir)
         self.config, self.dtype = self.manifest.config, self.manifest.dtype
+        self.weights_sha256 = self.manifest.source.get("weights_sha256")
         here = engines.gpu() if runtime is None else None
         self.engine_name, self.entry = engines.select_engine(
             self.manifest, engine,
@@ -200,6 +201,23 @@ class TrtRunner(Runner):
         self.current = 0
         self.caches = None
 
+    def _state_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.memory[self.current], self.norm[self.current]
+
+    def _cache_tensors(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.caches is None:
+            self.caches = DecodeCaches.for_graph(self.manifest.graph(EXTEND), self.config,
+                                                 self.batch, self.torch_device)
+        return self.caches.slots(end)
+
+    def read_row(self, b: int, position: int):
+        with self._on_stream():
+            return super().read_row(b, position)
+
+    def write_row(self, b: int, row) -> None:
+        with self._on_stream():
+            super().write_row(b, row)
+
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         return (self.memory[self.current].cpu().numpy().copy(),
                 self.norm[self.current].cpu().numpy().copy())
@@ -247,9 +265,7 @@ class TrtRunner(Runner):
         """Each layer's cache slice is bound as its own input (no copy); the engine returns the
         new rows, written into the caches here, on the engine's stream."""
         with self._on_stream():
-            if self.caches is None:
-                self.caches = DecodeCaches.for_graph(self.manifest.graph(EXTEND), self.config,
-                                                     self.batch, self.torch_device)
+            self._cache_tensors(0)
             caches = self.caches.fit(int((start + length).max()))
             rows = self.caches.new_rows(ids.shape[1])
             tokens, logits = self._tokens(ids)

@@ -110,18 +110,17 @@ def full_attention_reference(model, ids):
 
 
 def test_full_attention_baseline_prefill_and_decode_equal_one_pass():
-    from infini_trt.runtime.generate import prefill
+    from infini_trt.runtime.session import Session
 
     model = random_model(TINY, seed=3)
     tokens = np.random.default_rng(0).integers(0, 256, (2, 2 * N + 5 + 6))
     with torch.no_grad():
         want = full_attention_reference(model, torch.from_numpy(tokens))
     runner = FullAttentionRunner(model, capacity=tokens.shape[1])
-    last, position = prefill(runner, list(tokens[:, :2 * N + 5]), progress=False)
-    got = [last]
+    session = Session(runner, 2)
+    got = [session.feed(list(tokens[:, :2 * N + 5]), progress=False)]
     for i in range(2 * N + 5, tokens.shape[1] - 1):
-        got.append(runner.extend(tokens[:, i:i + 1], position, np.ones(2, np.int64))[:, 0])
-        position += 1
+        got.append(session.decode(tokens[:, i]))
     assert_close(want[:, 2 * N + 4:-1], torch.stack(got, 1), 1e-6)   # float32 logits
 
 

@@ -11,9 +11,10 @@ from helpers import assert_close
 from infini_trt.export import load_checkpoint, preset
 from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.runtime.cli import main
-from infini_trt.runtime.generate import generate, prefill
+from infini_trt.runtime.generate import generate
 from infini_trt.runtime.runners import open_runner
 from infini_trt.runtime.kv_cache import DecodeCaches
+from infini_trt.runtime.session import Session
 from infini_trt.runtime.sampling import (SamplingConfig, apply_repetition_penalty, next_tokens,
                                          top_k_filter, top_p_filter)
 from infini_trt.runtime.tokenizer import ByteTokenizer
@@ -25,21 +26,17 @@ N = TINY.segment_len
 def teacher_forced_decode(runner, sequences, prompt_lengths):
     """Prefill each prompt, then feed the rest of its sequence one token per call (as
     decoding does). -> per sequence, logits (T - P + 1, V) predicting tokens P .. T."""
-    prompts = [s[:p] for s, p in zip(sequences, prompt_lengths)]
-    last, position = prefill(runner, prompts, progress=False)
+    session = Session(runner, len(sequences))
+    last = session.feed([s[:p] for s, p in zip(sequences, prompt_lengths)], progress=False)
     out = [[last[b]] for b in range(len(sequences))]
     steps = max(len(s) - p for s, p in zip(sequences, prompt_lengths))
     for i in range(steps):
         active = np.array([p + i < len(s) for s, p in zip(sequences, prompt_lengths)])
-        ids = np.array([[s[p + i] if a else 0] for s, p, a in
+        ids = np.array([s[p + i] if a else 0 for s, p, a in
                         zip(sequences, prompt_lengths, active)], dtype=np.int64)
-        logits = runner.extend(ids, position, active.astype(np.int64))
+        logits = session.decode(ids, active)
         for b in np.flatnonzero(active):
-            out[b].append(logits[b, 0])
-        position += active
-        full = position == runner.config.segment_len
-        runner.fold(full)
-        position[full] = 0
+            out[b].append(logits[b])
     return [torch.stack(o) for o in out]
 
 
@@ -170,7 +167,7 @@ def test_bad_generation_requests(exported):
     with open_runner(out, "onnxruntime") as runner:
         with pytest.raises(InputError, match="at least one token"):
             generate(runner, [[]], SamplingConfig(), progress=False)
-        with pytest.raises(InputError, match=r"prompt token ids must be in \[0, 256\)"):
+        with pytest.raises(InputError, match=r"token id 300 is outside the vocabulary \[0, 256\)"):
             generate(runner, [[300]], SamplingConfig(), progress=False)
         runner.reset(1)
         with pytest.raises(InputError, match="must not pass the segment length"):

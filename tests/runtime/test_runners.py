@@ -7,7 +7,6 @@ import torch
 from helpers import assert_close
 from infini_trt.export import load_checkpoint, preset
 from infini_trt.export.errors import InfiniTrtError, InputError
-from infini_trt.runtime.loop import stream
 from infini_trt.runtime.runners import open_runner
 
 TINY = preset("tiny")
@@ -21,7 +20,11 @@ def reference(ckpt, tokens):
 
 
 def streamed(runner, tokens):
-    logits = torch.cat([lg for _, lg in stream(runner, tokens, progress=False)], dim=1)
+    """Every segment of tokens (B, T) through the segment graph (step), from a reset."""
+    n = runner.config.segment_len
+    runner.reset(tokens.shape[0])
+    logits = torch.cat([runner.step(tokens[:, s:s + n]) for s in range(0, tokens.shape[1], n)],
+                       dim=1)
     return (logits, *runner.state())
 
 
