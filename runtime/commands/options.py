@@ -2,7 +2,7 @@
 import click
 
 DTYPE_CHOICE = click.Choice(["fp32", "fp16", "bf16"])
-BACKEND_CHOICE = click.Choice(["torch", "onnxruntime", "tensorrt"])
+BACKEND_CHOICE = click.Choice(["torch", "onnxruntime", "tensorrt"])     # runners.BACKENDS
 DEVICE_CHOICE = click.Choice(["cpu", "cuda"])
 
 

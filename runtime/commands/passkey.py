@@ -38,7 +38,7 @@ def passkey(model: str | None, backend: str, device: str | None, lengths: str, d
     are 1x, 16x, 64x and 256x the bundled model's training length (512 tokens)."""
     from infini_trt.export.files import atomic_file
     from infini_trt.runtime.passkey import open_task, run_passkey
-    from infini_trt.runtime.runners import open_runner
+    from infini_trt.runtime.runners import open_runner, prepare
 
     if model is None:
         from infini_trt.runtime.models import bundled_model
@@ -47,7 +47,7 @@ def passkey(model: str | None, backend: str, device: str | None, lengths: str, d
         click.echo(f"model: the bundled passkey model ({model})")
     gen, length_list, depth_list = open_task(model, lengths, depths)   # checks before export
     if backend != "torch":
-        model = _export_and_check(model, backend, check)
+        model = str(prepare(_export_and_check(model, backend, check), backend))
     with open_runner(model, backend, device=device) as runner:
         click.echo(f"backend: {runner.description}; segments of {runner.config.segment_len} "
                    f"tokens; {trials} trials per cell, seed {seed}")

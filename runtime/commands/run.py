@@ -48,7 +48,7 @@ def run(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...], bac
     from infini_trt.export.errors import InputError
     from infini_trt.export.manifest import model_config
     from infini_trt.runtime.generate import generate
-    from infini_trt.runtime.runners import open_runner
+    from infini_trt.runtime.runners import open_runner, prepare
     from infini_trt.runtime.sampling import SamplingConfig
     from infini_trt.runtime.score import read_tokens
     from infini_trt.runtime.tokenizer import model_tokenizer
@@ -72,7 +72,7 @@ def run(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...], bac
                          top_p=top_p or 1.0, repetition_penalty=repetition_penalty,
                          seed=seed, eos_id=tokenizer.eos_id if eos else None, stop=stops)
     stream = not as_json and len(token_lists) == 1
-    with open_runner(model, backend, device=device, **options) as runner:
+    with open_runner(prepare(model, backend), backend, device=device, **options) as runner:
         result = generate(runner, token_lists, cfg, tokenizer,
                           on_text=_write if stream else None, progress=progress)
     if stream:

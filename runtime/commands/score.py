@@ -32,7 +32,7 @@ def score(model: str, token_file: str, backend: str, device: str | None,
     from infini_trt.export.files import check_output
     from infini_trt.export.manifest import model_config
     from infini_trt.runtime.resources import format_bytes
-    from infini_trt.runtime.runners import open_runner
+    from infini_trt.runtime.runners import open_runner, prepare
     from infini_trt.runtime.score import check_logits_room, logits_bytes, read_tokens
     from infini_trt.runtime.score import score as run_score
     from infini_trt.runtime.tokenizer import LazyTokenizer, model_tokenizer
@@ -47,7 +47,7 @@ def score(model: str, token_file: str, backend: str, device: str | None,
         check_logits_room(logits_out, size)
         click.echo(f"writing {tokens.size:,} x {vocab:,} float32 logits ({format_bytes(size)}) "
                    f"to {logits_out}", err=True)
-    with open_runner(model, backend, device=device, **options) as runner:
+    with open_runner(prepare(model, backend), backend, device=device, **options) as runner:
         result = run_score(runner, tokens, logits_out, squeeze=was_1d, progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))

@@ -1,11 +1,12 @@
 """One runner contract for every backend (PyTorch, ONNX Runtime, TensorRT).
 
-    with open_runner("model_or_export_dir", "onnxruntime") as runner:
+    with load("model_or_export_dir", "onnxruntime") as runner:
         runner.reset(batch=1)
         logits = runner.step(segment_ids)      # (B, S) -> (B, S, V), state carried inside
 
-The streaming loop, `score`, `run`, `validate` and `bench` take any runner.
+Sessions (runtime/session.py) drive any runner; `score`, `run`, `validate` and `bench` too.
 """
-from .base import Runner, open_runner
+from .base import Runner, RowState
+from .opening import BACKENDS, load, open_runner, prepare
 
-__all__ = ["Runner", "open_runner"]
+__all__ = ["BACKENDS", "Runner", "RowState", "load", "open_runner", "prepare"]

@@ -1,17 +1,13 @@
-"""The runner contract, input checks shared by every backend, and `open_runner`."""
+"""The runner contract and the input checks shared by every backend."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from infini_trt.export.config import InfiniConfig
-from infini_trt.export.errors import InfiniTrtError, InputError
-
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-
+from infini_trt.export.errors import InputError
 
 @dataclass
 class RowState:
@@ -220,38 +216,3 @@ class Runner:
                                  ("norm", norm, cfg.norm_shape(b))):
             if tuple(arr.shape) != tuple(shape):
                 raise InputError(f"{name} must have shape {tuple(shape)}, got {tuple(arr.shape)}")
-
-
-def open_runner(model: str | Path, backend: str, device: str | None = None,
-                dtype: str | None = None, **options) -> Runner:
-    """A runner for `model` (a native checkpoint or an export directory) on `backend`.
-
-    A checkpoint given to onnxruntime/tensorrt is exported first (cached); an export directory
-    given to torch runs its source checkpoint in the export's dtype.
-    """
-    from infini_trt.export.manifest import is_export_dir, read_manifest
-
-    if backend not in BACKENDS:
-        raise InfiniTrtError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    path = Path(model)
-    if backend == "torch":
-        from .torch_runner import TorchRunner
-
-        if is_export_dir(path):
-            from infini_trt.runtime.artifacts import source_checkpoint
-
-            manifest = read_manifest(path)
-            source = source_checkpoint(manifest)
-            return TorchRunner.from_checkpoint(source, device=device or "cpu",
-                                               dtype=dtype or manifest.dtype)
-        return TorchRunner.from_checkpoint(path, device=device or "cpu", dtype=dtype)
-    from infini_trt.runtime.cache import cached_export
-
-    export_dir = path if is_export_dir(path) else cached_export(path, dtype=dtype)
-    if backend == "onnxruntime":
-        from .ort_runner import OrtRunner
-
-        return OrtRunner(export_dir, device=device, **options)
-    from .trt_runner import TrtRunner  # noqa: F401  (issue: TensorRT runner)
-
-    return TrtRunner(export_dir, device=device, **options)

@@ -14,7 +14,6 @@ JIT plugin runs Python at enqueue) or the ONNX-function fallback.
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,8 +105,8 @@ class TrtRunner(Runner):
     def __init__(self, export_dir: str | Path, device: str | None = None,
                  engine: str | Path | None = None, cuda_graphs: bool = False, runtime=None):
         """`engine`: which recorded engine (its segment file or manifest name) [default: the
-        newest; an export without one gets one built for this GPU]. `runtime`: a stand-in for
-        trt.Runtime (tests); the real one needs a GPU."""
+        newest built for this GPU; `runners.prepare` builds one where there is none].
+        `runtime`: a stand-in for trt.Runtime (tests); the real one needs a GPU."""
         from infini_trt.runtime import engine as engines
 
         if runtime is None and device not in (None, "cuda"):
@@ -115,10 +114,6 @@ class TrtRunner(Runner):
                                  "not available for it")
         self.manifest = read_manifest(export_dir)
         verify_export(self.manifest)
-        if runtime is None and engine is None and not self.manifest.engines:
-            engines.build_engines(export_dir, engines.BuildSettings(),
-                                  log=lambda s: print(s, file=sys.stderr, flush=True))
-            self.manifest = read_manifest(export_dir)
         self.config, self.dtype = self.manifest.config, self.manifest.dtype
         self.weights_sha256 = self.manifest.source.get("weights_sha256")
         here = engines.gpu() if runtime is None else None

@@ -112,13 +112,13 @@ def test_bundled_checkpoint_loads_and_is_small(bundled, tokenizer):
 def test_grid_torch_and_onnxruntime_agree_and_retrieve(bundled, gen, tmp_path, monkeypatch):
     """Tiny lengths (the key 1 to 7 segments back): the trained model answers, and ONNX
     Runtime (the bundled checkpoint exported, which is the export test) agrees with torch."""
-    from infini_trt.runtime.runners import open_runner
+    from infini_trt.runtime.runners import load
 
     monkeypatch.setenv("INFINI_TRT_CACHE", str(tmp_path / "cache"))
     lengths, depths = [256, 512], parse_depths("start,end")
     results = {}
     for backend in ("torch", "onnxruntime"):
-        with open_runner(bundled, backend) as runner:
+        with load(bundled, backend) as runner:
             results[backend] = run_passkey(runner, gen, lengths, depths, trials=4, seed=1,
                                            progress=False)
     torch_cells, ort_cells = results["torch"].cells, results["onnxruntime"].cells

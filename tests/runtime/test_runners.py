@@ -159,15 +159,18 @@ def test_bad_inputs_are_refused_clearly(exported, backend, ids, message):
 
 
 def test_bad_state_shape_and_missing_model(exported, tmp_path):
-    _, out = exported(TINY)
+    ckpt, out = exported(TINY)
     with open_runner(out, "onnxruntime") as runner:
         runner.reset(2)
         with pytest.raises(InputError, match="memory must have shape"):
             runner.set_state(np.zeros((2, 1, 2, 16, 16), np.float32), np.zeros((2, 2, 2, 16)))
-    with pytest.raises(InfiniTrtError, match="no such checkpoint"):
+    with pytest.raises(InfiniTrtError, match="no such model"):
         open_runner(tmp_path / "missing", "onnxruntime")
     with pytest.raises(InfiniTrtError, match="unknown backend"):
         open_runner(out, "jax")
+    with pytest.raises(InfiniTrtError, match="is not an export directory: the onnxruntime "
+                                             "backend runs exported graphs; export it first"):
+        open_runner(ckpt, "onnxruntime")                 # opening makes nothing
 
 
 def test_onnxruntime_refuses_a_corrupt_or_missing_graph(exported, tmp_path):
