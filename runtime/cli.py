@@ -16,8 +16,8 @@ import click
 
 from infini_trt.export.errors import InfiniTrtError, InfiniTrtWarning
 
-COMMAND_MODULES = ["checkpoint", "convert", "export", "build", "score", "run", "validate",
-                   "passkey", "bench"]
+COMMAND_MODULES = ["checkpoint", "convert", "export", "build", "prefill", "score", "run",
+                   "validate", "passkey", "bench"]
 
 
 class Terminated(BaseException):

@@ -66,13 +66,15 @@ class GenerationResult:
 def generate(target: Runner | Session, prompts: list[list[int]] | list[np.ndarray],
              cfg: SamplingConfig, tokenizer=None,
              on_text: Callable[[int, str], None] | None = None,
-             progress: bool | None = None, feed_last: bool = False) -> GenerationResult:
+             progress: bool | None = None, feed_last: bool = False,
+             text_context: list | None = None) -> GenerationResult:
     """Generate up to cfg.max_new_tokens after each prompt (token ids), batched.
 
     `target`: a runner (each prompt starts a new sequence), or a Session whose rows continue
     from where they are (a loaded context): the prompts are fed after what the rows hold, and
     a row given an empty prompt generates from its last logits. feed_last: feed each row's
     last generated token too, so that the session holds the whole answer (to save it).
+    text_context[b]: ids before row b's new text (a context's `text_tail`), decoded with it.
     With a tokenizer, `on_text(b, text)` is called with each piece of sequence b's text as it
     becomes final (streaming; `text_stream.TextStream`): the pieces add up to the sequence's
     `text`. Stops a sequence at cfg.eos_id or where a stop string appears (the text ends
@@ -89,8 +91,8 @@ def generate(target: Runner | Session, prompts: list[list[int]] | list[np.ndarra
     vocab = runner.config.vocab_size
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     sequences = [Sequence(prompt_tokens=len(p)) for p in prompts]
-    streams = [TextStream(tokenizer, cfg.stop) if tokenizer is not None else None
-               for _ in prompts]
+    streams = [TextStream(tokenizer, cfg.stop, text_context[b] if text_context else ())
+               if tokenizer is not None else None for b in range(batch)]
 
     def emit(b: int, text: str) -> None:
         if text and on_text is not None:

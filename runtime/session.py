@@ -177,9 +177,38 @@ class Session:
 def model_fingerprint(runner: Runner) -> dict:
     """What a context must match to be loaded into `runner`: the model's config and the
     sha256 of the checkpoint's weights (`runner.weights_sha256`)."""
+    return _fingerprint(runner.config, getattr(runner, "weights_sha256", None))
+
+
+def path_fingerprint(model) -> dict:
+    """`model_fingerprint` of what `model` (a checkpoint or an export directory) would open,
+    without opening it: a context can be checked before any export or load."""
+    from infini_trt.export.checkpoint import WEIGHTS_FILE, read_checkpoint
+    from infini_trt.export.manifest import is_export_dir, read_manifest
+
+    from .artifacts import file_sha256
+
+    if is_export_dir(model):
+        manifest = read_manifest(model)
+        return _fingerprint(manifest.config, manifest.source.get("weights_sha256"))
+    ckpt = read_checkpoint(model)
+    return _fingerprint(ckpt.config, file_sha256(ckpt.path / WEIGHTS_FILE))
+
+
+def _fingerprint(config, weights_sha256: str | None) -> dict:
     import hashlib
     import json
 
-    config = json.dumps(runner.config.to_dict(), sort_keys=True).encode()
-    return {"config_sha256": hashlib.sha256(config).hexdigest(),
-            "weights_sha256": getattr(runner, "weights_sha256", None)}
+    text = json.dumps(config.to_dict(), sort_keys=True).encode()
+    return {"config_sha256": hashlib.sha256(text).hexdigest(), "weights_sha256": weights_sha256}
+
+
+def read_context(path, model):
+    """A context file, checked against `model` (a path) before any work -> Context."""
+    from infini_trt.export.manifest import model_config
+
+    from .context import Context
+
+    context = Context.load(path)
+    context.check_model(path_fingerprint(model), model_config(model))
+    return context

@@ -18,10 +18,12 @@ class TextStream:
     """push(token) -> the new final text; finish() -> the rest. `text` is the whole text so
     far (cut before the stop string once `stopped`)."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stops: tuple[str, ...] = (), context=()):
+        """`context`: ids that come before this text (shown already): they are decoded with
+        the first new tokens, so that those decode as they would after them."""
         self.tokenizer, self.stops = tokenizer, tuple(stops)
-        self.ids: list[int] = []
-        self.prefix = self.read = 0     # ids[prefix:read] decoded already; ids[read:] pending
+        self.ids: list[int] = [int(t) for t in context]
+        self.prefix, self.read = 0, len(self.ids)   # ids[prefix:read] decoded; [read:] pending
         self.decoded = ""               # all text decoded so far (before any cut)
         self.given = 0                  # characters of `decoded` handed out
         self.checked = 0                # no stop string begins before this index of `decoded`

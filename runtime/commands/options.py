@@ -32,6 +32,13 @@ OUTPUT_FILE = OutputPath("file")
 OUTPUT_DIR = OutputPath("dir")
 
 
+def state_option(command):
+    """--state CTX: continue from a context file (`infini-trt prefill`)."""
+    return click.option("--state", type=click.Path(dir_okay=False), default=None,
+                        help="Continue from this context file (`infini-trt prefill`, "
+                             "`run --save-state`) instead of an empty memory.")(command)
+
+
 def engine_options(command):
     """--engine and --cuda-graphs, for commands that can run the tensorrt backend."""
     command = click.option("--cuda-graphs", is_flag=True,

@@ -6,8 +6,10 @@ import sys
 
 import click
 
-from .options import (BACKEND_CHOICE, DEVICE_CHOICE, engine_options, runner_options,
-                      stop_strings)
+from .options import (BACKEND_CHOICE, DEVICE_CHOICE, OUTPUT_FILE, engine_options,
+                      runner_options, state_option, stop_strings)
+
+TEXT_TAIL = 8              # generated ids a saved context keeps for decoding what follows
 
 
 @click.command()
@@ -35,48 +37,63 @@ from .options import (BACKEND_CHOICE, DEVICE_CHOICE, engine_options, runner_opti
               help="Print one JSON object (tokens, text, timings, peak memory).")
 @click.option("--progress/--no-progress", default=None,
               help="Prefill progress bar [default: on a terminal].")
+@state_option
+@click.option("--save-state", type=OUTPUT_FILE, default=None,
+              help="Write the context after the answer (the prompt and the answer in it): a "
+                   "later `run --state` goes on from there, a conversation.")
 @engine_options
 def run(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...], backend: str,
         device: str | None, max_new_tokens: int, greedy: bool, temperature: float | None,
         top_k: int | None, top_p: float | None, repetition_penalty: float, seed: int | None,
         stops: tuple[str, ...], eos: bool, as_json: bool, progress: bool | None,
-        engine: str | None, cuda_graphs: bool) -> None:
+        state: str | None, save_state: str | None, engine: str | None,
+        cuda_graphs: bool) -> None:
     """Generate text after a prompt of any length, at constant memory.
 
     MODEL is a native checkpoint or an export directory. The prompt is prefilled segment by
-    segment (with a progress bar), then the text is streamed to stdout as it is generated."""
+    segment (with a progress bar), then the text is streamed to stdout as it is generated.
+    With --state every prompt continues the context (each its own copy of it); without a
+    prompt, the text goes on from where the context ends."""
+    import numpy as np
+
     from infini_trt.export.errors import InputError
-    from infini_trt.export.manifest import model_config
     from infini_trt.runtime.generate import generate
+    from infini_trt.runtime.prompts import read_prompts
+    from infini_trt.runtime.resources import format_bytes
     from infini_trt.runtime.runners import open_runner, prepare
     from infini_trt.runtime.sampling import SamplingConfig
-    from infini_trt.runtime.score import read_tokens
-    from infini_trt.runtime.tokenizer import model_tokenizer
+    from infini_trt.runtime.session import Session, read_context
 
-    if not prompts and not prompt_files:
-        raise InputError("give --prompt TEXT or --prompt-file FILE")
     sample = not greedy and any(v is not None for v in (temperature, top_k, top_p))
     options = runner_options(backend, engine, cuda_graphs)
-    vocab = model_config(model).vocab_size
-    tokenizer = model_tokenizer(model, vocab)            # the prompts are read before the work
-    token_lists = [tokenizer.encode(p) for p in prompts]
-    sources = list(prompts)
-    for file in prompt_files:
-        rows = read_tokens(file, tokenizer, vocab)[0]
-        token_lists += list(rows)
-        sources += [file if len(rows) == 1 else f"{file}[{i}]" for i in range(len(rows))]
-    if any(len(t) == 0 for t in token_lists):
-        raise InputError("a prompt is empty")
+    tokenizer, token_lists, sources = read_prompts(model, prompts, prompt_files,
+                                                   allow_empty=state is not None)
+    context = read_context(state, model) if state else None       # before any work
+    if not token_lists:
+        token_lists, sources = [np.zeros(0, np.int64)], [f"(the context {state})"]
+    if save_state and len(token_lists) > 1:
+        raise InputError("--save-state keeps one sequence; give one prompt")
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=not sample,
                          temperature=temperature or 1.0, top_k=top_k or 0,
                          top_p=top_p or 1.0, repetition_penalty=repetition_penalty,
                          seed=seed, eos_id=tokenizer.eos_id if eos else None, stop=stops)
     stream = not as_json and len(token_lists) == 1
+    tails = [context.text_tail if context and len(t) == 0 else [] for t in token_lists]
     with open_runner(prepare(model, backend), backend, device=device, **options) as runner:
-        result = generate(runner, token_lists, cfg, tokenizer,
-                          on_text=_write if stream else None, progress=progress)
+        session = Session(runner, len(token_lists))
+        for row in range(session.batch if context else 0):
+            session.load(row, context)
+        result = generate(session, token_lists, cfg, tokenizer,
+                          on_text=_write if stream else None, progress=progress,
+                          feed_last=save_state is not None, text_context=tails)
+        if save_state:
+            answer = result.sequences[0].token_ids
+            size = session.save(0, text_tail=(tails[0] + answer)[-TEXT_TAIL:]).save(save_state)
     if stream:
         _write(0, "\n")
+    if save_state:
+        click.echo(f"context saved to {save_state}: {int(session.seen[0]):,} tokens, "
+                   f"{format_bytes(size)}", err=True)
     if as_json:
         data = result.to_dict()
         for seq, text in zip(data["sequences"], sources):

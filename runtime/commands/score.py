@@ -5,7 +5,8 @@ import json
 
 import click
 
-from .options import BACKEND_CHOICE, DEVICE_CHOICE, OUTPUT_FILE, engine_options, runner_options
+from .options import (BACKEND_CHOICE, DEVICE_CHOICE, OUTPUT_FILE, engine_options,
+                      runner_options, state_option)
 
 
 @click.command(short_help="Teacher-forced logits and perplexity, any length.")
@@ -21,20 +22,23 @@ from .options import BACKEND_CHOICE, DEVICE_CHOICE, OUTPUT_FILE, engine_options,
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: on a terminal].")
+@state_option
 @engine_options
 def score(model: str, token_file: str, backend: str, device: str | None,
-          logits_out: str | None, as_json: bool, progress: bool | None, engine: str | None,
-          cuda_graphs: bool) -> None:
+          logits_out: str | None, as_json: bool, progress: bool | None, state: str | None,
+          engine: str | None, cuda_graphs: bool) -> None:
     """Teacher-forced logits and perplexity of a token sequence of any length.
 
     MODEL is a native checkpoint or an export directory (a checkpoint is exported first, and
-    the export cached, for the onnxruntime and tensorrt backends)."""
+    the export cached, for the onnxruntime and tensorrt backends). With --state every row
+    continues that context, whose last logits predict the first token."""
     from infini_trt.export.files import check_output
     from infini_trt.export.manifest import model_config
     from infini_trt.runtime.resources import format_bytes
     from infini_trt.runtime.runners import open_runner, prepare
     from infini_trt.runtime.score import check_logits_room, logits_bytes, read_tokens
     from infini_trt.runtime.score import score as run_score
+    from infini_trt.runtime.session import Session, read_context
     from infini_trt.runtime.tokenizer import LazyTokenizer, model_tokenizer
 
     options = runner_options(backend, engine, cuda_graphs)
@@ -47,8 +51,12 @@ def score(model: str, token_file: str, backend: str, device: str | None,
         check_logits_room(logits_out, size)
         click.echo(f"writing {tokens.size:,} x {vocab:,} float32 logits ({format_bytes(size)}) "
                    f"to {logits_out}", err=True)
+    context = read_context(state, model) if state else None       # before any work
     with open_runner(prepare(model, backend), backend, device=device, **options) as runner:
-        result = run_score(runner, tokens, logits_out, squeeze=was_1d, progress=progress)
+        session = Session(runner, tokens.shape[0])
+        for row in range(session.batch if context else 0):
+            session.load(row, context)
+        result = run_score(session, tokens, logits_out, squeeze=was_1d, progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
