@@ -142,13 +142,13 @@ def atomic_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
-    tmp.chmod(0o666 & ~_umask())          # mkstemp makes 0600
     try:
         yield tmp
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, target)
+    tmp.chmod(0o666 & ~_umask())          # mkstemp makes 0600 (and writers that replace the
+    os.replace(tmp, target)               # file, as safetensors does, keep that)
 
 
 def inside(directory: str | os.PathLike, name: str) -> Path:

@@ -16,7 +16,7 @@ def read_prompts(model: str | Path, texts: tuple[str, ...] = (), files: tuple[st
     allowed (a context goes on from its last logits)."""
     from infini_trt.export.manifest import model_config
 
-    from .score import read_tokens
+    from .scoring import read_tokens
     from .tokenizer import model_tokenizer
 
     if not texts and not files and not allow_empty:

@@ -101,6 +101,13 @@ def tokenizer_file(model: str | Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def tokenizer_of(model: str | Path):
+    """The tokenizer of a checkpoint or export directory (its tokenizer.json, else bytes)."""
+    from infini_trt.export.manifest import model_config
+
+    return model_tokenizer(model, model_config(model).vocab_size)
+
+
 def model_tokenizer(model: str | Path, vocab_size: int):
     """The tokenizer of a checkpoint or export directory (bytes when it has none)."""
     return load_tokenizer(tokenizer_file(model), vocab_size)

@@ -241,7 +241,7 @@ def validation_tokens(path: str | Path, tokenizer, batch: int, segments: int,
     stream of tokens is cut into `batch` rows of equal length, a [B, T] file keeps its rows;
     each row is cut to `segments` segments (the file's tokens as they are when it has fewer,
     the last segment partial). Ids outside [0, vocab_size) are refused."""
-    from .score import read_tokens
+    from .scoring import read_tokens
 
     ids, stream = read_tokens(path, tokenizer, vocab_size)
     if stream:

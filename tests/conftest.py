@@ -61,3 +61,10 @@ def exported(tmp_path_factory):
         return made[key][1]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """An export cache for the tests that export the bundled model (made once per session):
+    monkeypatch.setenv("INFINI_TRT_CACHE", str(shared_cache))."""
+    return tmp_path_factory.mktemp("shared-cache")

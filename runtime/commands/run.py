@@ -57,7 +57,7 @@ def run(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...], bac
     import numpy as np
 
     from infini_trt.export.errors import InputError
-    from infini_trt.runtime.generate import generate
+    from infini_trt.runtime.generation import generate
     from infini_trt.runtime.prompts import read_prompts
     from infini_trt.runtime.resources import format_bytes
     from infini_trt.runtime.runners import open_runner, prepare

@@ -36,8 +36,8 @@ def score(model: str, token_file: str, backend: str, device: str | None,
     from infini_trt.export.manifest import model_config
     from infini_trt.runtime.resources import format_bytes
     from infini_trt.runtime.runners import open_runner, prepare
-    from infini_trt.runtime.score import check_logits_room, logits_bytes, read_tokens
-    from infini_trt.runtime.score import score as run_score
+    from infini_trt.runtime.scoring import check_logits_room, logits_bytes, read_tokens
+    from infini_trt.runtime.scoring import score as run_score
     from infini_trt.runtime.session import Session, read_context
     from infini_trt.runtime.tokenizer import LazyTokenizer, model_tokenizer
 

@@ -1,8 +1,8 @@
 """Models that ship inside the package.
 
-`passkey/`: a ~0.65M-parameter Infini-attention LM trained from scratch on the paper's passkey
-task (examples/passkey/ has the training script, the exact command and the measured curve);
-the default model of `infini-trt passkey`.
+`passkey/`: a 167,692-parameter Infini-attention LM trained from scratch on the paper's passkey
+task (examples/passkey/ has the training script and the exact command); the default model of
+`infini-trt passkey`.
 """
 from __future__ import annotations
 

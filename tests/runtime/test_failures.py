@@ -269,10 +269,10 @@ def test_non_finite_weights_are_refused(tmp_path):
 
 
 def test_non_finite_logits_fail_score_and_generate():
-    from infini_trt.runtime.generate import generate
+    from infini_trt.runtime.generation import generate
     from infini_trt.runtime.runners.torch_runner import TorchRunner
     from infini_trt.runtime.sampling import SamplingConfig
-    from infini_trt.runtime.score import score
+    from infini_trt.runtime.scoring import score
 
     model = random_model(TINY, dtype=torch.float32)
     with torch.no_grad():

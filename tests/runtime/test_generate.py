@@ -11,7 +11,7 @@ from helpers import assert_close
 from infini_trt.export import load_checkpoint, preset
 from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.runtime.cli import main
-from infini_trt.runtime.generate import generate
+from infini_trt.runtime.generation import generate
 from infini_trt.runtime.runners import open_runner
 from infini_trt.runtime.kv_cache import DecodeCaches
 from infini_trt.runtime.session import Session

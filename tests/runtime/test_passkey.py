@@ -109,12 +109,13 @@ def test_bundled_checkpoint_loads_and_is_small(bundled, tokenizer):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_grid_torch_and_onnxruntime_agree_and_retrieve(bundled, gen, tmp_path, monkeypatch):
+def test_grid_torch_and_onnxruntime_agree_and_retrieve(bundled, gen, shared_cache,
+                                                       monkeypatch):
     """Tiny lengths (the key 1 to 7 segments back): the trained model answers, and ONNX
     Runtime (the bundled checkpoint exported, which is the export test) agrees with torch."""
     from infini_trt.runtime.runners import load
 
-    monkeypatch.setenv("INFINI_TRT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("INFINI_TRT_CACHE", str(shared_cache))
     lengths, depths = [256, 512], parse_depths("start,end")
     results = {}
     for backend in ("torch", "onnxruntime"):
