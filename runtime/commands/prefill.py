@@ -1,6 +1,8 @@
 """`prefill`: read a document once into a context file."""
 from __future__ import annotations
 
+import json
+
 import click
 
 from .options import BACKEND_CHOICE, DEVICE_CHOICE, OUTPUT_FILE, state_option
@@ -17,10 +19,11 @@ from .options import BACKEND_CHOICE, DEVICE_CHOICE, OUTPUT_FILE, state_option
 @click.option("--device", type=DEVICE_CHOICE, default=None,
               help="Where to run [default: cuda when the backend has it, else cpu].")
 @state_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: on a terminal].")
 def prefill(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...], output: str,
-            backend: str, device: str | None, state: str | None,
+            backend: str, device: str | None, state: str | None, as_json: bool,
             progress: bool | None) -> None:
     """Read a document of any length once and write its context: the model's whole state
     after it, a file whose size does not depend on the document's length.
@@ -40,6 +43,7 @@ def prefill(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...],
         raise InputError(f"a context holds one sequence; give one prompt (got {len(texts)})")
     context = read_context(state, model) if state else None
     with open_runner(prepare(model, backend), backend, device=device) as runner:
+        runner.load_graphs()
         session = Session(runner)
         if context is not None:
             session.load(0, context)
@@ -47,6 +51,12 @@ def prefill(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...],
         session.feed(texts, progress)
         seconds = time.perf_counter() - started
         size = session.save(0).save(output)
+    if as_json:
+        click.echo(json.dumps({"backend": runner.description, "tokens": len(texts[0]),
+                               "seconds": seconds, "tokens_per_s": len(texts[0]) / seconds,
+                               "context": output, "bytes": size,
+                               "context_tokens": int(session.seen[0])}, indent=2))
+        return
     click.echo(f"read {len(texts[0]):,} tokens in {seconds:,.2f} s "
                f"({len(texts[0]) / seconds:,.0f} tokens/s, {runner.description}); "
                f"wrote {output}: {format_bytes(size)}, {int(session.seen[0]):,} tokens of "

@@ -61,6 +61,10 @@ class Runner:
     def description(self) -> str:
         return f"{self.backend} ({self.dtype})"
 
+    def load_graphs(self) -> None:
+        """Load now every graph that reading prompts and decoding use (graph runners load
+        them on first use), so that the timings that follow are of the work alone."""
+
     # the contract ------------------------------------------------------------------------
     def reset(self, batch: int) -> None:
         """Start `batch` new sequences: M_0 = z_0 = 0."""

@@ -121,6 +121,11 @@ class OrtRunner(Runner):
     def description(self) -> str:
         return f"onnxruntime-{self.device} ({self.manifest.precision})"
 
+    def load_graphs(self) -> None:
+        for graph in (PREFILL, EXTEND, FOLD):
+            if graph in self.manifest.graphs:
+                self.session(graph)
+
     def session(self, graph: str):
         """The InferenceSession of one graph, loaded on first use."""
         if graph not in self.sessions:

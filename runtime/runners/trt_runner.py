@@ -149,6 +149,11 @@ class TrtRunner(Runner):
         graphs = ", cuda-graphs" if self.cuda_graphs else ""
         return f"{self.entry['backend']}-{plugin}{graphs} ({self.dtype})"
 
+    def load_graphs(self) -> None:
+        for graph in (PREFILL, EXTEND, FOLD):
+            if graph in self.entry["graphs"]:
+                self.graph_engine(graph)
+
     def graph_engine(self, graph: str) -> GraphEngine:
         """The engine of one graph, loaded (and its file checked) on first use."""
         if graph not in self.engines:
