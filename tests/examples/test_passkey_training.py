@@ -120,3 +120,22 @@ def test_prompts_script_writes_the_generators_prompts(tmp_path):
     want = gen.batch(np.random.default_rng(4), 3, 256)
     assert ids.shape == (3, 256) and ids.dtype == np.int64
     assert np.array_equal(ids, np.stack([p.ids for p in want]))
+
+
+def test_contexts_script_answers_from_a_context_as_from_the_whole_prompt(tmp_path,
+                                                                         shared_cache):
+    """examples/passkey/contexts.py: the document read once, then the question alone, gives the
+    answer the whole prompt gives, and the context has the same size after 1K and after all."""
+    import os
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(EXAMPLE / "contexts.py"), str(tmp_path),
+                           "--length", "4K"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "INFINI_TRT_CACHE": str(shared_cache)})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert sum("answer right" in line for line in lines) == 2, done.stdout
+    sizes = [line for line in lines if line.startswith("context file:")][0]
+    first, last = (int(part.split(" bytes")[0].replace(",", "")) for part in
+                   sizes.removeprefix("context file: ").split(", "))
+    assert first == last, sizes
