@@ -19,9 +19,13 @@ from .options import OUTPUT_FILE
               help="Validate on these tokens instead of random ones: text (encoded with the "
                    "model's tokenizer, cut into --batch rows) or .npy ids ([T], or [B, T] "
                    "rows); at most --segments segments of each row are run.")
+@click.option("--decode-tokens", default=32, show_default=True, type=click.IntRange(0),
+              help="Tokens decoded one at a time in the decoding phase (extend and fold graphs, "
+                   "a context saved and loaded halfway); 0 skips it.")
 @click.option("--tol", "tolerances", multiple=True, metavar="[OUTPUT=]REL_RMS",
               help="Relative-RMS tolerance, per output (logits, memory_out, norm_out) or for "
-                   "all [default: by dtype, 1e-5 for fp32]. Repeatable.")
+                   "all [default: by dtype; fp32: 1e-4 logits, 5e-5 memory, 1e-5 norm]. "
+                   "Repeatable.")
 @click.option("--min-greedy", type=click.FloatRange(0, 1), default=None,
               help="Minimum greedy next-token agreement [default: by dtype, 0.99 for fp32].")
 @click.option("--engine", type=click.Path(dir_okay=False), default=None,
@@ -33,7 +37,8 @@ from .options import OUTPUT_FILE
               help="Write the full report (per segment) as JSON.")
 @click.option("--progress/--no-progress", default=None)
 def validate(checkpoint: str, export_dir: str, segments: int, batch: int, seed: int,
-             tokens_file: str | None, tolerances: tuple[str, ...], min_greedy: float | None,
+             tokens_file: str | None, decode_tokens: int, tolerances: tuple[str, ...],
+             min_greedy: float | None,
              engine: str | None, cuda_graphs: bool, report: str | None,
              progress: bool | None) -> None:
     """Compare PyTorch, ONNX Runtime (and TensorRT with --engine) with the float64 reference
@@ -41,6 +46,9 @@ def validate(checkpoint: str, export_dir: str, segments: int, batch: int, seed: 
 
     Each backend carries its own state across all segments; odd segments go through the
     prompt-reading graph (last token's logits only), the others through the segment graph.
+    Then the decoding phase: in a session, a prompt ending mid-segment, then --decode-tokens
+    tokens one at a time (teacher-forced) across a fold, every row saved to a context file and
+    loaded into a fresh session halfway; logits after each token and memory/norm compared.
     Random tokens are the hard case for greedy agreement (a model is unsure of what follows
     them: near-ties); --tokens gives text of the kind the model is deployed on.
     Exits 1 if any output is outside its tolerance, has NaN/Inf, or greedy agreement is too
@@ -55,7 +63,8 @@ def validate(checkpoint: str, export_dir: str, segments: int, batch: int, seed: 
         extra.append(TrtRunner(export_dir, engine=engine, cuda_graphs=cuda_graphs))
     result = validate_export(checkpoint, export_dir, segments, batch, seed,
                              parse_tolerances(list(tolerances)), min_greedy, extra=extra,
-                             progress=progress, log=click.echo, tokens_file=tokens_file)
+                             progress=progress, log=click.echo, tokens_file=tokens_file,
+                             decode_tokens=decode_tokens)
     click.echo(result.table())
     if report:
         with atomic_file(report) as tmp:
