@@ -124,6 +124,7 @@ class ValidationReport:
     machine: str = ""             # the CPU and its features (cpu.cpu_summary): int8 kernels
                                   # differ between CPUs, and the figures are this CPU's
     decoding: DecodingReport | None = None   # validate_decoding.py; None: not run
+    decoding_skipped: str = ""    # why the decoding phase did not run ("" where it did)
 
     @property
     def input(self) -> str:
@@ -142,7 +143,8 @@ class ValidationReport:
                 "tokens": self.tokens, "machine": self.machine, "reference": self.reference,
                 "passed": self.passed,
                 "backends": [b.to_dict() for b in self.backends],
-                "decoding": None if self.decoding is None else self.decoding.to_dict()}
+                "decoding": None if self.decoding is None else self.decoding.to_dict(),
+                "decoding_skipped": self.decoding_skipped or None}
 
     def table(self) -> str:
         lines = [f"reference: {self.reference}; {self.segments} segments of {self.segment_len} "
@@ -151,6 +153,8 @@ class ValidationReport:
         if self.decoding is not None:
             lines += [self.decoding.plan.describe(),
                       *_backend_rows(self.decoding.backends, "first->last rel RMS")]
+        elif self.decoding_skipped:
+            lines.append(f"decoding: not checked ({self.decoding_skipped})")
         lines.append("PASSED" if self.passed else "FAILED")
         return "\n".join(lines)
 
@@ -298,6 +302,11 @@ def validate_export(checkpoint: str | Path, export_dir: str | Path, segments: in
     manifest = read_manifest(export_dir)
     cfg, dtype = manifest.config, manifest.precision
     plan = DecodingPlan.for_segment(cfg.segment_len, decode_tokens) if decode_tokens else None
+    missing = [g for g in ("extend", "fold") if g not in manifest.graphs]
+    skipped = ("--decode-tokens 0" if not decode_tokens else
+               f"the export has no {' or '.join(missing)} graph" if missing else "")
+    if missing:
+        plan = None
     tokens = decode_ids = None
     if tokens_file is not None:
         from .tokenizer import LazyTokenizer, model_tokenizer
@@ -325,6 +334,7 @@ def validate_export(checkpoint: str | Path, export_dir: str | Path, segments: in
         report = validate(reference, candidates, segments, batch, seed, tolerances, min_greedy,
                           dtype, progress, labels=(str(checkpoint), str(export_dir)),
                           tokens=tokens, tokens_label=str(tokens_file or "random"))
+        report.decoding_skipped = skipped
         if plan is not None:
             report.decoding = validate_decoding(reference, candidates, plan, decode_ids,
                                                 *limits(dtype, tolerances, min_greedy), progress)

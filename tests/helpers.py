@@ -1,7 +1,9 @@
-"""Assertions shared by the tests: reference comparisons where NaN always fails."""
+"""What the tests share: reference comparisons where NaN always fails, a runner that wraps
+another (for test backends that break one thing of it)."""
 import torch
 
 from infini_trt.runtime.metrics import errors
+from infini_trt.runtime.runners.base import Runner
 
 
 def assert_close(reference, candidate, rel_rms: float, max_abs: float | None = None, what=""):
@@ -23,3 +25,35 @@ def death_signal() -> int:
     value = ctypes.c_int()
     ctypes.CDLL(None).prctl(2, ctypes.byref(value))
     return value.value
+
+
+class Wrapping(Runner):
+    """A backend that runs another one through the whole contract (the test backends made from
+    it change one thing of it); prompts go through its `_step` (the runner's default advance),
+    so that a test backend changing `_step` sees every segment."""
+
+    backend = "wrapping"
+
+    def __init__(self, inner):
+        self.inner, self.config = inner, inner.config
+
+    def _reset(self, batch):
+        self.inner.reset(batch)
+
+    def _step(self, ids):
+        return self.inner.step(ids)
+
+    def _extend(self, ids, start, length):
+        return self.inner.extend(ids, start, length)
+
+    def _fold(self, mask):
+        self.inner.fold(mask)
+
+    def state(self):
+        return self.inner.state()
+
+    def read_row(self, b, position):
+        return self.inner.read_row(b, position)
+
+    def write_row(self, b, row):
+        self.inner.write_row(b, row)

@@ -147,7 +147,8 @@ def test_trt_runner_against_reference_via_validate(export_copy):
     ckpt, out = export_copy
     name = record_fake_engines(out)
     runner = TrtRunner(out, engine=name, runtime=FakeRuntime(out))
-    report = validate_export(ckpt, out, segments=8, batch=2, extra=[runner], progress=False)
+    report = validate_export(ckpt, out, segments=8, batch=2, extra=[runner], progress=False,
+                             decode_tokens=0)         # its engine calls are counted below
     assert [b.backend for b in report.backends][-1] == "tensorrt-onnx-function (float32)"
     assert report.passed, report.table()
     # validate alternates: even segments (and the partial 9th) through the segment engine,
@@ -197,6 +198,20 @@ def test_trt_runner_refusals(export_copy):
     (out / "engines" / "fake.fold.engine").write_bytes(b"tampered")
     with pytest.raises(EngineError, match="changed since it was built"):
         runner.graph_engine("fold")
+
+
+def test_trt_runner_decoding_phase_via_validate(export_copy):
+    """validate's decoding phase on the stand-in runtime: the extend and fold engines, and a
+    context saved from the engines' buffers and written back into them."""
+    ckpt, out = export_copy
+    runner = TrtRunner(out, engine=record_fake_engines(out), runtime=FakeRuntime(out))
+    report = validate_export(ckpt, out, segments=1, batch=2, extra=[runner], progress=False,
+                             decode_tokens=12)
+    trt = report.decoding.backends[-1]
+    assert trt.backend.startswith("tensorrt") and trt.passed, report.table()
+    assert trt.outputs["logits"].rel_rms <= 1e-5 and len(trt.outputs["logits"].per_segment) == 13
+    contexts = {g: runner.runtime.engines[g].contexts[0] for g in ("extend", "fold")}
+    assert contexts["extend"].calls["execute"] >= 12 and contexts["fold"].calls["execute"] >= 1
 
 
 def test_validate_engine_without_tensorrt_is_one_line(export_copy, monkeypatch):

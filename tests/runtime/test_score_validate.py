@@ -7,10 +7,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import assert_close
+from helpers import Wrapping, assert_close
 from infini_trt.export import load_checkpoint, preset
 from infini_trt.runtime.cli import main
-from infini_trt.runtime.runners.base import Runner
 from infini_trt.runtime.runners.torch_runner import TorchRunner
 from infini_trt.runtime.validate import validate
 
@@ -82,24 +81,6 @@ def test_validate_cli_passes_and_writes_report(exported, tmp_path):
     from infini_trt.runtime.cpu import cpu_summary
 
     assert report["machine"] == cpu_summary() and f"CPU: {cpu_summary()}" in result.output
-
-
-class Wrapping(Runner):
-    """A backend that runs another one (the test backends below change one thing of it)."""
-
-    backend = "wrapping"
-
-    def __init__(self, inner):
-        self.inner, self.config = inner, inner.config
-
-    def _reset(self, batch):
-        self.inner.reset(batch)
-
-    def _step(self, ids):
-        return self.inner.step(ids)
-
-    def state(self):
-        return self.inner.state()
 
 
 class Recording(Wrapping):

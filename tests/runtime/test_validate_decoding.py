@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from helpers import Wrapping
+
 from infini_trt.export import preset
 from infini_trt.runtime.cli import main
-from infini_trt.runtime.runners.base import Runner, RowState
+from infini_trt.runtime.runners.base import RowState
 from infini_trt.runtime.runners.torch_runner import TorchRunner
 from infini_trt.runtime.validate import limits
 from infini_trt.runtime.validate_decoding import (DecodingPlan, decoding_tokens,
@@ -43,41 +45,7 @@ def test_plan_refusals():
         DecodingPlan.for_segment(1, 8)
 
 
-class Decoding(Runner):
-    """A backend that runs another one through the whole contract (subclasses break one
-    thing of it)."""
-
-    backend = "wrapping"
-
-    def __init__(self, inner):
-        self.inner, self.config = inner, inner.config
-
-    def _reset(self, batch):
-        self.inner.reset(batch)
-
-    def _step(self, ids):
-        return self.inner.step(ids)
-
-    def _advance(self, ids):
-        return self.inner.advance(ids)
-
-    def _extend(self, ids, start, length):
-        return self.inner.extend(ids, start, length)
-
-    def _fold(self, mask):
-        self.inner.fold(mask)
-
-    def state(self):
-        return self.inner.state()
-
-    def read_row(self, b, position):
-        return self.inner.read_row(b, position)
-
-    def write_row(self, b, row):
-        self.inner.write_row(b, row)
-
-
-class ShiftedCache(Decoding):
+class ShiftedCache(Wrapping):
     """Writes each token one K/V slot too far (as a wrong position input would)."""
 
     def _extend(self, ids, start, length):
@@ -85,7 +53,7 @@ class ShiftedCache(Decoding):
         return self.inner.extend(ids, shifted, length)
 
 
-class MissedFold(Decoding):
+class MissedFold(Wrapping):
     """Never folds row 0: its memory stops at what the prompt wrote."""
 
     def _fold(self, mask):
@@ -95,7 +63,7 @@ class MissedFold(Decoding):
             self.inner.fold(mask)
 
 
-class LoadsWithoutKV(Decoding):
+class LoadsWithoutKV(Wrapping):
     """Loads memory and norm but leaves the segment's K/V rows empty (zeros)."""
 
     def write_row(self, b, row):
@@ -103,7 +71,7 @@ class LoadsWithoutKV(Decoding):
                                          np.zeros_like(row.v)))
 
 
-class NaNOnce(Decoding):
+class NaNOnce(Wrapping):
     """Gives NaN logits for one decoded token."""
 
     def _reset(self, batch):
@@ -130,7 +98,7 @@ def fp32(model):
 
 
 def test_float32_passes_with_every_step_and_state_compared(tiny_model):
-    report = run(tiny_model, [fp32(tiny_model), Decoding(fp32(tiny_model))], decode=20)
+    report = run(tiny_model, [fp32(tiny_model), Wrapping(fp32(tiny_model))], decode=20)
     assert report.passed, report.to_dict()
     for backend in report.backends:
         assert len(backend.outputs["logits"].per_segment) == 1 + 20   # prompt + each token
@@ -203,8 +171,10 @@ def test_validate_cli_decode_tokens(exported, tmp_path):
     ckpt, out = exported(TINY)
     skipped = invoke("validate", ckpt, "--onnx", out, "--segments", 1, "--decode-tokens", 0,
                      "--report", tmp_path / "r.json", "--no-progress")
-    assert skipped.exit_code == 0 and "decoding:" not in skipped.output
-    assert json.loads((tmp_path / "r.json").read_text())["decoding"] is None
+    assert skipped.exit_code == 0
+    assert "decoding: not checked (--decode-tokens 0)" in skipped.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["decoding"] is None and report["decoding_skipped"] == "--decode-tokens 0"
     refused = invoke("validate", ckpt, "--onnx", out, "--decode-tokens", 1, "--no-progress")
     assert refused.exit_code == 1 and "--decode-tokens must be at least 2" in refused.output
     assert "Traceback" not in refused.output and "comparing" not in refused.output
@@ -220,3 +190,10 @@ def test_validate_cli_token_file_too_short_for_decoding(exported, tmp_path):
     ok = invoke("validate", ckpt, "--onnx", out, "--tokens", tmp_path / "t.npy",
                 "--decode-tokens", 0, "--no-progress")
     assert ok.exit_code == 0, ok.output
+
+
+def test_an_export_without_decoding_graphs_is_validated_without_the_phase(exported, tmp_path):
+    ckpt, out = exported(TINY.replace(segment_len=16), graphs=("segment",))
+    result = invoke("validate", ckpt, "--onnx", out, "--segments", 2, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "decoding: not checked (the export has no extend or fold graph)" in result.output
