@@ -17,7 +17,7 @@ import click
 from infini_trt.export.errors import InfiniTrtError, InfiniTrtWarning
 
 COMMAND_MODULES = ["checkpoint", "convert", "export", "build", "prefill", "score", "run",
-                   "validate", "passkey", "bench"]
+                   "validate", "passkey", "bench", "serve"]
 
 
 class Terminated(BaseException):

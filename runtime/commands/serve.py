@@ -1,0 +1,54 @@
+"""`serve`: an OpenAI-compatible HTTP server with continuous batching."""
+from __future__ import annotations
+
+import click
+
+from .options import BACKEND_CHOICE, DEVICE_CHOICE, engine_options, runner_options
+
+
+@click.command()
+@click.argument("model", required=False, type=click.Path())
+@click.option("--host", default="127.0.0.1",
+              help="Address to listen on (loopback: only this machine can connect).")
+@click.option("--port", default=8000, type=click.IntRange(0, 65535), help="0: a free port.")
+@click.option("--backend", type=BACKEND_CHOICE, default="onnxruntime")
+@click.option("--device", type=DEVICE_CHOICE, default=None,
+              help="Where to run [default: cuda when the backend has it, else cpu].")
+@click.option("--max-batch", default=8, type=click.IntRange(1),
+              help="Rows of the batch: requests generated at once.")
+@click.option("--max-queue", default=64, type=click.IntRange(0),
+              help="Requests that may wait for a row; more get 429 (Retry-After).")
+@click.option("--max-prompt-tokens", default=None, type=click.IntRange(1),
+              help="Refuse longer prompts (400) [default: no limit].")
+@click.option("--max-new-tokens", default=4096, type=click.IntRange(1),
+              help="The largest max_tokens a request may ask for.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info",
+                                                "debug"]), default="info")
+@engine_options
+def serve(model: str | None, host: str, port: int, backend: str, device: str | None,
+          max_batch: int, max_queue: int, max_prompt_tokens: int | None, max_new_tokens: int,
+          log_level: str, engine: str | None, cuda_graphs: bool) -> None:
+    """Serve a model over the OpenAI HTTP API, many clients at once.
+
+    MODEL is a native checkpoint or an export directory [default: the bundled passkey
+    model]; its model id is the directory's name. Endpoints: GET /v1/models, POST
+    /v1/completions and /v1/chat/completions (streamed as server-sent events with "stream":
+    true; temperature 0 is greedy, and a greedy answer equals `infini-trt run MODEL --greedy`),
+    GET /health, GET /metrics (Prometheus), GET /docs. max_tokens defaults to 16 for
+    completions (as OpenAI's) and to 256 for chat. Chat uses the checkpoint's chat
+    template (tokenizer_config.json beside tokenizer.json), else the plain one: each message
+    as "role: content" on its own line, then "assistant:".
+
+    Requests join the running batch between decode steps, and long prompts are read a
+    segment per step between the other rows' tokens. SIGTERM or Ctrl-C stops it: streams in
+    flight end at once (finish_reason "length"), exit code 0. Needs the serve extra: pip
+    install "infini-trt[serve]"."""
+    from infini_trt.runtime.serving import serve as run_server
+
+    options = runner_options(backend, engine, cuda_graphs)
+    run_server(model, host=host, port=port, backend=backend, log_level=log_level,
+               device=device, max_batch=max_batch, max_queue=max_queue,
+               max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, **options)
+
+
+COMMANDS = [serve]

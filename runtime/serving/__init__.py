@@ -1,0 +1,121 @@
+"""`infini-trt serve`: an OpenAI-compatible HTTP server with continuous batching.
+
+    engine.py   the loop that owns the runner: requests join and leave a batch of rows
+    app.py      the OpenAI API in front of it (FastAPI), and the uvicorn server
+    schemas.py  what requests may hold, OpenAI-style errors, the chat template
+    metrics.py  the Prometheus metrics
+
+    with open_service(bundled_model(), "onnxruntime") as service:     # model, engine, app
+        server = make_server(service.app, service.engine, service.metrics)
+        server.run(sockets=[listen("127.0.0.1", 8000)])
+
+FastAPI, uvicorn and prometheus-client are the `serve` extra (`pip install "infini-trt[serve]"`);
+nothing here imports them until a server is made.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from infini_trt.export.errors import InfiniTrtError, MissingDependencyError
+
+EXTRA = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def require_extra() -> None:
+    """MissingDependencyError, naming the extra, where a package of it is not installed."""
+    for module in EXTRA:
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(module.replace("_", "-"), "infini-trt serve",
+                                         'pip install "infini-trt[serve]"')
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one), or one line saying why not:
+    bound before the model is loaded, so that a busy port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise InfiniTrtError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+@dataclass
+class Service:
+    engine: object          # engine.Engine
+    app: object             # fastapi.FastAPI
+    metrics: object         # metrics.ServeMetrics
+    model_name: str
+
+
+@contextlib.contextmanager
+def open_service(model: str | Path | None = None, backend: str = "onnxruntime",
+                 device: str | None = None, max_batch: int = 8, max_queue: int = 64,
+                 max_prompt_tokens: int | None = None, max_new_tokens: int = 4096,
+                 log: Callable[[str], None] | None = None, **options) -> Iterator[Service]:
+    """The model (the bundled one when None) prepared and opened on `backend`, its engine
+    running and the app in front of it; on exit the engine stops and the runner closes."""
+    require_extra()
+    from ..models import bundled_model
+    from ..runners import open_runner, prepare
+    from ..tokenizer import tokenizer_of
+    from .app import Settings, create_app
+    from .engine import Engine
+    from .metrics import ServeMetrics
+    from .schemas import ChatTemplate
+
+    model = Path(model) if model is not None else bundled_model()
+    try:
+        tokenizer = tokenizer_of(model)
+    except InfiniTrtError:
+        tokenizer = None                     # token ids only (a small vocabulary, no file)
+    template = ChatTemplate.of(model)
+    settings = Settings(model_name=model.resolve().name, max_prompt_tokens=max_prompt_tokens,
+                        max_new_tokens=max_new_tokens)
+    with open_runner(prepare(model, backend, log=log), backend, device=device,
+                     **options) as runner:
+        runner.load_graphs()
+        metrics = ServeMetrics(max_batch)
+        engine = Engine(runner, tokenizer, max_batch, max_queue, metrics).start()
+        try:
+            app = create_app(engine, tokenizer, settings, metrics, template)
+            yield Service(engine, app, metrics, settings.model_name)
+        finally:
+            engine.stop()
+            engine.join()
+
+
+def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
+          backend: str = "onnxruntime", log_level: str = "info", **service_options) -> None:
+    """Serve `model` on host:port until SIGTERM or SIGINT (then in-flight streams end cleanly
+    and this returns)."""
+    require_extra()
+    from .app import make_server
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    sock = listen(host, port)
+    try:
+        with open_service(model, backend, log=say, **service_options) as service:
+            bound = sock.getsockname()
+            say(f"infini-trt: serving '{service.model_name}' ({service.engine.runner.description},"
+                f" {service.engine.max_batch} rows) at http://{_url_host(bound[0])}:{bound[1]}/v1")
+            make_server(service.app, service.engine, service.metrics, log_level).run(
+                sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,390 @@
+"""Continuous batching: one loop, on its own thread, owns the runner and a Session whose B rows
+are slots for requests. No HTTP here (app.py puts this behind the OpenAI API).
+
+    engine = Engine(runner, tokenizer, max_batch=8, max_queue=64).start()
+    request = engine.submit(prompt_ids, SamplingConfig(max_new_tokens=16), on_event)
+    ...                                    # on_event(Event) is called from the loop's thread
+    request.cancel()                       # the client went away: its row is freed at once
+    engine.stop(); engine.join()
+
+Each turn of the loop: free the rows of cancelled requests; give free rows to waiting requests
+(`session.reset(row)`, or `session.load(row, context)`); one decode step, one token for every
+row that has one chosen; then one piece of prompt for every row still reading its prompt, up
+to the end of its current segment (at most `segment_len` tokens), so that a long prompt is
+read a segment per turn between the decode steps of the others (a piece goes through the K/V
+cache graph, `extend`, with the whole batch; the prompt-reading graph only when every row
+reads a full segment). A row whose prompt is read, or that decoded a token, chooses its next
+token from its own logits with its own seeded generator (`sampling.next_tokens` on that row
+alone; greedy rows share one argmax, the same tokens), and its text grows through its own
+`TextStream`: what a request gets does not depend on what else is in the batch, and equals
+what `generation.generate` gives it alone (same stops, same text). Finished, stopped and
+cancelled requests free their row at once.
+"""
+from __future__ import annotations
+
+import collections
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from infini_trt.export.errors import InfiniTrtError, InputError
+
+from ..runners.base import Runner
+from ..sampling import SamplingConfig, next_tokens
+from ..session import Session
+from ..text_stream import TextStream
+
+IDLE_WAIT_S = 0.1           # how long an idle loop sleeps before looking at its flags again
+
+
+class QueueFull(InfiniTrtError):
+    """Every row is busy and the queue of waiting requests is full."""
+
+
+class EngineStopped(InfiniTrtError):
+    """The engine is stopping (or has stopped) and takes no more requests."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """What the loop tells a request: a piece of final text, then one last event with
+    `finish_reason` ("eos", "stop", "length", or "shutdown": cut short by `stop()`) and the
+    token counts, or one with `error` (and the HTTP status it deserves) instead."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    status: int = 500
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class EngineMetrics:
+    """What the loop reports; no-ops here (serving/metrics.py records them for Prometheus)."""
+
+    def queue_length(self, n: int) -> None: ...
+    def rows_busy(self, n: int) -> None: ...
+    def admitted(self, prompt_tokens: int) -> None: ...
+    def token(self, seconds: float, first: bool) -> None: ...
+    def finished(self, reason: str) -> None: ...
+
+
+class Request:
+    """One sequence to generate: its prompt, sampling settings and where it is. Made by
+    `Engine.submit`; the caller keeps it only to `cancel()` it."""
+
+    def __init__(self, engine: "Engine", prompt: np.ndarray, cfg: SamplingConfig,
+                 on_event: Callable[[Event], None], context=None, text_context=()):
+        self.engine, self.prompt, self.cfg, self.on_event = engine, prompt, cfg, on_event
+        self.context, self.text_context = context, list(text_context)
+        self.submitted = time.perf_counter()
+        self.cancelled = False
+        self.done = False
+        self.row: int | None = None
+        self.fed = 0                          # prompt tokens fed so far
+        self.pending: int | None = None       # the token chosen last, to be fed next
+        self.token_ids: list[int] = []
+        self.last_token_at = 0.0
+        self.stream: TextStream | None = None
+        self.generator: torch.Generator | None = None
+        self.seen: torch.Tensor | None = None    # (1, V) bool, for a repetition penalty
+
+    def cancel(self) -> None:
+        """Stop generating (the caller went away); no more events. Safe from any thread,
+        any number of times, also after the request ended."""
+        self.engine._cancel(self)
+
+
+class Engine:
+    def __init__(self, runner: Runner, tokenizer=None, max_batch: int = 8,
+                 max_queue: int = 64, metrics: EngineMetrics | None = None):
+        if max_batch < 1 or max_queue < 0:
+            raise InputError("max_batch must be at least 1 and max_queue at least 0")
+        self.runner, self.tokenizer = runner, tokenizer
+        self.config = runner.config
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.metrics = metrics or EngineMetrics()
+        self.session = Session(runner, batch=max_batch)
+        self.slots: list[Request | None] = [None] * max_batch
+        self.waiting: collections.deque[Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0                         # turns of the loop that ran the model
+
+    # the caller's side (any thread) -----------------------------------------------------------
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="infini-trt-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, prompt, cfg: SamplingConfig, on_event: Callable[[Event], None],
+               context=None, text_context=()) -> Request:
+        """Queue a request: `prompt` token ids (empty only with a `context`, a
+        runtime/context.py Context to continue from; `text_context`: its `text_tail`).
+        Raises InputError (bad ids), QueueFull or EngineStopped; on_event(Event) is then
+        called from the loop's thread with the text as it becomes final, and a last event."""
+        ids = np.asarray(prompt, dtype=np.int64).reshape(-1)
+        vocab = self.config.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            bad = int(ids.min() if ids.min() < 0 else ids.max())
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if ids.size == 0 and (context is None or context.last_logits is None):
+            raise InputError("the prompt is empty")
+        if cfg.stop and self.tokenizer is None:
+            raise InputError("stop strings need a tokenizer")
+        request = Request(self, ids, cfg, on_event, context, text_context)
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self.waiting) + 1 - self._free_rows() > self.max_queue:
+                raise QueueFull(f"every row is busy and {len(self.waiting)} requests are "
+                                f"waiting (the most the queue takes); try again shortly")
+            self.waiting.append(request)
+            self.metrics.queue_length(len(self.waiting))
+            self._cond.notify()
+        return request
+
+    def stop(self) -> None:
+        """Stop the loop: requests in rows end at once with finish_reason "shutdown" (their
+        text so far), waiting ones with an error; nothing is taken after this."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def rows_busy(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.waiting)
+
+    def _cancel(self, request: Request) -> None:
+        with self._cond:
+            if request.done or request.cancelled:
+                return
+            request.cancelled = True
+            if request.row is None and request in self.waiting:
+                self.waiting.remove(request)
+                request.done = True
+                self.metrics.queue_length(len(self.waiting))
+                self.metrics.finished("cancelled")
+            self._cond.notify()
+
+    def _free_rows(self) -> int:
+        return sum(r is None for r in self.slots)
+
+    # the loop (its own thread) ----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._turn():
+                pass
+        except BaseException as exc:                     # pragma: no cover - a bug
+            traceback.print_exc(file=sys.stderr)
+            self._fail_rows(f"the engine stopped: {exc}")
+        finally:
+            with self._cond:
+                self._stopping = True
+                waiting, self.waiting = list(self.waiting), collections.deque()
+            for row, request in enumerate(self.slots):
+                if request is not None:
+                    self._finish(row, "shutdown")
+            for request in waiting:
+                self._end(request, Event(error="the server is shutting down", status=503))
+            self.metrics.queue_length(0)
+
+    def _turn(self) -> bool:
+        """One turn of the loop -> False once it is to stop."""
+        with self._cond:
+            if self._stopping:
+                return False
+            for row, request in enumerate(self.slots):
+                if request is not None and request.cancelled:
+                    self._free(row, "cancelled")
+            starting = []
+            while self.waiting and None in self.slots:
+                row = self.slots.index(None)
+                request = self.waiting.popleft()
+                request.row, self.slots[row] = row, request
+                starting.append(request)
+            self.metrics.queue_length(len(self.waiting))
+            self.metrics.rows_busy(self.rows_busy)
+            if not starting and not self.rows_busy:
+                self._cond.wait(IDLE_WAIT_S)
+                return True
+        try:
+            for request in starting:
+                self._start(request)
+            self._decode_step()
+            self._prefill_step()
+        except Exception as exc:                 # a runner failure: every row is suspect
+            if isinstance(exc, InfiniTrtError):
+                self._fail_rows(str(exc))
+            else:
+                traceback.print_exc(file=sys.stderr)
+                self._fail_rows(f"internal error: {type(exc).__name__}: {exc}")
+        self.steps += 1
+        return True
+
+    def _start(self, request: Request) -> None:
+        """Give `request` its row: empty, or its context; a context with no prompt chooses
+        its first token at once (from the context's last logits)."""
+        row, cfg = request.row, request.cfg
+        try:
+            if request.context is None:
+                self.session.reset(row)
+            else:
+                self.session.load(row, request.context)
+        except InfiniTrtError as exc:
+            self._free(row, "error", Event(error=str(exc), status=400))
+            return
+        vocab = self.config.vocab_size
+        if cfg.seed is not None:
+            request.generator = torch.Generator().manual_seed(cfg.seed)
+        elif not cfg.greedy:
+            request.generator = torch.Generator()
+            request.generator.seed()             # its own randomness, not the global RNG's
+        if cfg.repetition_penalty != 1.0:
+            request.seen = torch.zeros((1, vocab), dtype=torch.bool)
+            request.seen[0, torch.from_numpy(request.prompt)] = True
+        if self.tokenizer is not None:
+            request.stream = TextStream(self.tokenizer, cfg.stop, request.text_context)
+        self.metrics.admitted(len(request.prompt))
+        if len(request.prompt) == 0:
+            self._choose([row], self.session.last_logits())
+
+    def _decode_step(self) -> None:
+        """One token into every row that has one chosen, then the next token of each."""
+        rows = [r for r, q in enumerate(self.slots) if q is not None and q.pending is not None]
+        if not rows:
+            return
+        tokens = np.zeros(self.max_batch, dtype=np.int64)
+        active = np.zeros(self.max_batch, dtype=bool)
+        for r in rows:
+            tokens[r], active[r] = self.slots[r].pending, True
+            self.slots[r].pending = None
+        self._choose(rows, self.session.decode(tokens, active))
+
+    def _prefill_step(self) -> None:
+        """The next piece of every prompt still being read, up to its row's segment end; a row
+        whose prompt is then read chooses its first token."""
+        n = self.config.segment_len
+        pieces: list[np.ndarray | None] = [None] * self.max_batch
+        for r, q in enumerate(self.slots):
+            if q is not None and q.fed < len(q.prompt):
+                room = n - int(self.session.position[r])
+                pieces[r] = q.prompt[q.fed:q.fed + room]
+        rows = [r for r, p in enumerate(pieces) if p is not None]
+        if not rows:
+            return
+        logits = self.session.feed(pieces, progress=False)
+        read = []
+        for r in rows:
+            request = self.slots[r]
+            request.fed += len(pieces[r])
+            if request.fed == len(request.prompt):
+                read.append(r)
+        self._choose(read, logits)
+
+    def _choose(self, rows: list[int], logits: torch.Tensor) -> None:
+        """The next token of the request in each of `rows` from its logits (logits[row], of
+        (B, V)): emit its text, then finish the request or keep the token to feed. Greedy
+        rows share one argmax (the same tokens as one each)."""
+        if not rows:
+            return
+        mine = logits[rows].float()
+        finite = torch.isfinite(mine).all(dim=-1).tolist()
+        greedy = mine.argmax(dim=-1).tolist()
+        for i, row in enumerate(rows):
+            request = self.slots[row]
+            if not finite[i]:
+                self._free(row, "error", Event(
+                    error=f"{self.runner.description} produced NaN or infinite logits; the "
+                          f"model or its export is broken (check it with `infini-trt "
+                          f"validate`)"))
+                continue
+            cfg = request.cfg
+            if cfg.greedy and request.seen is None:
+                token = greedy[i]
+            else:
+                token = int(next_tokens(mine[i:i + 1], cfg, request.seen, request.generator)[0])
+            self._take(row, token)
+
+    def _take(self, row: int, token: int) -> None:
+        request = self.slots[row]
+        cfg = request.cfg
+        now = time.perf_counter()
+        first = not request.token_ids
+        self.metrics.token(now - (request.submitted if first else request.last_token_at), first)
+        request.last_token_at = now
+        request.token_ids.append(token)
+        if request.seen is not None:
+            request.seen[0, token] = True
+        stream = request.stream
+        if stream is not None:
+            self._emit(request, Event(text=stream.push(token)))
+        reason = ("eos" if cfg.eos_id is not None and token == cfg.eos_id else
+                  "stop" if stream is not None and stream.stopped else
+                  "length" if len(request.token_ids) >= cfg.max_new_tokens else None)
+        if reason:
+            self._finish(row, reason)
+        else:
+            request.pending = token
+
+    def _finish(self, row: int, reason: str) -> None:
+        request = self.slots[row]
+        stream = request.stream
+        if stream is not None:
+            self._emit(request, Event(text=stream.finish()))
+        self._free(row, reason, Event(finish_reason=reason, prompt_tokens=len(request.prompt),
+                                      completion_tokens=len(request.token_ids)))
+
+    def _free(self, row: int, outcome: str, event: Event | None = None) -> None:
+        """Row `row` is free again (its state is replaced when it is next given out)."""
+        request = self.slots[row]
+        self.slots[row] = None
+        if event is not None:
+            self._end(request, event)
+        request.done = True
+        self.metrics.finished(outcome)
+        self.metrics.rows_busy(self.rows_busy)
+
+    def _fail_rows(self, message: str) -> None:
+        for row, request in enumerate(self.slots):
+            if request is not None:
+                self._free(row, "error", Event(error=message))
+        try:
+            self.session.reset()
+        except Exception:                        # pragma: no cover - the runner is gone
+            traceback.print_exc(file=sys.stderr)
+
+    def _end(self, request: Request, event: Event) -> None:
+        self._emit(request, event)
+        request.done = True
+
+    def _emit(self, request: Request, event: Event) -> None:
+        if request.cancelled or (not event.text and not event.final):
+            return
+        try:
+            request.on_event(event)
+        except Exception:                        # the listener is gone (its loop closed)
+            request.cancelled = True

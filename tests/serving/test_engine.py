@@ -1,0 +1,177 @@
+"""The continuous-batching loop without HTTP: long prompts interleave with the others'
+decoding, a NaN fails only its own request, cancelling frees the row, the queue is bounded,
+and a request can start from a Context."""
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FILLER, passkey_prompt
+from infini_trt.export.errors import InputError
+from infini_trt.runtime import SamplingConfig, Session
+from infini_trt.runtime.serving.engine import Engine, EngineStopped, QueueFull
+
+
+@pytest.fixture(scope="module")
+def runner(server, shared_cache):
+    from infini_trt.runtime import bundled_model, load
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INFINI_TRT_CACHE", str(shared_cache))
+        runner = load(bundled_model(), "onnxruntime", log=lambda s: None)
+    yield runner
+    runner.close()
+
+
+class Listener:
+    """Records every event of several requests, in the order the loop sent them."""
+
+    def __init__(self):
+        self.log, self.done = [], threading.Condition()
+
+    def __call__(self, name):
+        def on_event(event):
+            with self.done:
+                self.log.append((name, event))
+                self.done.notify_all()
+        return on_event
+
+    def text(self, name):
+        return "".join(e.text for n, e in self.log if n == name)
+
+    def final(self, name):
+        return next((e for n, e in self.log if n == name and e.final), None)
+
+    def wait(self, *names, timeout=30):
+        with self.done:
+            assert self.done.wait_for(lambda: all(self.final(n) for n in names), timeout)
+
+
+def test_a_long_prompt_does_not_stall_the_others(runner, reference, tokenizer):
+    long_ids = tokenizer.encode(FILLER * 60)                     # 1,440 tokens: 23 segments
+    short_ids = tokenizer.encode("The sky is")
+    engine, listen = Engine(runner, tokenizer, max_batch=2).start(), Listener()
+    try:
+        engine.submit(long_ids, SamplingConfig(max_new_tokens=6), listen("long"))
+        engine.submit(short_ids, SamplingConfig(max_new_tokens=5), listen("short"))
+        listen.wait("long", "short")
+    finally:
+        engine.stop()
+        engine.join()
+    order = [(n, e.final) for n, e in listen.log]
+    first_long = next(i for i, (n, _) in enumerate(order) if n == "long")
+    assert order.index(("short", True)) < first_long     # done before the long one's 1st token
+    assert engine.steps >= len(long_ids) // 64
+    assert listen.text("long") == reference(long_ids, 6).text
+    assert listen.text("short") == reference(short_ids, 5).text
+    assert listen.final("short").completion_tokens == 5 and engine.rows_busy == 0
+
+
+def test_nan_logits_fail_only_their_request(runner, reference, tokenizer):
+    engine, listen = Engine(runner, tokenizer, max_batch=4), Listener()
+    victim_ids, other_ids = tokenizer.encode("The grass is"), tokenizer.encode("The sun is")
+    decode = engine.session.decode
+
+    def poisoned(tokens, active):
+        logits = decode(tokens, active).clone()
+        for row, request in enumerate(engine.slots):
+            if request is not None and list(request.prompt) == victim_ids:
+                logits[row, 3] = float("nan")
+        return logits
+
+    engine.session.decode = poisoned
+    engine.start()
+    try:
+        engine.submit(victim_ids, SamplingConfig(max_new_tokens=8), listen("victim"))
+        engine.submit(other_ids, SamplingConfig(max_new_tokens=8), listen("other"))
+        listen.wait("victim", "other")
+    finally:
+        engine.stop()
+        engine.join()
+    victim = listen.final("victim")
+    assert victim.error and "NaN" in victim.error and victim.status == 500
+    assert listen.final("other").finish_reason == "length"
+    assert listen.text("other") == reference(other_ids, 8).text
+    assert engine.rows_busy == 0
+
+
+def test_cancelling_frees_the_row_at_once(runner, tokenizer):
+    engine, listen = Engine(runner, tokenizer, max_batch=2).start(), Listener()
+    try:
+        request = engine.submit(tokenizer.encode("The sky is"),
+                                SamplingConfig(max_new_tokens=4000), listen("a"))
+        with listen.done:
+            assert listen.done.wait_for(lambda: len(listen.log) >= 3, 10)
+        request.cancel()
+        deadline = time.monotonic() + 5
+        while engine.rows_busy:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        seen = len(listen.log)
+        time.sleep(0.1)
+        assert len(listen.log) == seen and listen.final("a") is None   # nothing after cancel
+        request.cancel()                                               # twice: harmless
+    finally:
+        engine.stop()
+        engine.join()
+    assert len(request.token_ids) < 4000
+
+
+def test_the_queue_is_bounded_and_stop_answers_everyone(runner, tokenizer):
+    engine, listen = Engine(runner, tokenizer, max_batch=1, max_queue=1), Listener()
+    ids, cfg = tokenizer.encode("The sky is"), SamplingConfig(max_new_tokens=2)
+    engine.submit(ids, cfg, listen("a"))          # will take the free row
+    engine.submit(ids, cfg, listen("b"))          # will wait
+    with pytest.raises(QueueFull):
+        engine.submit(ids, cfg, listen("c"))
+    engine.stop()
+    engine.start()                                # the loop stops at once: both are answered
+    engine.join(10)
+    assert {listen.final(n).status for n in "ab"} == {503}
+    with pytest.raises(EngineStopped):
+        engine.submit(ids, cfg, listen("d"))
+
+
+def test_bad_prompts_are_refused_before_queueing(runner, tokenizer):
+    engine = Engine(runner, tokenizer, max_batch=1)
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        engine.submit([1, 54], SamplingConfig(), lambda e: None)
+    with pytest.raises(InputError, match="empty"):
+        engine.submit([], SamplingConfig(), lambda e: None)
+    assert engine.queue_length == 0
+
+
+def test_a_request_continues_a_context(runner, reference, tokenizer):
+    """A Context (a prefilled document) loaded into a row: the question after it, and the
+    text after it with no prompt at all, as generate() gives them from that context."""
+    from infini_trt.runtime import generate, open_runner
+
+    document = tokenizer.encode(passkey_prompt("86420", 3, 2).rsplit("What", 1)[0])
+    question = tokenizer.encode("What is the pass key? The pass key is")
+    alone = Session(runner)
+    alone.feed([document])
+    context = alone.save(0)
+
+    def from_context(ids, n):
+        session = Session(runner)
+        session.load(0, context)
+        return generate(session, [np.asarray(ids, np.int64)], SamplingConfig(max_new_tokens=n),
+                        tokenizer).sequences[0].text
+
+    expected = {"q": from_context(question, 7), "none": from_context([], 7)}
+    own = open_runner(runner.manifest.path, "onnxruntime")      # the engine's own runner
+    engine, listen = Engine(own, tokenizer, max_batch=3).start(), Listener()
+    try:
+        engine.submit(question, SamplingConfig(max_new_tokens=7), listen("q"), context=context)
+        engine.submit([], SamplingConfig(max_new_tokens=7), listen("none"), context=context)
+        engine.submit(question, SamplingConfig(max_new_tokens=7), listen("fresh"))
+        listen.wait("q", "none", "fresh")
+    finally:
+        engine.stop()
+        engine.join()
+        own.close()
+    assert {n: listen.text(n) for n in expected} == expected
+    assert listen.text("fresh") == reference(question, 7).text
+    assert torch.isfinite(alone.last_logits()).all()
