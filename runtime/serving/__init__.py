@@ -63,8 +63,9 @@ def open_service(model: str | Path | None = None, backend: str = "onnxruntime",
                  device: str | None = None, max_batch: int = 8, max_queue: int = 64,
                  max_prompt_tokens: int | None = None, max_new_tokens: int = 4096,
                  log: Callable[[str], None] | None = None, **options) -> Iterator[Service]:
-    """The model (the bundled one when None) prepared and opened on `backend`, its engine
-    running and the app in front of it; on exit the engine stops and the runner closes."""
+    """The model (the bundled one when None) prepared and opened on `backend` twice (the
+    batch's runner, and the reader of prompts' full segments: engine.py), its engine running
+    and the app in front of it; on exit the engine stops and the runners close."""
     require_extra()
     from ..models import bundled_model
     from ..runners import open_runner, prepare
@@ -82,11 +83,13 @@ def open_service(model: str | Path | None = None, backend: str = "onnxruntime",
     template = ChatTemplate.of(model)
     settings = Settings(model_name=model.resolve().name, max_prompt_tokens=max_prompt_tokens,
                         max_new_tokens=max_new_tokens)
-    with open_runner(prepare(model, backend, log=log), backend, device=device,
-                     **options) as runner:
+    prepared = prepare(model, backend, log=log)
+    with open_runner(prepared, backend, device=device, **options) as runner, \
+            open_runner(prepared, backend, device=device, **options) as reader:
         runner.load_graphs()
+        reader.load_graphs()
         metrics = ServeMetrics(max_batch)
-        engine = Engine(runner, tokenizer, max_batch, max_queue, metrics).start()
+        engine = Engine(runner, tokenizer, max_batch, max_queue, metrics, reader=reader).start()
         try:
             app = create_app(engine, tokenizer, settings, metrics, template)
             yield Service(engine, app, metrics, settings.model_name)

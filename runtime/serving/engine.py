@@ -54,7 +54,8 @@ class EngineStopped(InfiniTrtError):
 @dataclass(frozen=True)
 class Event:
     """What the loop tells a request: a piece of final text, then one last event with
-    `finish_reason` ("eos", "stop", "length", or "shutdown": cut short by `stop()`) and the
+    `finish_reason` ("eos", "stop", "length", "shutdown": cut short by `stop()`, or
+    "context": a `read_only` request's prompt is read, the row is in `context`) and the
     token counts, or one with `error` (and the HTTP status it deserves) instead."""
 
     text: str = ""
@@ -63,6 +64,7 @@ class Event:
     status: int = 500
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    context: object | None = None    # with finish_reason "context": the row as a Context
 
     @property
     def final(self) -> bool:
@@ -84,9 +86,11 @@ class Request:
     `Engine.submit`; the caller keeps it only to `cancel()` it."""
 
     def __init__(self, engine: "Engine", prompt: np.ndarray, cfg: SamplingConfig,
-                 on_event: Callable[[Event], None], context=None, text_context=()):
+                 on_event: Callable[[Event], None], context=None, text_context=(),
+                 read_only: bool = False):
         self.engine, self.prompt, self.cfg, self.on_event = engine, prompt, cfg, on_event
         self.context, self.text_context = context, list(text_context)
+        self.read_only = read_only            # read the prompt, end with the row as a Context
         self.submitted = time.perf_counter()
         self.cancelled = False
         self.done = False
@@ -107,7 +111,8 @@ class Request:
 
 class Engine:
     def __init__(self, runner: Runner, tokenizer=None, max_batch: int = 8,
-                 max_queue: int = 64, metrics: EngineMetrics | None = None):
+                 max_queue: int = 64, metrics: EngineMetrics | None = None,
+                 reader: Runner | None = None):
         if max_batch < 1 or max_queue < 0:
             raise InputError("max_batch must be at least 1 and max_queue at least 0")
         self.runner, self.tokenizer = runner, tokenizer
@@ -115,6 +120,11 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics or EngineMetrics()
         self.session = Session(runner, batch=max_batch)
+        # full segments of prompts are read on `reader` (another runner of the same model) at
+        # batch 1 through the prompt-reading graph, as `run` reads them, one per turn, instead
+        # of through the K/V-cache graph with the whole batch (7x the work at batch 8)
+        self.reader = None if reader is None else Session(reader, batch=1)
+        self.reading: Request | None = None      # whose row is in the reader now
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
@@ -129,21 +139,23 @@ class Engine:
         return self
 
     def submit(self, prompt, cfg: SamplingConfig, on_event: Callable[[Event], None],
-               context=None, text_context=()) -> Request:
+               context=None, text_context=(), read_only: bool = False) -> Request:
         """Queue a request: `prompt` token ids (empty only with a `context`, a
         runtime/context.py Context to continue from; `text_context`: its `text_tail`).
         Raises InputError (bad ids), QueueFull or EngineStopped; on_event(Event) is then
-        called from the loop's thread with the text as it becomes final, and a last event."""
+        called from the loop's thread with the text as it becomes final, and a last event.
+        `read_only`: generate nothing; the last event (finish_reason "context") carries the
+        row after the prompt as a Context (what POST /v1/contexts keeps)."""
         ids = np.asarray(prompt, dtype=np.int64).reshape(-1)
         vocab = self.config.vocab_size
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             bad = int(ids.min() if ids.min() < 0 else ids.max())
             raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-        if ids.size == 0 and (context is None or context.last_logits is None):
+        if ids.size == 0 and (read_only or context is None or context.last_logits is None):
             raise InputError("the prompt is empty")
         if cfg.stop and self.tokenizer is None:
             raise InputError("stop strings need a tokenizer")
-        request = Request(self, ids, cfg, on_event, context, text_context)
+        request = Request(self, ids, cfg, on_event, context, text_context, read_only)
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
@@ -284,26 +296,57 @@ class Engine:
             self.slots[r].pending = None
         self._choose(rows, self.session.decode(tokens, active))
 
+    def _read_segment(self) -> int | None:
+        """One full segment of one prompt on the reader: the request that holds it, else the
+        first whose row is at a segment start with a full segment left (its row moves to the
+        reader); its row comes back when less than a segment is left -> that row if its
+        prompt is then read to the end."""
+        n, q = self.config.segment_len, self.reading
+        if q is not None and (q.cancelled or q.row is None or self.slots[q.row] is not q):
+            q = self.reading = None                # it ended; the reader's row is left as it is
+        if q is None:
+            q = next((q for r, q in enumerate(self.slots) if q is not None
+                      and self.session.position[r] == 0 and len(q.prompt) - q.fed >= n), None)
+            if q is None:
+                return None
+            self.reader.load(0, self.session.save(q.row))
+            self.reading = q
+        self.reader.feed([q.prompt[q.fed:q.fed + n]], progress=False)
+        q.fed += n
+        if len(q.prompt) - q.fed >= n:
+            return None
+        self.session.load(q.row, self.reader.save(0))
+        self.reading = None
+        return q.row if q.fed == len(q.prompt) else None
+
     def _prefill_step(self) -> None:
-        """The next piece of every prompt still being read, up to its row's segment end; a row
-        whose prompt is then read chooses its first token."""
+        """The next piece of every prompt still being read, up to its row's segment end (a
+        full segment on the reader where there is one); a row whose prompt is then read
+        chooses its first token."""
         n = self.config.segment_len
+        done = [] if self.reader is None else [self._read_segment()]
+        done = [r for r in done if r is not None]
         pieces: list[np.ndarray | None] = [None] * self.max_batch
         for r, q in enumerate(self.slots):
-            if q is not None and q.fed < len(q.prompt):
+            if q is not None and q.fed < len(q.prompt) and q is not self.reading:
                 room = n - int(self.session.position[r])
+                if self.reader is not None and room == n and len(q.prompt) - q.fed >= n:
+                    continue                           # waits for the reader
                 pieces[r] = q.prompt[q.fed:q.fed + room]
         rows = [r for r, p in enumerate(pieces) if p is not None]
-        if not rows:
-            return
-        logits = self.session.feed(pieces, progress=False)
+        if rows:
+            self.session.feed(pieces, progress=False)
         read = []
-        for r in rows:
+        for r in rows + done:
             request = self.slots[r]
-            request.fed += len(pieces[r])
-            if request.fed == len(request.prompt):
+            request.fed += len(pieces[r]) if pieces[r] is not None else 0
+            if request.fed == len(request.prompt) and request.read_only:
+                self._free(r, "context", Event(
+                    finish_reason="context", prompt_tokens=len(request.prompt),
+                    context=self.session.save(r)))
+            elif request.fed == len(request.prompt):
                 read.append(r)
-        self._choose(read, logits)
+        self._choose(read, self.session.last_logits())
 
     def _choose(self, rows: list[int], logits: torch.Tensor) -> None:
         """The next token of the request in each of `rows` from its logits (logits[row], of
@@ -369,6 +412,7 @@ class Engine:
         self.metrics.rows_busy(self.rows_busy)
 
     def _fail_rows(self, message: str) -> None:
+        self.reading = None
         for row, request in enumerate(self.slots):
             if request is not None:
                 self._free(row, "error", Event(error=message))

@@ -25,6 +25,16 @@ def runner(server, shared_cache):
     runner.close()
 
 
+@pytest.fixture(scope="module")
+def reader(runner):
+    """A second runner of the same export: the engine's reader of prompts' full segments."""
+    from infini_trt.runtime import open_runner
+
+    reader = open_runner(runner.manifest.path, "onnxruntime")
+    yield reader
+    reader.close()
+
+
 class Listener:
     """Records every event of several requests, in the order the loop sent them."""
 
@@ -49,10 +59,13 @@ class Listener:
             assert self.done.wait_for(lambda: all(self.final(n) for n in names), timeout)
 
 
-def test_a_long_prompt_does_not_stall_the_others(runner, reference, tokenizer):
+@pytest.mark.parametrize("with_reader", [False, True], ids=["batch-extend", "reader"])
+def test_a_long_prompt_does_not_stall_the_others(runner, reader, reference, tokenizer,
+                                                 with_reader):
     long_ids = tokenizer.encode(FILLER * 60)                     # 1,440 tokens: 23 segments
     short_ids = tokenizer.encode("The sky is")
-    engine, listen = Engine(runner, tokenizer, max_batch=2).start(), Listener()
+    engine = Engine(runner, tokenizer, max_batch=2, reader=reader if with_reader else None)
+    engine, listen = engine.start(), Listener()
     try:
         engine.submit(long_ids, SamplingConfig(max_new_tokens=6), listen("long"))
         engine.submit(short_ids, SamplingConfig(max_new_tokens=5), listen("short"))
@@ -175,3 +188,39 @@ def test_a_request_continues_a_context(runner, reference, tokenizer):
     assert {n: listen.text(n) for n in expected} == expected
     assert listen.text("fresh") == reference(question, 7).text
     assert torch.isfinite(alone.last_logits()).all()
+
+
+def test_a_read_only_request_ends_with_its_row_as_a_context(runner, reader, tokenizer):
+    """read_only: the prompt is read beside other requests, nothing is generated, and the
+    Context it ends with is the one the same document read alone gives, bit for bit (its
+    full segments on the reader, as `run` reads them; its tail in the batch)."""
+    from infini_trt.runtime import open_runner
+
+    document = tokenizer.encode(passkey_prompt("31337", 3, 1).rsplit("What", 1)[0])
+    assert len(document) > 64 and len(document) % 64
+    alone = Session(runner)
+    want = alone.feed([document])[0].numpy()
+    own = open_runner(runner.manifest.path, "onnxruntime")
+    engine = Engine(own, tokenizer, max_batch=2, reader=reader)
+    engine, listen = engine.start(), Listener()
+    try:
+        engine.submit(tokenizer.encode("The sky is"), SamplingConfig(max_new_tokens=9),
+                      listen("other"))
+        engine.submit(document, SamplingConfig(max_new_tokens=4), listen("doc"),
+                      read_only=True)
+        listen.wait("doc", "other")
+        with pytest.raises(InputError, match="empty"):
+            engine.submit([], SamplingConfig(max_new_tokens=4), listen("x"), read_only=True)
+    finally:
+        engine.stop()
+        engine.join()
+        own.close()
+    final = listen.final("doc")
+    assert final.finish_reason == "context" and final.completion_tokens == 0
+    assert listen.text("doc") == "" and final.prompt_tokens == len(document)
+    context = final.context
+    assert context.tokens == len(document) and context.position == len(document) % 64
+    assert np.array_equal(context.last_logits, want)
+    expected = alone.save(0)
+    for name in ("memory", "norm", "k", "v"):
+        assert np.array_equal(getattr(context.state, name), getattr(expected.state, name)), name
