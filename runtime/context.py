@@ -65,11 +65,9 @@ class Context:
             out["last_logits"] = np.ascontiguousarray(self.last_logits, dtype=np.float32)
         return out
 
-    def save(self, path: str | Path) -> int:
-        """Write the context file (atomically) -> its size in bytes."""
-        from safetensors.numpy import save_file
-
-        from infini_trt.export.files import atomic_file
+    def to_bytes(self) -> bytes:
+        """The context file's bytes."""
+        from safetensors.numpy import save
 
         tensors = self.tensors()
         header = {"tokens": self.tokens, "position": self.position,
@@ -78,46 +76,65 @@ class Context:
                   "tensors_sha256": _digest(tensors)}
         metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
                     "header": json.dumps(header)}
+        return save(tensors, metadata=metadata)
+
+    def save(self, path: str | Path) -> int:
+        """Write the context file (atomically) -> its size in bytes."""
+        from infini_trt.export.files import atomic_file
+
+        data = self.to_bytes()
         with atomic_file(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-        return Path(path).stat().st_size
+            tmp.write_bytes(data)
+        return len(data)
 
     @classmethod
     def load(cls, path: str | Path) -> "Context":
         """Read a context file, with one clear message for each way it can be wrong."""
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
         if path.is_dir():
             raise InputError(f"{path} is a directory, not a context file")
         if not path.is_file():
             raise InputError(f"no such context file: {path}")
         try:
-            with safe_open(str(path), "np") as f:
-                metadata = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise InputError(f"{path} is not a readable context file (corrupt or truncated: "
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"{path} is not a readable context file ({exc.strerror})"
+                             ) from None
+        return cls.from_bytes(data, str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "the context") -> "Context":
+        """The bytes of a context file -> Context, refused as `load` refuses a file (the
+        messages name `name`)."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
+        try:
+            tensors = load(data)
+            size = int.from_bytes(data[:8], "little")
+            metadata = json.loads(data[8:8 + size]).get("__metadata__") or {}
+        except (SafetensorError, ValueError, AttributeError) as exc:
+            raise InputError(f"{name} is not a readable context file (corrupt or truncated: "
                              f"{str(exc).splitlines()[0] if str(exc) else exc})") from None
         if metadata.get("format") != FORMAT:
-            raise InputError(f"{path} is not an infini-trt context file")
+            raise InputError(f"{name} is not an infini-trt context file")
         try:
             version = int(metadata.get("format_version", ""))
             header = json.loads(metadata["header"])
         except (ValueError, KeyError):
-            raise InputError(f"{path} is a damaged context file (its header is unreadable)"
+            raise InputError(f"{name} is a damaged context file (its header is unreadable)"
                              ) from None
         if version > FORMAT_VERSION:
-            raise InputError(f"{path} was written by a newer infini-trt (context format "
+            raise InputError(f"{name} was written by a newer infini-trt (context format "
                              f"{version}; this one reads {FORMAT_VERSION}); upgrade infini-trt")
-        if version < 1 or not all(name in tensors for name in TENSORS):
-            raise InputError(f"{path} is a damaged context file (tensors missing)")
+        if version < 1 or not all(n in tensors for n in TENSORS):
+            raise InputError(f"{name} is a damaged context file (tensors missing)")
         if header.get("tensors_sha256") != _digest(tensors):
-            raise InputError(f"{path} is a damaged context file (its tensors do not match the "
+            raise InputError(f"{name} is a damaged context file (its tensors do not match the "
                              f"hash in its header)")
-        state = RowState(*(tensors[name] for name in TENSORS))
+        state = RowState(*(tensors[n] for n in TENSORS))
         if header.get("position") != state.position or not _consistent(state):
-            raise InputError(f"{path} is a damaged context file (its tensors' shapes disagree)")
+            raise InputError(f"{name} is a damaged context file (its tensors' shapes disagree)")
         return cls(state=state, tokens=int(header["tokens"]),
                    last_logits=tensors.get("last_logits"), fingerprint=header["fingerprint"],
                    made_by=header.get("made_by", ""), text_tail=header.get("text_tail", []),

@@ -1,9 +1,28 @@
 """`serve`: an OpenAI-compatible HTTP server with continuous batching."""
 from __future__ import annotations
 
+import re
+
 import click
 
 from .options import BACKEND_CHOICE, DEVICE_CHOICE, engine_options, runner_options
+
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes: 1073741824, 512M, 2G (K, M, G, T: powers of 1024; a trailing B or
+    iB is allowed)."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", str(value), re.I)
+        if not match or int(match.group(1)) == 0:
+            self.fail(f"{value!r} is not a size; write e.g. 1073741824, 512M, 2G", param, ctx)
+        return int(match.group(1)) * UNITS[match.group(2).upper()]
 
 
 @click.command()
@@ -22,12 +41,19 @@ from .options import BACKEND_CHOICE, DEVICE_CHOICE, engine_options, runner_optio
               help="Refuse longer prompts (400) [default: no limit].")
 @click.option("--max-new-tokens", default=4096, type=click.IntRange(1),
               help="The largest max_tokens a request may ask for.")
+@click.option("--context-store", type=click.Path(), default=None,
+              help="The directory that keeps contexts (POST /v1/contexts), made if need be "
+                   "[default: $INFINI_TRT_CACHE/contexts, else ~/.cache/infini-trt/contexts].")
+@click.option("--context-store-bytes", type=ByteSize(), default="1G", show_default=True,
+              help="The most bytes of contexts it keeps (the least recently used go first); "
+                   "K, M, G: powers of 1024.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info",
                                                 "debug"]), default="info")
 @engine_options
 def serve(model: str | None, host: str, port: int, backend: str, device: str | None,
           max_batch: int, max_queue: int, max_prompt_tokens: int | None, max_new_tokens: int,
-          log_level: str, engine: str | None, cuda_graphs: bool) -> None:
+          context_store: str | None, context_store_bytes: int, log_level: str,
+          engine: str | None, cuda_graphs: bool) -> None:
     """Serve a model over the OpenAI HTTP API, many clients at once.
 
     MODEL is a native checkpoint or an export directory [default: the bundled passkey
@@ -39,6 +65,12 @@ def serve(model: str | None, host: str, port: int, backend: str, device: str | N
     template (tokenizer_config.json beside tokenizer.json), else the plain one: each message
     as "role: content" on its own line, then "assistant:".
 
+    Contexts: POST /v1/contexts reads a document once and keeps its state (a small file,
+    whatever the document's length) under an id; completions and chat with "context": ID
+    (the OpenAI client's extra_body) continue from it, reading only their own prompt, also
+    after a restart; GET and DELETE /v1/contexts/ID. The store is bounded by
+    --context-store-bytes: the least recently used contexts are removed first.
+
     Requests join the running batch between decode steps, and long prompts are read a
     segment per step between the other rows' tokens. SIGTERM or Ctrl-C stops it: streams in
     flight end at once (finish_reason "length"), exit code 0. Needs the serve extra: pip
@@ -48,7 +80,8 @@ def serve(model: str | None, host: str, port: int, backend: str, device: str | N
     options = runner_options(backend, engine, cuda_graphs)
     run_server(model, host=host, port=port, backend=backend, log_level=log_level,
                device=device, max_batch=max_batch, max_queue=max_queue,
-               max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, **options)
+               max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+               context_store=context_store, context_store_bytes=context_store_bytes, **options)
 
 
 COMMANDS = [serve]

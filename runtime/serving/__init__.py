@@ -4,6 +4,7 @@
     app.py      the OpenAI API in front of it (FastAPI), and the uvicorn server
     schemas.py  what requests may hold, OpenAI-style errors, the chat template
     metrics.py  the Prometheus metrics
+    store.py    where contexts are kept (a directory by default), by id
 
     with open_service(bundled_model(), "onnxruntime") as service:     # model, engine, app
         server = make_server(service.app, service.engine, service.metrics)
@@ -20,9 +21,12 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from infini_trt.export.errors import InfiniTrtError, MissingDependencyError
+
+if TYPE_CHECKING:
+    from .store import ContextStore
 
 EXTRA = ("fastapi", "uvicorn", "prometheus_client")
 
@@ -56,16 +60,21 @@ class Service:
     app: object             # fastapi.FastAPI
     metrics: object         # metrics.ServeMetrics
     model_name: str
+    store: object           # store.ContextStore
 
 
 @contextlib.contextmanager
 def open_service(model: str | Path | None = None, backend: str = "onnxruntime",
                  device: str | None = None, max_batch: int = 8, max_queue: int = 64,
                  max_prompt_tokens: int | None = None, max_new_tokens: int = 4096,
+                 context_store: str | Path | ContextStore | None = None,
+                 context_store_bytes: int = 1 << 30,
                  log: Callable[[str], None] | None = None, **options) -> Iterator[Service]:
     """The model (the bundled one when None) prepared and opened on `backend` twice (the
     batch's runner, and the reader of prompts' full segments: engine.py), its engine running
-    and the app in front of it; on exit the engine stops and the runners close."""
+    and the app in front of it; on exit the engine stops and the runners close.
+    `context_store`: a store.ContextStore, or the directory of a DirectoryStore of
+    `context_store_bytes` (None: store.default_store_path()), made before the model loads."""
     require_extra()
     from ..models import bundled_model
     from ..runners import open_runner, prepare
@@ -74,7 +83,11 @@ def open_service(model: str | Path | None = None, backend: str = "onnxruntime",
     from .engine import Engine
     from .metrics import ServeMetrics
     from .schemas import ChatTemplate
+    from .store import ContextStore, DirectoryStore, default_store_path
 
+    if not isinstance(context_store, ContextStore):
+        context_store = DirectoryStore(context_store or default_store_path(),
+                                       context_store_bytes)
     model = Path(model) if model is not None else bundled_model()
     try:
         tokenizer = tokenizer_of(model)
@@ -91,8 +104,8 @@ def open_service(model: str | Path | None = None, backend: str = "onnxruntime",
         metrics = ServeMetrics(max_batch)
         engine = Engine(runner, tokenizer, max_batch, max_queue, metrics, reader=reader).start()
         try:
-            app = create_app(engine, tokenizer, settings, metrics, template)
-            yield Service(engine, app, metrics, settings.model_name)
+            app = create_app(engine, tokenizer, settings, metrics, template, context_store)
+            yield Service(engine, app, metrics, settings.model_name, context_store)
         finally:
             engine.stop()
             engine.join()
@@ -112,6 +125,7 @@ def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 
     try:
         with open_service(model, backend, log=say, **service_options) as service:
             bound = sock.getsockname()
+            say(f"infini-trt: contexts kept in {service.store}")
             say(f"infini-trt: serving '{service.model_name}' ({service.engine.runner.description},"
                 f" {service.engine.max_batch} rows) at http://{_url_host(bound[0])}:{bound[1]}/v1")
             make_server(service.app, service.engine, service.metrics, log_level).run(

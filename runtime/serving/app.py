@@ -3,8 +3,14 @@ errors, server-sent events, and the uvicorn server that stops cleanly (schemas.p
 request may hold).
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream or not),
-GET /health, GET /metrics (Prometheus), and FastAPI's /docs and /openapi.json.
+POST /v1/contexts, GET and DELETE /v1/contexts/{id}, GET /health, GET /metrics (Prometheus),
+and FastAPI's /docs and /openapi.json.
 Every error is `{"error": {"message", "type", "param", "code"}}` with its HTTP status.
+
+A context (store.py) is a document read once and kept as its row's state: completions and
+chat with `"context": id` load it into their row and read only their own prompt after it, so
+their `usage.prompt_tokens` counts only those tokens and `usage.context_tokens` the
+context's. An unknown id is a 404 (code "context_not_found"), another model's context a 400.
 """
 from __future__ import annotations
 
@@ -29,11 +35,14 @@ from starlette.exceptions import HTTPException
 
 from infini_trt.export.errors import InfiniTrtError, InputError
 
+from ..context import Context
 from ..sampling import SamplingConfig
+from ..session import model_fingerprint
 from .engine import Engine, EngineStopped, Event, QueueFull
 from .metrics import ServeMetrics
 from .schemas import (APIError, ChatCompletionRequest, ChatTemplate, CompletionRequest,
-                      prompt_list)
+                      ContextRequest, prompt_list)
+from .store import ContextStore, ContextStoreError, UnknownContext
 
 DISCONNECT_POLL_S = 0.25      # how often a non-streamed request looks for its client
 RETRY_AFTER_S = 1             # what a 429 tells the client to wait
@@ -57,16 +66,22 @@ class Disconnected(Exception):
 
 
 class Job:
-    """The engine requests of one HTTP request (one per prompt), their events brought to this
-    event loop. `cancel()` ends them all (a no-op for those already done)."""
+    """The engine requests of one HTTP request (one per prompt, each after `context` if one
+    is given; `read_only`: reading it is all), their events brought to this event loop.
+    `cancel()` ends them all (a no-op for those already done)."""
 
-    def __init__(self, engine: Engine, prompts: list[np.ndarray], cfg: SamplingConfig):
+    def __init__(self, engine: Engine, prompts: list[np.ndarray], cfg: SamplingConfig,
+                 context: Context | None = None, read_only: bool = False):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.requests = []
+        self.context_tokens = None if context is None else context.tokens
+        extra = {"read_only": read_only} if context is None else {
+            "context": context, "text_context": context.text_tail}
         try:
             for i, prompt in enumerate(prompts):
-                self.requests.append(engine.submit(prompt, cfg, functools.partial(self._put, i)))
+                self.requests.append(engine.submit(prompt, cfg, functools.partial(self._put, i),
+                                                   **extra))
         except QueueFull as exc:
             self.cancel()
             raise APIError(429, str(exc), "rate_limit_error", code="queue_full",
@@ -112,11 +127,23 @@ class Job:
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events; the generator is closed whichever way the response ends (a client
-    gone, the server stopping), so that its requests are cancelled and their rows freed."""
+    """Server-sent events: each chunk of `chunks` (an async generator of dicts), then
+    `[DONE]`, or the error's body where the job fails. The generator is closed whichever way
+    the response ends (a client gone, the server stopping), and the job cancelled, so that
+    its rows are freed."""
 
-    def __init__(self, content):
-        super().__init__(content, media_type="text/event-stream",
+    def __init__(self, job: "Job", chunks):
+        async def events():
+            try:
+                async for chunk in chunks:
+                    yield sse(chunk)
+                yield sse("[DONE]")
+            except APIError as exc:
+                yield sse(exc.body)
+            finally:
+                job.cancel()
+
+        super().__init__(events(), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def stream_response(self, send) -> None:
@@ -131,11 +158,13 @@ def sse(data: dict | str) -> str:
 
 
 def create_app(engine: Engine, tokenizer, settings: Settings, metrics: ServeMetrics,
-               chat_template: ChatTemplate) -> FastAPI:
+               chat_template: ChatTemplate, store: ContextStore) -> FastAPI:
     app = FastAPI(title="infini-trt", version="1",
                   description="An OpenAI-compatible server for an Infini-attention model, with "
-                              "continuous batching.")
+                              "continuous batching and stored contexts.")
     name = settings.model_name
+    fingerprint = model_fingerprint(engine.runner)      # what a stored context must match
+    metrics.watch_store(store)
 
     # errors -----------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -207,8 +236,37 @@ def create_app(engine: Engine, tokenizer, settings: Settings, metrics: ServeMetr
         return texts, finals
 
     def usage(job: Job, completion_tokens: int) -> dict:
-        return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": job.prompt_tokens + completion_tokens}
+        out = {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion_tokens,
+               "total_tokens": job.prompt_tokens + completion_tokens}
+        if job.context_tokens is not None:
+            out["context_tokens"] = job.context_tokens
+        return out
+
+    def not_found(exc: UnknownContext, param: str | None = None) -> APIError:
+        return APIError(404, str(exc), param=param, code="context_not_found")
+
+    async def stored_context(ctx_id: str | None) -> Context | None:
+        """The context a request names (None: none), checked against this model."""
+        if ctx_id is None:
+            return None
+        try:
+            context = await run_in_threadpool(store.get, ctx_id)
+        except UnknownContext as exc:
+            raise not_found(exc, "context") from None
+        except InputError as exc:                   # its file is damaged
+            raise APIError(400, str(exc), param="context", code="context_unreadable") from None
+        try:
+            context.check_model(fingerprint, engine.config)
+        except InfiniTrtError as exc:
+            raise APIError(400, str(exc), param="context", code="context_model_mismatch"
+                           ) from None
+        return context
+
+    def start(prompts: list[np.ndarray], cfg: SamplingConfig, context: Context | None) -> Job:
+        job = Job(engine, prompts, cfg, context)
+        if context is not None:
+            metrics.context_hits.inc()
+        return job
 
     # routes ---------------------------------------------------------------------------------
     @app.get("/health")
@@ -234,14 +292,15 @@ def create_app(engine: Engine, tokenizer, settings: Settings, metrics: ServeMetr
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        """Text after a prompt (text or token ids; a list of them: one choice each)."""
+        """Text after a prompt (text or token ids; a list of them: one choice each), or
+        after a stored context and the prompt (`"context": id`; the prompt may be "")."""
         check_model(body.model)
         body.check_supported()
         cfg = sampling(body, body.max_tokens, 16)
         prompts = [await encode(p) if isinstance(p, str) else np.asarray(p, dtype=np.int64)
                    for p in prompt_list(body.prompt)]
         check_length(prompts, "prompt")
-        job = Job(engine, prompts, cfg)
+        job = start(prompts, cfg, await stored_context(body.context))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(choices: list[dict], **extra) -> dict:
@@ -254,21 +313,15 @@ def create_app(engine: Engine, tokenizer, settings: Settings, metrics: ServeMetr
         if body.stream:
             async def stream():
                 completion = 0
-                try:
-                    async for index, event in job.events():
-                        if event.text:
-                            yield sse(chunk([choice(index, event.text, None)]))
-                        if event.finish_reason:
-                            completion += event.completion_tokens
-                            yield sse(chunk([choice(index, "", FINISH[event.finish_reason])]))
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield sse(chunk([], usage=usage(job, completion)))
-                    yield sse("[DONE]")
-                except APIError as exc:
-                    yield sse(exc.body)
-                finally:
-                    job.cancel()
-            return EventStream(stream())
+                async for index, event in job.events():
+                    if event.text:
+                        yield chunk([choice(index, event.text, None)])
+                    if event.finish_reason:
+                        completion += event.completion_tokens
+                        yield chunk([choice(index, "", FINISH[event.finish_reason])])
+                if body.stream_options and body.stream_options.include_usage:
+                    yield chunk([], usage=usage(job, completion))
+            return EventStream(job, stream())
         texts, finals = await collect(job, request, len(prompts))
         if texts is None:
             return Response(status_code=499)
@@ -280,7 +333,8 @@ def create_app(engine: Engine, tokenizer, settings: Settings, metrics: ServeMetr
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """The assistant's reply to the messages, rendered with the model's chat template
         (its tokenizer_config.json's) or, without one, the plain template
-        "{role}: {content}" a line each, then "assistant:"."""
+        "{role}: {content}" a line each, then "assistant:"; with `"context": id`, the
+        rendered messages follow the stored context's document."""
         check_model(body.model)
         body.check_supported()
         cfg = sampling(body, body.max_completion_tokens or body.max_tokens,
@@ -291,7 +345,7 @@ def create_app(engine: Engine, tokenizer, settings: Settings, metrics: ServeMetr
             raise APIError(400, str(exc), param="messages") from None
         prompts = [await encode(text)]
         check_length(prompts, "messages")
-        job = Job(engine, prompts, cfg)
+        job = start(prompts, cfg, await stored_context(body.context))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def reply(choices: list[dict], kind: str = "chat.completion.chunk", **extra) -> dict:
@@ -306,21 +360,15 @@ def create_app(engine: Engine, tokenizer, settings: Settings, metrics: ServeMetr
 
         if body.stream:
             async def stream():
-                try:
-                    yield sse(reply([delta("", role=True)]))
-                    async for _, event in job.events():
-                        if event.text:
-                            yield sse(reply([delta(event.text)]))
-                        if event.finish_reason:
-                            yield sse(reply([delta(None, FINISH[event.finish_reason])]))
-                            if body.stream_options and body.stream_options.include_usage:
-                                yield sse(reply([], usage=usage(job, event.completion_tokens)))
-                    yield sse("[DONE]")
-                except APIError as exc:
-                    yield sse(exc.body)
-                finally:
-                    job.cancel()
-            return EventStream(stream())
+                yield reply([delta("", role=True)])
+                async for _, event in job.events():
+                    if event.text:
+                        yield reply([delta(event.text)])
+                    if event.finish_reason:
+                        yield reply([delta(None, FINISH[event.finish_reason])])
+                        if body.stream_options and body.stream_options.include_usage:
+                            yield reply([], usage=usage(job, event.completion_tokens))
+            return EventStream(job, stream())
         texts, finals = await collect(job, request, 1)
         if texts is None:
             return Response(status_code=499)
@@ -329,7 +377,49 @@ def create_app(engine: Engine, tokenizer, settings: Settings, metrics: ServeMetr
                        "finish_reason": FINISH[finals[0].finish_reason]}], "chat.completion",
                      usage=usage(job, finals[0].completion_tokens))
 
+    @app.post("/v1/contexts")
+    async def create_context(body: ContextRequest, request: Request):
+        """Read a document (text or token ids) once and keep it: -> its id, tokens, size in
+        bytes and creation time. Completions and chat continue it with `"context": id`."""
+        check_model(body.model)
+        prompts = [await encode(p) if isinstance(p, str) else np.asarray(p, dtype=np.int64)
+                   for p in prompt_list(body.prompt)]
+        if len(prompts) != 1:
+            raise APIError(400, "a context is made from one prompt", param="prompt",
+                           code="invalid_value")
+        check_length(prompts, "prompt")
+        job = Job(engine, prompts, SamplingConfig(max_new_tokens=1), read_only=True)
+        texts, finals = await collect(job, request, 1)
+        if texts is None:
+            return Response(status_code=499)
+        ctx_id = store.new_id()
+        try:
+            await run_in_threadpool(store.put, ctx_id, finals[0].context)
+            info = await run_in_threadpool(store.info, ctx_id)
+        except ContextStoreError as exc:
+            raise APIError(507, str(exc), "server_error", code="context_store_error") from None
+        return context_card(ctx_id, info)
+
+    @app.get("/v1/contexts/{ctx_id}")
+    async def context_info(ctx_id: str):
+        """A stored context's tokens, size in bytes and creation time."""
+        try:
+            return context_card(ctx_id, await run_in_threadpool(store.info, ctx_id))
+        except UnknownContext as exc:
+            raise not_found(exc) from None
+
+    @app.delete("/v1/contexts/{ctx_id}")
+    async def delete_context(ctx_id: str):
+        if not await run_in_threadpool(store.delete, ctx_id):
+            raise not_found(UnknownContext(f"there is no context {ctx_id!r}"))
+        return {"id": ctx_id, "object": "context", "deleted": True}
+
     return app
+
+
+def context_card(ctx_id: str, info: dict) -> dict:
+    return {"id": ctx_id, "object": "context", "tokens": info["tokens"], "bytes": info["bytes"],
+            "created": info["created"]}
 
 
 def model_card(name: str) -> dict:

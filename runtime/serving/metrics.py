@@ -7,7 +7,8 @@ from .engine import EngineMetrics
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                 120.0)
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/contexts", "/health",
+             "/metrics")
 
 
 class ServeMetrics(EngineMetrics):
@@ -42,6 +43,11 @@ class ServeMetrics(EngineMetrics):
         self.context_hits = Counter("infini_trt_context_hits",
                                     "Requests that continued a stored context",
                                     registry=registry)
+        self.contexts_stored = Gauge("infini_trt_contexts_stored",
+                                     "Contexts in the context store", registry=registry)
+        self.context_bytes = Gauge("infini_trt_context_store_bytes",
+                                   "Bytes of the contexts in the context store",
+                                   registry=registry)
         self.rows.set(max_batch)
 
     # EngineMetrics -----------------------------------------------------------------------
@@ -60,6 +66,12 @@ class ServeMetrics(EngineMetrics):
 
     def finished(self, reason: str) -> None:
         self.finished_total.labels(reason=reason).inc()
+
+    def watch_store(self, store) -> None:
+        """The store's gauges are read from it at each scrape (other processes may share
+        it)."""
+        self.contexts_stored.set_function(lambda: store.usage()[0])
+        self.context_bytes.set_function(lambda: store.usage()[1])
 
     # HTTP --------------------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:
@@ -87,7 +99,8 @@ class ServeMetrics(EngineMetrics):
                 await app(scope, receive, send_status)
             finally:
                 path = scope.get("path", "")
-                endpoint = path if path in ENDPOINTS else "other"
+                endpoint = (path if path in ENDPOINTS else "/v1/contexts/{id}"
+                            if path.startswith("/v1/contexts/") else "other")
                 counter.labels(endpoint=endpoint, status=str(status[0])).inc()
 
         return counted

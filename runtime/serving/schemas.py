@@ -35,7 +35,9 @@ class StreamOptions(BaseModel):
 
 
 class Sampling(BaseModel):
-    """The fields completions and chat share. temperature 0 is greedy decoding."""
+    """The fields completions and chat share. temperature 0 is greedy decoding; `context`
+    (an extra field: the OpenAI client's extra_body) continues a stored context, the prompt
+    being what follows its document."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
@@ -51,6 +53,8 @@ class Sampling(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    context: str | None = Field(None, description="The id of a context (POST /v1/contexts) "
+                                                  "to continue from.")
 
     UNSUPPORTED: ClassVar[dict] = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                    "logit_bias": None}
@@ -75,6 +79,14 @@ class CompletionRequest(Sampling):
 
     UNSUPPORTED: ClassVar[dict] = {**Sampling.UNSUPPORTED, "echo": False, "logprobs": None,
                                    "best_of": None, "suffix": None}
+
+
+class ContextRequest(BaseModel):
+    """POST /v1/contexts: a document read once and kept, to be continued by id."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: Any = Field(..., description="Text or token ids.")
 
 
 class TextPart(BaseModel):
