@@ -312,12 +312,11 @@ def validate_export(checkpoint: str | Path, export_dir: str | Path, segments: in
         from .tokenizer import LazyTokenizer, model_tokenizer
 
         tokenizer = LazyTokenizer(lambda: model_tokenizer(export_dir, cfg.vocab_size))
-        tokens = validation_tokens(tokens_file, tokenizer, batch, segments, cfg.segment_len,
-                                   cfg.vocab_size)
+        wanted = max(segments, 0 if plan is None else -(-plan.tokens // cfg.segment_len))
+        rows = validation_tokens(tokens_file, tokenizer, batch, wanted, cfg.segment_len,
+                                 cfg.vocab_size)             # the file read once, both phases
+        tokens = np.ascontiguousarray(rows[:, :segments * cfg.segment_len])
         if plan is not None:
-            rows = validation_tokens(tokens_file, tokenizer, batch,
-                                     -(-plan.tokens // cfg.segment_len), cfg.segment_len,
-                                     cfg.vocab_size)
             decode_ids = decoding_tokens(plan, batch, cfg.vocab_size, seed, rows,
                                          str(tokens_file))
     elif plan is not None:

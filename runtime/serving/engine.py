@@ -324,8 +324,8 @@ class Engine:
         full segment on the reader where there is one); a row whose prompt is then read
         chooses its first token."""
         n = self.config.segment_len
-        done = [] if self.reader is None else [self._read_segment()]
-        done = [r for r in done if r is not None]
+        read_there = None if self.reader is None else self._read_segment()
+        done = [] if read_there is None else [read_there]
         pieces: list[np.ndarray | None] = [None] * self.max_batch
         for r, q in enumerate(self.slots):
             if q is not None and q.fed < len(q.prompt) and q is not self.reading:

@@ -1,6 +1,7 @@
 """The continuous-batching loop without HTTP: long prompts interleave with the others'
 decoding, a NaN fails only its own request, cancelling frees the row, the queue is bounded,
 and a request can start from a Context."""
+import contextlib
 import threading
 import time
 
@@ -35,6 +36,18 @@ def reader(runner):
     reader.close()
 
 
+@contextlib.contextmanager
+def running(engine):
+    """The engine's loop running (started here unless it is), stopped and joined after."""
+    if engine._thread is None:
+        engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+        engine.join()
+
+
 class Listener:
     """Records every event of several requests, in the order the loop sent them."""
 
@@ -66,13 +79,10 @@ def test_a_long_prompt_does_not_stall_the_others(runner, reader, reference, toke
     short_ids = tokenizer.encode("The sky is")
     engine = Engine(runner, tokenizer, max_batch=2, reader=reader if with_reader else None)
     engine, listen = engine.start(), Listener()
-    try:
+    with running(engine):
         engine.submit(long_ids, SamplingConfig(max_new_tokens=6), listen("long"))
         engine.submit(short_ids, SamplingConfig(max_new_tokens=5), listen("short"))
         listen.wait("long", "short")
-    finally:
-        engine.stop()
-        engine.join()
     order = [(n, e.final) for n, e in listen.log]
     first_long = next(i for i, (n, _) in enumerate(order) if n == "long")
     assert order.index(("short", True)) < first_long     # done before the long one's 1st token
@@ -96,13 +106,10 @@ def test_nan_logits_fail_only_their_request(runner, reference, tokenizer):
 
     engine.session.decode = poisoned
     engine.start()
-    try:
+    with running(engine):
         engine.submit(victim_ids, SamplingConfig(max_new_tokens=8), listen("victim"))
         engine.submit(other_ids, SamplingConfig(max_new_tokens=8), listen("other"))
         listen.wait("victim", "other")
-    finally:
-        engine.stop()
-        engine.join()
     victim = listen.final("victim")
     assert victim.error and "NaN" in victim.error and victim.status == 500
     assert listen.final("other").finish_reason == "length"
@@ -112,7 +119,7 @@ def test_nan_logits_fail_only_their_request(runner, reference, tokenizer):
 
 def test_cancelling_frees_the_row_at_once(runner, tokenizer):
     engine, listen = Engine(runner, tokenizer, max_batch=2).start(), Listener()
-    try:
+    with running(engine):
         request = engine.submit(tokenizer.encode("The sky is"),
                                 SamplingConfig(max_new_tokens=4000), listen("a"))
         with listen.done:
@@ -126,9 +133,6 @@ def test_cancelling_frees_the_row_at_once(runner, tokenizer):
         time.sleep(0.1)
         assert len(listen.log) == seen and listen.final("a") is None   # nothing after cancel
         request.cancel()                                               # twice: harmless
-    finally:
-        engine.stop()
-        engine.join()
     assert len(request.token_ids) < 4000
 
 
@@ -176,15 +180,11 @@ def test_a_request_continues_a_context(runner, reference, tokenizer):
     expected = {"q": from_context(question, 7), "none": from_context([], 7)}
     own = open_runner(runner.manifest.path, "onnxruntime")      # the engine's own runner
     engine, listen = Engine(own, tokenizer, max_batch=3).start(), Listener()
-    try:
+    with contextlib.closing(own), running(engine):   # the engine stops first
         engine.submit(question, SamplingConfig(max_new_tokens=7), listen("q"), context=context)
         engine.submit([], SamplingConfig(max_new_tokens=7), listen("none"), context=context)
         engine.submit(question, SamplingConfig(max_new_tokens=7), listen("fresh"))
         listen.wait("q", "none", "fresh")
-    finally:
-        engine.stop()
-        engine.join()
-        own.close()
     assert {n: listen.text(n) for n in expected} == expected
     assert listen.text("fresh") == reference(question, 7).text
     assert torch.isfinite(alone.last_logits()).all()
@@ -203,7 +203,7 @@ def test_a_read_only_request_ends_with_its_row_as_a_context(runner, reader, toke
     own = open_runner(runner.manifest.path, "onnxruntime")
     engine = Engine(own, tokenizer, max_batch=2, reader=reader)
     engine, listen = engine.start(), Listener()
-    try:
+    with contextlib.closing(own), running(engine):   # the engine stops first
         engine.submit(tokenizer.encode("The sky is"), SamplingConfig(max_new_tokens=9),
                       listen("other"))
         engine.submit(document, SamplingConfig(max_new_tokens=4), listen("doc"),
@@ -211,10 +211,6 @@ def test_a_read_only_request_ends_with_its_row_as_a_context(runner, reader, toke
         listen.wait("doc", "other")
         with pytest.raises(InputError, match="empty"):
             engine.submit([], SamplingConfig(max_new_tokens=4), listen("x"), read_only=True)
-    finally:
-        engine.stop()
-        engine.join()
-        own.close()
     final = listen.final("doc")
     assert final.finish_reason == "context" and final.completion_tokens == 0
     assert listen.text("doc") == "" and final.prompt_tokens == len(document)
