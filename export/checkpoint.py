@@ -1,5 +1,5 @@
 """The native checkpoint: a directory with `config.json`, `model.safetensors` and, optionally,
-`tokenizer.json`.
+`tokenizer.json` (with the Hugging Face files beside it that hold its chat template).
 
     config.json = {"format": "infini-trt", "format_version": 1, "dtype": "float32",
                    "model": {...InfiniConfig fields...}}
@@ -24,6 +24,9 @@ from .model import InfiniLM
 
 FORMAT, FORMAT_VERSION = "infini-trt", 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+# Read beside a tokenizer.json (the chat template and its special tokens: runtime/serving/
+# schemas.py ChatTemplate), so they travel with it wherever it is copied.
+TOKENIZER_COMPANIONS = ("tokenizer_config.json", "chat_template.jinja")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
@@ -55,6 +58,20 @@ class Checkpoint:
         return p if p.is_file() else None
 
 
+def copy_tokenizer(tokenizer: str | Path, directory: Path) -> str:
+    """Copy `tokenizer` into `directory` as tokenizer.json -> that file name. When `tokenizer`
+    is itself named tokenizer.json, the TOKENIZER_COMPANIONS beside it are copied with it
+    (another name, such as a training script's temporary file, has no companions: the files
+    beside it are not its)."""
+    tokenizer = Path(tokenizer)
+    shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
+    if tokenizer.name == TOKENIZER_FILE:
+        for name in TOKENIZER_COMPANIONS:
+            if (tokenizer.parent / name).is_file():
+                shutil.copyfile(tokenizer.parent / name, directory / name)
+    return TOKENIZER_FILE
+
+
 def save_checkpoint(model: InfiniLM, path: str | Path, tokenizer: str | Path | None = None,
                     force: bool = False, inputs: tuple = ()) -> Path:
     """Write `model` as a native checkpoint directory (atomically); `inputs` (what the model
@@ -72,7 +89,7 @@ def save_checkpoint(model: InfiniLM, path: str | Path, tokenizer: str | Path | N
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+            copy_tokenizer(tokenizer, tmp)
     return Path(path)
 
 

@@ -136,7 +136,10 @@ def _replace_dir(new: Path, target: Path) -> None:
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()
                 ) -> Iterator[Path]:
-    """Yield a temporary file path beside `path`; on success it is renamed to `path`."""
+    """Yield a temporary file path beside `path`; on success it is renamed to `path`.
+
+    When the block fails or the rename does (the error goes on as it came), the temporary
+    file is removed and `path` is left as it was."""
     target = check_output(path, "file", inputs=inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
@@ -144,11 +147,11 @@ def atomic_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (
     tmp = Path(name)
     try:
         yield tmp
+        tmp.chmod(0o666 & ~_umask())      # mkstemp makes 0600 (and writers that replace the
+        os.replace(tmp, target)           # file, as safetensors does, keep that)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    tmp.chmod(0o666 & ~_umask())          # mkstemp makes 0600 (and writers that replace the
-    os.replace(tmp, target)               # file, as safetensors does, keep that)
 
 
 def inside(directory: str | os.PathLike, name: str) -> Path:

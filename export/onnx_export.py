@@ -13,7 +13,6 @@ import ast
 import contextlib
 import io
 import logging
-import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -26,7 +25,8 @@ from infini_trt.plugins.memory_update import contract
 from infini_trt.plugins.memory_update.onnx_function import memory_update_function
 
 from . import memory_op
-from .checkpoint import dtype_from_name, dtype_name, load_checkpoint, read_checkpoint
+from .checkpoint import (copy_tokenizer, dtype_from_name, dtype_name, load_checkpoint,
+                         read_checkpoint)
 from .errors import InfiniTrtError
 from .files import atomic_dir, check_output, sha256_file
 from .io_spec import (EXTEND, FOLD, PREFILL, SEGMENT, GraphSpec, extend_graph, fold_graph,
@@ -267,11 +267,10 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
             graphs[spec.name] = {"file": file, "files": files, "io": spec.to_dict()}
         if quantize is not None:
             quantize_graphs(tmp, graphs, quantize, log)
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        tokenizer_name = copy_tokenizer(tokenizer, tmp) if tokenizer is not None else None
         manifest = Manifest(
             path=Path(output), config=cfg, dtype=dtype, memory_op=memory_op_mode, opset=opset,
-            graphs=graphs, tokenizer="tokenizer.json" if tokenizer is not None else None,
+            graphs=graphs, tokenizer=tokenizer_name,
             plugin=({"op_type": contract.op_type(cfg.update_rule),
                      "namespace": contract.NAMESPACE, "version": contract.VERSION,
                      "attributes": contract.attributes(cfg.update_rule, cfg.memory_eps)}

@@ -162,6 +162,7 @@ def quantize_export(source: str | Path, output: str | Path, method: str = "int8"
 
     The weight-carrying graphs (segment, prefill, extend) are quantized; graphs without
     weights (fold) are copied as they are."""
+    from .checkpoint import copy_tokenizer
     from .manifest import read_manifest
 
     check_output(output, "dir", force, inputs=(source,))
@@ -175,7 +176,7 @@ def quantize_export(source: str | Path, output: str | Path, method: str = "int8"
                 shutil.copyfile(manifest.path / file, tmp / file)
         quantize_graphs(tmp, manifest.graphs, method, log)
         if manifest.tokenizer:
-            shutil.copyfile(manifest.path / manifest.tokenizer, tmp / manifest.tokenizer)
+            manifest.tokenizer = copy_tokenizer(manifest.tokenizer_path, tmp)
         manifest.quantization = quantization_record(method)
         manifest.source = {**manifest.source, "quantized_from": str(Path(source).resolve())}
         manifest.path = Path(output)

@@ -1,9 +1,23 @@
-"""What the tests share: reference comparisons where NaN always fails, a runner that wraps
-another (for test backends that break one thing of it)."""
+"""What the tests share: random models, reference comparisons where NaN always fails, a
+runner that wraps another (for test backends that break one thing of it)."""
 import torch
 
+from infini_trt.export import InfiniLM, init_weights
 from infini_trt.runtime.metrics import errors
 from infini_trt.runtime.runners.base import Runner
+
+
+def random_model(cfg, seed=0, dtype=torch.float64, gate_spread=2.0):
+    """A model with random weights and random (not initial) gates, so memory and local
+    attention both carry weight in the output."""
+    model = init_weights(InfiniLM(cfg), seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.beta.copy_(torch.randn(cfg.n_heads, generator=gen) * gate_spread)
+            # larger than init: the memory branch must matter at test sizes
+            layer.attn.qkv_proj.weight.mul_(4.0)
+    return model.to(dtype).eval()
 
 
 def assert_close(reference, candidate, rel_rms: float, max_abs: float | None = None, what=""):

@@ -294,7 +294,8 @@ def convert_hf(src: str | Path, output: str | Path, gate_init: float = DEFAULT_G
                segment_len: int | None = None, update_rule: str = "linear",
                dtype: str | None = None, force: bool = False) -> InfiniConfig:
     """SRC_DIR (a Llama-family HF checkpoint) -> a native checkpoint at `output`, keeping its
-    tokenizer.json. Returns the converted model's config."""
+    tokenizer.json and the chat template beside it (checkpoint.TOKENIZER_COMPANIONS). Returns
+    the converted model's config."""
     check_output(output, "dir", force, inputs=(src,))              # before any reading
     model = load_hf(src, segment_len, update_rule, gate_init,
                     None if dtype is None else dtype_from_name(dtype))

@@ -134,9 +134,11 @@ def prompt_list(prompt: Any) -> list:
 
 
 class ChatTemplate:
-    """Messages -> prompt text: the Jinja chat template of the checkpoint's
-    tokenizer_config.json (beside its tokenizer.json) where it has one, else the plain
-    template, each message as "{role}: {content}" on its own line, then "assistant:"."""
+    """Messages -> prompt text: the checkpoint's Jinja chat template where it has one, else the
+    plain template, each message as "{role}: {content}" on its own line, then "assistant:".
+    The template is read beside its tokenizer.json, as transformers reads it: chat_template.jinja
+    (where newer transformers saves it) before tokenizer_config.json's "chat_template"; the
+    special tokens come from tokenizer_config.json."""
 
     def __init__(self, source: str | None = None, bos_token: str = "", eos_token: str = ""):
         self.source, self.bos_token, self.eos_token = source, bos_token, eos_token
@@ -151,14 +153,20 @@ class ChatTemplate:
         from ..tokenizer import tokenizer_file
 
         tokenizer = tokenizer_file(model)
-        config = tokenizer.parent / "tokenizer_config.json" if tokenizer else None
-        if config is None or not config.is_file():
+        if tokenizer is None:
             return cls()
+        config = tokenizer.parent / "tokenizer_config.json"
+        jinja = tokenizer.parent / "chat_template.jinja"
         try:
-            data = json.loads(config.read_text())
+            data = json.loads(config.read_text("utf-8")) if config.is_file() else {}
         except (OSError, ValueError) as exc:
             raise InfiniTrtError(f"cannot read {config}: {exc}") from None
         source = data.get("chat_template")
+        if jinja.is_file():
+            try:
+                source = jinja.read_text("utf-8")
+            except (OSError, ValueError) as exc:
+                raise InfiniTrtError(f"cannot read {jinja}: {exc}") from None
         if isinstance(source, list):           # named templates: [{"name", "template"}]
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             source = named.get("default")

@@ -198,7 +198,7 @@ class DirectoryStore(ContextStore):
         if len(data) > self.max_bytes:
             raise ContextStoreError(f"the context is {len(data):,} bytes, more than the "
                                     f"store holds ({self.max_bytes:,}, --context-store-bytes)")
-        target, tmp = self.file(ctx_id), None
+        target = self.file(ctx_id)
         try:
             with atomic_file(target) as tmp:
                 with open(tmp, "wb") as f:
@@ -206,8 +206,6 @@ class DirectoryStore(ContextStore):
                     f.flush()
                     os.fsync(f.fileno())
         except OSError as exc:
-            if tmp is not None:                 # atomic_file leaves it when the rename fails
-                tmp.unlink(missing_ok=True)
             raise ContextStoreError(f"cannot write the context {ctx_id} to {self.path}: "
                                     f"{exc.strerror or exc}") from None
         now = self._now_ns()

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_model
-from helpers import assert_close, random_tokens
+from helpers import assert_close, random_model, random_tokens
 from infini_trt.export import load_checkpoint
 from infini_trt.runtime.passkey_data import ANSWER_TOKEN, KEY_TOKEN
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import random_model
+from helpers import random_model
 from infini_trt.export import InfiniLM, init_weights, load_checkpoint, preset, save_checkpoint
 from infini_trt.export.errors import CheckpointError, InfiniTrtError
 
@@ -111,3 +111,24 @@ def test_outputs_get_the_usual_permissions(ckpt):
     os.umask(mask)
     assert stat.S_IMODE(ckpt.stat().st_mode) == 0o777 & ~mask
     assert stat.S_IMODE((ckpt / "config.json").stat().st_mode) == 0o666 & ~mask
+
+
+def test_tokenizer_companions_travel_only_with_a_tokenizer_json(tmp_path):
+    """A tokenizer.json brings the chat-template files beside it; a tokenizer under another
+    name (a training script's temporary file) does not take its directory's files."""
+    model = init_weights(InfiniLM(preset("tiny")), 0)
+    source = tmp_path / "hf"
+    source.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "special_tokens_map.json", "other.tokenizer.json"):
+        (source / name).write_text(f"the {name}")
+    save_checkpoint(model, tmp_path / "a", tokenizer=source / "tokenizer.json")
+    assert {p.name: p.read_text() for p in (tmp_path / "a").iterdir()
+            if p.suffix != ".safetensors" and p.name != "config.json"} == {
+        "tokenizer.json": "the tokenizer.json",
+        "tokenizer_config.json": "the tokenizer_config.json",
+        "chat_template.jinja": "the chat_template.jinja"}
+    save_checkpoint(model, tmp_path / "b", tokenizer=source / "other.tokenizer.json")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json"]
+    assert (tmp_path / "b" / "tokenizer.json").read_text() == "the other.tokenizer.json"

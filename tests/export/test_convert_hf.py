@@ -8,6 +8,7 @@ import torch
 
 from helpers import assert_close, random_tokens
 from infini_trt.export import load_checkpoint
+from infini_trt.export.checkpoint import TOKENIZER_COMPANIONS
 from infini_trt.export.convert.hf import DEFAULT_GATE_INIT, config_from_hf, convert_hf, load_hf
 from infini_trt.export.errors import CheckpointError, ConfigError, InfiniTrtError
 
@@ -120,6 +121,73 @@ def test_convert_keeps_tokenizer_and_options(saved, tmp_path):
     assert model.embed.weight.dtype == torch.bfloat16
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == \
         (src / "tokenizer.json").read_bytes()
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                 "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+
+
+def save_chat_tokenizer(path, jinja):
+    """A transformers tokenizer with CHAT_TEMPLATE, saved into `path` as transformers saves it:
+    the template in chat_template.jinja (`jinja`, newer transformers' default) or in
+    tokenizer_config.json -> the prompt transformers renders for MESSAGES."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+        bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path, save_jinja_files=jinja)
+    if (path / "chat_template.jinja").is_file() != jinja:
+        pytest.skip(f"transformers {transformers.__version__} does not save chat_template.jinja")
+    return tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+
+
+def converted_with_chat_template(saved, tmp_path, jinja):
+    """(HF source directory, its native conversion, transformers' prompt for MESSAGES)."""
+    src = tmp_path / "src"
+    shutil.copytree(saved("mistral")[0], src)
+    expected = save_chat_tokenizer(src, jinja)
+    convert_hf(src, tmp_path / "ckpt", segment_len=16)
+    return src, tmp_path / "ckpt", expected
+
+
+@pytest.mark.parametrize("jinja", [True, False], ids=["chat_template.jinja", "tokenizer_config"])
+def test_convert_keeps_the_chat_template(saved, tmp_path, jinja):
+    pytest.importorskip("pydantic", reason="the serve extra is not installed")
+    from infini_trt.runtime.serving.schemas import ChatTemplate
+
+    src, ckpt, expected = converted_with_chat_template(saved, tmp_path, jinja)
+    for name in ("tokenizer.json", *TOKENIZER_COMPANIONS):
+        if (src / name).is_file():
+            assert (ckpt / name).read_bytes() == (src / name).read_bytes(), name
+    assert (ckpt / "tokenizer_config.json").is_file()
+    assert ChatTemplate.of(src).render(MESSAGES) == expected           # as transformers reads it
+    template = ChatTemplate.of(ckpt)
+    assert template.kind == "tokenizer" and template.render(MESSAGES) == expected
+
+
+def test_export_and_quantize_keep_the_chat_template(saved, tmp_path):
+    """The export of a converted checkpoint (what export_checkpoint passes export_model; one
+    graph, for time) and its quantized copy serve the template beside their tokenizer.json."""
+    pytest.importorskip("pydantic", reason="the serve extra is not installed")
+    from infini_trt.export.checkpoint import read_checkpoint
+    from infini_trt.export.manifest import read_manifest
+    from infini_trt.export.onnx_export import export_model
+    from infini_trt.export.quantize import quantize_export
+    from infini_trt.runtime.serving.schemas import ChatTemplate
+
+    _, ckpt, expected = converted_with_chat_template(saved, tmp_path, jinja=True)
+    export_model(load_checkpoint(ckpt), tmp_path / "onnx", graphs=("fold",),
+                 tokenizer=read_checkpoint(ckpt).tokenizer_path)
+    quantize_export(tmp_path / "onnx", tmp_path / "int8")
+    for out in (tmp_path / "onnx", tmp_path / "int8"):
+        assert read_manifest(out).tokenizer == "tokenizer.json"        # its content hash holds
+        for name in ("tokenizer.json", *TOKENIZER_COMPANIONS):
+            assert (out / name).read_bytes() == (ckpt / name).read_bytes(), (out.name, name)
+        assert ChatTemplate.of(out).render(MESSAGES) == expected, out.name
 
 
 # --- config.json forms (no weights needed) --------------------------------------------------

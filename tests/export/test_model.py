@@ -3,8 +3,7 @@ invariants of the segment recurrence."""
 import pytest
 import torch
 
-from conftest import random_model
-from helpers import assert_close, random_tokens
+from helpers import assert_close, random_model, random_tokens
 from naive import naive_logits
 from infini_trt.export import preset
 

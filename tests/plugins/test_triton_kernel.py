@@ -5,9 +5,6 @@ before Triton is imported); shapes are small, because the interpreter is slow. W
 runs compiled on CUDA. Its ahead-of-
 time compilation to PTX runs in a subprocess without the interpreter (no GPU needed).
 """
-import importlib.util as _util
-import pathlib as _pathlib
-
 import json
 import os
 import subprocess
@@ -17,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import assert_close, random_model
 from infini_trt.export import reference
 from infini_trt.export.errors import InputError
 from infini_trt.plugins.memory_update import triton_kernel
@@ -30,11 +27,6 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("Triton was imported without TRITON_INTERPRET=1 and there is no GPU",
                 allow_module_level=True)
 EPS = 1e-6
-
-
-_spec = _util.spec_from_file_location('root_conftest', _pathlib.Path(__file__).parents[1] / 'conftest.py')
-ROOT_CONFTEST = _util.module_from_spec(_spec)
-_spec.loader.exec_module(ROOT_CONFTEST)
 
 
 def inputs(b, h, s, dk, dv, dtype, seed, empty=False):
@@ -88,8 +80,6 @@ def test_new_outputs_by_default_and_delta_differs_from_linear():
 def test_gqa_model_step_with_the_kernel(tiny_cfg, monkeypatch):
     """The tiny preset (4 query heads on 2 KV heads, 2 layers) stepped over 3 segments with the
     kernel in place of the reference update, against the float64 model."""
-    random_model = ROOT_CONFTEST.random_model
-
     model64 = random_model(tiny_cfg.replace(update_rule="delta"))
     model32 = random_model(tiny_cfg.replace(update_rule="delta"), dtype=torch.float32)
     model32 = model32.to(DEVICE)

@@ -11,8 +11,7 @@ from click.testing import CliRunner
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import random_model
-from helpers import assert_close
+from helpers import assert_close, random_model
 from infini_trt.export import InfiniLM, init_weights, preset
 from infini_trt.export.errors import InfiniTrtError
 from infini_trt.export.model import apply_rope, expand_kv, rope_tables

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import random_model
+from helpers import random_model
 from infini_trt.export import preset, save_checkpoint
 from infini_trt.runtime import bench, roofline
 from infini_trt.runtime.bench import BenchSettings, run_bench

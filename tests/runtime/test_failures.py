@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import random_model
+from helpers import random_model
 from infini_trt.export import preset, save_checkpoint
 from infini_trt.export.errors import InfiniTrtError
 from infini_trt.export.files import atomic_dir, atomic_file, check_output, inside
@@ -107,6 +107,21 @@ def test_a_replaced_directory_is_whole_before_and_after(tmp_path):
         (tmp / "b").write_text("2")
     assert snapshot(target) == {"b": b"2"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]       # nothing left beside
+
+
+def test_a_file_that_cannot_be_put_in_place_leaves_nothing(tmp_path):
+    """The block fails, or the rename does (the target became a directory meanwhile): the
+    error goes on, the temporary file is removed, and the target is as it was."""
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    with pytest.raises(IsADirectoryError):
+        with atomic_file(target) as tmp:
+            tmp.write_text("{}")
+            target.mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"] and target.is_dir()
 
 
 # --------------------------------------------------------------- work lost at the end

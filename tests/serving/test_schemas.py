@@ -63,3 +63,16 @@ def test_named_templates_and_template_errors(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{broken")
     with pytest.raises(InfiniTrtError, match="cannot read"):
         ChatTemplate.of(model)
+
+
+def test_chat_template_jinja_wins_as_in_transformers(tmp_path):
+    """Newer transformers saves the template as chat_template.jinja beside tokenizer.json and
+    reads it before tokenizer_config.json's; the special tokens stay in the config."""
+    model = checkpoint_with(tmp_path, {"chat_template": "from the config",
+                                       "bos_token": "<s>"})
+    (tmp_path / "chat_template.jinja").write_text(
+        "{{ bos_token }}{{ messages[-1]['content'] }}", encoding="utf-8")
+    assert ChatTemplate.of(model).render(MESSAGES) == "<s>Hi"
+    (tmp_path / "tokenizer_config.json").unlink()
+    template = ChatTemplate.of(model)
+    assert template.kind == "tokenizer" and template.render(MESSAGES) == "Hi"
