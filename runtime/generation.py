@@ -121,9 +121,10 @@ def generate(target: Runner | Session, prompts: list[list[int]] | list[np.ndarra
             token = int(tokens_np[b])
             sequences[b].token_ids.append(token)
             seen[b, token] = True
-            if streams[b] is not None:
+            eos = cfg.eos_id is not None and token == cfg.eos_id
+            if streams[b] is not None and not eos:        # the end token is no text
                 emit(int(b), streams[b].push(token))
-            reason = ("eos" if cfg.eos_id is not None and token == cfg.eos_id else
+            reason = ("eos" if eos else
                       "stop" if streams[b] is not None and streams[b].stopped else None)
             if reason:
                 sequences[b].finish_reason = reason

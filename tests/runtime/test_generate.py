@@ -142,6 +142,7 @@ def test_eos_and_stop_strings_end_a_sequence(exported):
                              progress=False).sequences[0]
     first_eos = free.token_ids.index(eos)
     assert stopped.finish_reason == "eos" and stopped.token_ids == free.token_ids[:first_eos + 1]
+    assert stopped.text == tok.decode(free.token_ids[:first_eos])     # the end token: no text
     assert by_string.finish_reason == "stop"
     assert stop not in by_string.text and free.text.startswith(by_string.text)
 
