@@ -16,11 +16,14 @@ class ByteSize(click.ParamType):
 
     name = "size"
 
+    def __init__(self, zero: bool = False):
+        self.zero = zero                       # whether 0 is a size (it turns a thing off)
+
     def convert(self, value, param, ctx):
         if isinstance(value, int):
             return value
         match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", str(value), re.I)
-        if not match or int(match.group(1)) == 0:
+        if not match or (int(match.group(1)) == 0 and not self.zero):
             self.fail(f"{value!r} is not a size; write e.g. 1073741824, 512M, 2G", param, ctx)
         return int(match.group(1)) * UNITS[match.group(2).upper()]
 
@@ -47,12 +50,18 @@ class ByteSize(click.ParamType):
 @click.option("--context-store-bytes", type=ByteSize(), default="1G", show_default=True,
               help="The most bytes of contexts it keeps (the least recently used go first); "
                    "K, M, G: powers of 1024.")
+@click.option("--prefix-cache-bytes", type=ByteSize(zero=True), default="1G", show_default=True,
+              help="The most bytes the prefix cache keeps (a prompt's state at its last two "
+                   "segment boundaries, so that a prompt beginning with the same tokens, a "
+                   "document sent again, starts there), in the directory 'prefixes' of the "
+                   "context store; 0: no prefix cache.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info",
                                                 "debug"]), default="info")
 @engine_options
 def serve(model: str | None, host: str, port: int, backend: str, device: str | None,
           max_batch: int, max_queue: int, max_prompt_tokens: int | None, max_new_tokens: int,
-          context_store: str | None, context_store_bytes: int, log_level: str,
+          context_store: str | None, context_store_bytes: int, prefix_cache_bytes: int,
+          log_level: str,
           engine: str | None, cuda_graphs: bool) -> None:
     """Serve a model over the OpenAI HTTP API, many clients at once.
 
@@ -69,7 +78,9 @@ def serve(model: str | None, host: str, port: int, backend: str, device: str | N
     whatever the document's length) under an id; completions and chat with "context": ID
     (the OpenAI client's extra_body) continue from it, reading only their own prompt, also
     after a restart; GET and DELETE /v1/contexts/ID. The store is bounded by
-    --context-store-bytes: the least recently used contexts are removed first.
+    --context-store-bytes: the least recently used contexts are removed first. Without a
+    context, a prompt that begins with the same full segments as an earlier one starts from
+    the prefix cache (usage.prompt_tokens_details.cached_tokens counts what was not read).
 
     Requests join the running batch between decode steps, and long prompts are read a
     segment per step between the other rows' tokens. SIGTERM or Ctrl-C stops it: streams in
@@ -81,7 +92,8 @@ def serve(model: str | None, host: str, port: int, backend: str, device: str | N
     run_server(model, host=host, port=port, backend=backend, log_level=log_level,
                device=device, max_batch=max_batch, max_queue=max_queue,
                max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-               context_store=context_store, context_store_bytes=context_store_bytes, **options)
+               context_store=context_store, context_store_bytes=context_store_bytes,
+               prefix_cache_bytes=prefix_cache_bytes, **options)
 
 
 COMMANDS = [serve]

@@ -5,6 +5,7 @@
     schemas.py  what requests may hold, OpenAI-style errors, the chat template
     metrics.py  the Prometheus metrics
     store.py    where contexts are kept (a directory by default), by id
+    prefix_cache.py  prompts' states at segment boundaries, so a prefix is not read twice
 
     with open_service(bundled_model(), "onnxruntime") as service:     # model, engine, app
         server = make_server(service.app, service.engine, service.metrics)
@@ -61,6 +62,7 @@ class Service:
     metrics: object         # metrics.ServeMetrics
     model_name: str
     store: object           # store.ContextStore
+    prefixes: object = None  # prefix_cache.PrefixCache, or None
 
 
 @contextlib.contextmanager
@@ -69,25 +71,35 @@ def open_service(model: str | Path | None = None, backend: str = "onnxruntime",
                  max_prompt_tokens: int | None = None, max_new_tokens: int = 4096,
                  context_store: str | Path | ContextStore | None = None,
                  context_store_bytes: int = 1 << 30,
+                 prefix_cache: str | Path | ContextStore | None = None,
+                 prefix_cache_bytes: int = 1 << 30,
                  log: Callable[[str], None] | None = None, **options) -> Iterator[Service]:
     """The model (the bundled one when None) prepared and opened on `backend` twice (the
     batch's runner, and the reader of prompts' full segments: engine.py), its engine running
     and the app in front of it; on exit the engine stops and the runners close.
     `context_store`: a store.ContextStore, or the directory of a DirectoryStore of
-    `context_store_bytes` (None: store.default_store_path()), made before the model loads."""
+    `context_store_bytes` (None: store.default_store_path()), made before the model loads.
+    `prefix_cache` the same for the prefix cache (None: the directory `prefixes` inside a
+    DirectoryStore's, else in store.default_store_path()); `prefix_cache_bytes` 0: none."""
     require_extra()
     from ..models import bundled_model
     from ..runners import open_runner, prepare
+    from ..session import model_fingerprint
     from ..tokenizer import tokenizer_of
     from .app import Settings, create_app
     from .engine import Engine
     from .metrics import ServeMetrics
     from .schemas import ChatTemplate
+    from .prefix_cache import PrefixCache
     from .store import ContextStore, DirectoryStore, default_store_path
 
     if not isinstance(context_store, ContextStore):
         context_store = DirectoryStore(context_store or default_store_path(),
                                        context_store_bytes)
+    if prefix_cache_bytes and not isinstance(prefix_cache, ContextStore):
+        base = getattr(context_store, "path", None) or default_store_path()
+        prefix_cache = DirectoryStore(prefix_cache or Path(base) / "prefixes",
+                                      prefix_cache_bytes)
     model = Path(model) if model is not None else bundled_model()
     try:
         tokenizer = tokenizer_of(model)
@@ -102,13 +114,19 @@ def open_service(model: str | Path | None = None, backend: str = "onnxruntime",
         runner.load_graphs()
         reader.load_graphs()
         metrics = ServeMetrics(max_batch)
-        engine = Engine(runner, tokenizer, max_batch, max_queue, metrics, reader=reader).start()
+        prefixes = None if not prefix_cache_bytes else PrefixCache(
+            prefix_cache, {"model": model_fingerprint(runner), "runner": runner.description},
+            runner.config.segment_len)
+        engine = Engine(runner, tokenizer, max_batch, max_queue, metrics, reader=reader,
+                        prefixes=prefixes).start()
         try:
             app = create_app(engine, tokenizer, settings, metrics, template, context_store)
-            yield Service(engine, app, metrics, settings.model_name, context_store)
+            yield Service(engine, app, metrics, settings.model_name, context_store, prefixes)
         finally:
             engine.stop()
             engine.join()
+            if prefixes is not None:
+                prefixes.close()
 
 
 def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
@@ -126,6 +144,8 @@ def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 
         with open_service(model, backend, log=say, **service_options) as service:
             bound = sock.getsockname()
             say(f"infini-trt: contexts kept in {service.store}")
+            if service.prefixes is not None:
+                say(f"infini-trt: prefix cache in {service.prefixes}")
             say(f"infini-trt: serving '{service.model_name}' ({service.engine.runner.description},"
                 f" {service.engine.max_batch} rows) at http://{_url_host(bound[0])}:{bound[1]}/v1")
             make_server(service.app, service.engine, service.metrics, log_level).run(

@@ -76,6 +76,7 @@ class Job:
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.requests = []
         self.context_tokens = None if context is None else context.tokens
+        self.cached_tokens = 0         # prompt tokens whose state was in the prefix cache
         extra = {"read_only": read_only} if context is None else {
             "context": context, "text_context": context.text_tail}
         try:
@@ -95,6 +96,7 @@ class Job:
         self.prompt_tokens = sum(len(p) for p in prompts)
 
     def _put(self, index: int, event: Event) -> None:          # the engine's thread
+        self.cached_tokens += event.cached_tokens
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
     def cancel(self) -> None:
@@ -237,7 +239,8 @@ def create_app(engine: Engine, tokenizer, settings: Settings, metrics: ServeMetr
 
     def usage(job: Job, completion_tokens: int) -> dict:
         out = {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion_tokens,
-               "total_tokens": job.prompt_tokens + completion_tokens}
+               "total_tokens": job.prompt_tokens + completion_tokens,
+               "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
         if job.context_tokens is not None:
             out["context_tokens"] = job.context_tokens
         return out

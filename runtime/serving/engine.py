@@ -8,17 +8,20 @@ are slots for requests. No HTTP here (app.py puts this behind the OpenAI API).
     engine.stop(); engine.join()
 
 Each turn of the loop: free the rows of cancelled requests; give free rows to waiting requests
-(`session.reset(row)`, or `session.load(row, context)`); one decode step, one token for every
-row that has one chosen; then one piece of prompt for every row still reading its prompt, up
-to the end of its current segment (at most `segment_len` tokens), so that a long prompt is
-read a segment per turn between the decode steps of the others (a piece goes through the K/V
-cache graph, `extend`, with the whole batch; the prompt-reading graph only when every row
-reads a full segment). A row whose prompt is read, or that decoded a token, chooses its next
-token from its own logits with its own seeded generator (`sampling.next_tokens` on that row
-alone; greedy rows share one argmax, the same tokens), and its text grows through its own
-`TextStream`: what a request gets does not depend on what else is in the batch, and equals
-what `generation.generate` gives it alone (same stops, same text). Finished, stopped and
-cancelled requests free their row at once.
+(`session.reset(row)`, `session.load(row, context)`, or the state of the longest prefix of the
+prompt in the prefix cache, prefix_cache.py); one decode step, one token for every row that
+has one chosen; then one piece of prompt for every row still reading its prompt, up to the
+end of its current segment (at most `segment_len` tokens), so that a long prompt is read a
+segment per turn between the decode steps of the others. A full segment goes to the reader
+(a second runner, at batch 1, through the prompt-reading graph, as `run` reads it), the rest
+through the K/V cache graph, `extend`, with the whole batch. At the boundaries the prefix
+cache keeps, the row's state is offered to it. A row whose prompt is read, or that decoded a
+token, chooses its next token from its own logits with its own seeded generator
+(`sampling.next_tokens` on that row alone; greedy rows share one argmax, the same tokens),
+and its text grows through its own `TextStream` (the end token adds no text): what a request
+gets does not depend on what else is in the batch, and equals what `generation.generate`
+gives it alone (same stops, same text). Finished, stopped and cancelled requests free their
+row at once.
 """
 from __future__ import annotations
 
@@ -64,6 +67,7 @@ class Event:
     status: int = 500
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0           # prompt tokens not read: their state was in the prefix cache
     context: object | None = None    # with finish_reason "context": the row as a Context
 
     @property
@@ -77,6 +81,7 @@ class EngineMetrics:
     def queue_length(self, n: int) -> None: ...
     def rows_busy(self, n: int) -> None: ...
     def admitted(self, prompt_tokens: int) -> None: ...
+    def prefix_hit(self, tokens: int) -> None: ...
     def token(self, seconds: float, first: bool) -> None: ...
     def finished(self, reason: str) -> None: ...
 
@@ -102,6 +107,8 @@ class Request:
         self.stream: TextStream | None = None
         self.generator: torch.Generator | None = None
         self.seen: torch.Tensor | None = None    # (1, V) bool, for a repetition penalty
+        self.prefix_keys: list[str] = []      # the prefix cache's keys of its prompt
+        self.prefix_tokens = 0                # prompt tokens its row started with from there
 
     def cancel(self) -> None:
         """Stop generating (the caller went away); no more events. Safe from any thread,
@@ -112,7 +119,7 @@ class Request:
 class Engine:
     def __init__(self, runner: Runner, tokenizer=None, max_batch: int = 8,
                  max_queue: int = 64, metrics: EngineMetrics | None = None,
-                 reader: Runner | None = None):
+                 reader: Runner | None = None, prefixes=None):
         if max_batch < 1 or max_queue < 0:
             raise InputError("max_batch must be at least 1 and max_queue at least 0")
         self.runner, self.tokenizer = runner, tokenizer
@@ -125,6 +132,7 @@ class Engine:
         # of through the K/V-cache graph with the whole batch (7x the work at batch 8)
         self.reader = None if reader is None else Session(reader, batch=1)
         self.reading: Request | None = None      # whose row is in the reader now
+        self.prefixes = prefixes                 # a prefix_cache.PrefixCache, or None
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
@@ -258,12 +266,14 @@ class Engine:
         return True
 
     def _start(self, request: Request) -> None:
-        """Give `request` its row: empty, or its context; a context with no prompt chooses
-        its first token at once (from the context's last logits)."""
+        """Give `request` its row: empty, or its context, or the state of the longest prefix
+        of its prompt in the prefix cache; a prompt read already (a context and no prompt, or
+        all of it in the cache) chooses its first token at once (from the last logits)."""
         row, cfg = request.row, request.cfg
         try:
             if request.context is None:
                 self.session.reset(row)
+                self._start_from_prefix(request)
             else:
                 self.session.load(row, request.context)
         except InfiniTrtError as exc:
@@ -281,8 +291,37 @@ class Engine:
         if self.tokenizer is not None:
             request.stream = TextStream(self.tokenizer, cfg.stop, request.text_context)
         self.metrics.admitted(len(request.prompt))
-        if len(request.prompt) == 0:
-            self._choose([row], self.session.last_logits())
+        if request.fed == len(request.prompt):
+            self._prompt_read([row])
+
+    def _start_from_prefix(self, request: Request) -> None:
+        """Start the row from the prefix cache's longest stored prefix of its prompt."""
+        cache = self.prefixes
+        if cache is None or len(request.prompt) < self.config.segment_len:
+            return
+        request.prefix_keys = cache.keys(request.prompt)
+        hit = cache.lookup(request.prefix_keys)
+        if hit is None:
+            return
+        tokens, context = hit
+        if context.tokens != tokens or context.position != 0:
+            return                                   # not what this cache writes: a miss
+        try:
+            self.session.load(request.row, context)
+        except InfiniTrtError:                       # another model's (not with these keys)
+            self.session.reset(request.row)
+            return
+        request.fed = request.prefix_tokens = tokens
+        self.metrics.prefix_hit(tokens)
+
+    def _keep_prefix(self, request: Request, session: Session, row: int) -> None:
+        """After a piece of prompt: offer the row's state to the prefix cache when the
+        prompt's tokens so far end at a boundary that the cache keeps."""
+        cache, n = self.prefixes, self.config.segment_len
+        if (cache is None or not request.prefix_keys or request.fed % n
+                or request.fed not in cache.boundaries(len(request.prompt))):
+            return
+        cache.offer(request.prefix_keys[request.fed // n - 1], session.save(row))
 
     def _decode_step(self) -> None:
         """One token into every row that has one chosen, then the next token of each."""
@@ -313,6 +352,7 @@ class Engine:
             self.reading = q
         self.reader.feed([q.prompt[q.fed:q.fed + n]], progress=False)
         q.fed += n
+        self._keep_prefix(q, self.reader, 0)
         if len(q.prompt) - q.fed >= n:
             return None
         self.session.load(q.row, self.reader.save(0))
@@ -336,17 +376,22 @@ class Engine:
         rows = [r for r, p in enumerate(pieces) if p is not None]
         if rows:
             self.session.feed(pieces, progress=False)
-        read = []
-        for r in rows + done:
+        for r in rows:
+            self.slots[r].fed += len(pieces[r])
+            self._keep_prefix(self.slots[r], self.session, r)
+        self._prompt_read([r for r in rows + done
+                           if self.slots[r].fed == len(self.slots[r].prompt)])
+
+    def _prompt_read(self, rows: list[int]) -> None:
+        """These rows have read their whole prompt: a read_only request ends with its row as
+        a Context, the others choose their first token."""
+        for r in rows:
             request = self.slots[r]
-            request.fed += len(pieces[r]) if pieces[r] is not None else 0
-            if request.fed == len(request.prompt) and request.read_only:
+            if request.read_only:
                 self._free(r, "context", Event(
                     finish_reason="context", prompt_tokens=len(request.prompt),
-                    context=self.session.save(r)))
-            elif request.fed == len(request.prompt):
-                read.append(r)
-        self._choose(read, self.session.last_logits())
+                    cached_tokens=request.prefix_tokens, context=self.session.save(r)))
+        self._choose([r for r in rows if self.slots[r] is not None], self.session.last_logits())
 
     def _choose(self, rows: list[int], logits: torch.Tensor) -> None:
         """The next token of the request in each of `rows` from its logits (logits[row], of
@@ -383,9 +428,10 @@ class Engine:
         if request.seen is not None:
             request.seen[0, token] = True
         stream = request.stream
-        if stream is not None:
+        eos = cfg.eos_id is not None and token == cfg.eos_id
+        if stream is not None and not eos:           # the end token is no text (as generate)
             self._emit(request, Event(text=stream.push(token)))
-        reason = ("eos" if cfg.eos_id is not None and token == cfg.eos_id else
+        reason = ("eos" if eos else
                   "stop" if stream is not None and stream.stopped else
                   "length" if len(request.token_ids) >= cfg.max_new_tokens else None)
         if reason:
@@ -399,7 +445,8 @@ class Engine:
         if stream is not None:
             self._emit(request, Event(text=stream.finish()))
         self._free(row, reason, Event(finish_reason=reason, prompt_tokens=len(request.prompt),
-                                      completion_tokens=len(request.token_ids)))
+                                      completion_tokens=len(request.token_ids),
+                                      cached_tokens=request.prefix_tokens))
 
     def _free(self, row: int, outcome: str, event: Event | None = None) -> None:
         """Row `row` is free again (its state is replaced when it is next given out)."""

@@ -43,6 +43,12 @@ class ServeMetrics(EngineMetrics):
         self.context_hits = Counter("infini_trt_context_hits",
                                     "Requests that continued a stored context",
                                     registry=registry)
+        self.prefix_hits = Counter("infini_trt_prefix_cache_hits",
+                                   "Prompts that began from a state in the prefix cache",
+                                   registry=registry)
+        self.prefix_tokens = Counter("infini_trt_prefix_cache_tokens",
+                                     "Prompt tokens not read again: their state was in the "
+                                     "prefix cache", registry=registry)
         self.contexts_stored = Gauge("infini_trt_contexts_stored",
                                      "Contexts in the context store", registry=registry)
         self.context_bytes = Gauge("infini_trt_context_store_bytes",
@@ -59,6 +65,10 @@ class ServeMetrics(EngineMetrics):
 
     def admitted(self, prompt_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)
+
+    def prefix_hit(self, tokens: int) -> None:
+        self.prefix_hits.inc()
+        self.prefix_tokens.inc(tokens)
 
     def token(self, seconds: float, first: bool) -> None:
         self.generation_tokens.inc()

@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import passkey_prompt
+from live_server import passkey_prompt
 
 WORDS = "The grass is green. The sky is blue. The sun is yellow. Here we go.".split()
 SHORT = [" ".join(WORDS[:n]) for n in range(1, len(WORDS) + 1)]       # 1 to 15 tokens

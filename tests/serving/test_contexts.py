@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import RunningServer, passkey_prompt
+from live_server import RunningServer, passkey_prompt
 from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.runtime import Session
 from infini_trt.runtime.cli import main

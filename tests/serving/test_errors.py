@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import RunningServer, passkey_prompt
+from live_server import RunningServer, passkey_prompt
 
 GOOD = {"prompt": "The sky is", "max_tokens": 4, "temperature": 0}
 LONG = " ".join(["The grass is green."] * 401)             # 2,005 tokens: over the 2,000 limit
