@@ -12,9 +12,10 @@ Each turn of the loop: free the rows of cancelled requests; give free rows to wa
 prompt in the prefix cache, prefix_cache.py); one decode step, one token for every row that
 has one chosen; then one piece of prompt for every row still reading its prompt, up to the
 end of its current segment (at most `segment_len` tokens), so that a long prompt is read a
-segment per turn between the decode steps of the others. A full segment goes to the reader
-(a second runner, at batch 1, through the prompt-reading graph, as `run` reads it), the rest
-through the K/V cache graph, `extend`, with the whole batch. At the boundaries the prefix
+segment per turn between the decode steps of the others. Full segments go to the reader
+(reader.py: a second runner, at batch 1, through the prompt-reading graph, as `run` reads
+them, on a thread of its own, so the batch decodes meanwhile), the rest through the K/V
+cache graph, `extend`, with the whole batch. At the boundaries the prefix
 cache keeps, the row's state is offered to it. A row whose prompt is read, or that decoded a
 token, chooses its next token from its own logits with its own seeded generator
 (`sampling.next_tokens` on that row alone; greedy rows share one argmax, the same tokens),
@@ -26,6 +27,7 @@ row at once.
 from __future__ import annotations
 
 import collections
+import functools
 import sys
 import threading
 import time
@@ -42,8 +44,17 @@ from ..runners.base import Runner
 from ..sampling import SamplingConfig, next_tokens
 from ..session import Session
 from ..text_stream import TextStream
+from .reader import Reader, ReadJob
 
 IDLE_WAIT_S = 0.1           # how long an idle loop sleeps before looking at its flags again
+
+
+def _failure(exc: Exception) -> str:
+    """What the requests a runner failure ends are told (a bug's traceback goes to stderr)."""
+    if isinstance(exc, InfiniTrtError):
+        return str(exc)
+    traceback.print_exception(exc, file=sys.stderr)
+    return f"internal error: {type(exc).__name__}: {exc}"
 
 
 class QueueFull(InfiniTrtError):
@@ -127,21 +138,24 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics or EngineMetrics()
         self.session = Session(runner, batch=max_batch)
+        self._cond = threading.Condition()
         # full segments of prompts are read on `reader` (another runner of the same model) at
-        # batch 1 through the prompt-reading graph, as `run` reads them, one per turn, instead
-        # of through the K/V-cache graph with the whole batch (7x the work at batch 8)
-        self.reader = None if reader is None else Session(reader, batch=1)
+        # batch 1 through the prompt-reading graph, as `run` reads them, on a thread of its
+        # own (reader.py), instead of through the K/V-cache graph with the whole batch (7x the
+        # work at batch 8, and the batch would wait for it)
+        self.reader = None if reader is None else Reader(reader, self._cond)
         self.reading: Request | None = None      # whose row is in the reader now
         self.prefixes = prefixes                 # a prefix_cache.PrefixCache, or None
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
-        self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0                         # turns of the loop that ran the model
 
     # the caller's side (any thread) -----------------------------------------------------------
     def start(self) -> "Engine":
+        if self.reader is not None:
+            self.reader.start()
         self._thread = threading.Thread(target=self._run, name="infini-trt-engine", daemon=True)
         self._thread.start()
         return self
@@ -222,6 +236,8 @@ class Engine:
             traceback.print_exc(file=sys.stderr)
             self._fail_rows(f"the engine stopped: {exc}")
         finally:
+            if self.reader is not None:
+                self.reader.stop()
             with self._cond:
                 self._stopping = True
                 waiting, self.waiting = list(self.waiting), collections.deque()
@@ -248,22 +264,26 @@ class Engine:
                 starting.append(request)
             self.metrics.queue_length(len(self.waiting))
             self.metrics.rows_busy(self.rows_busy)
-            if not starting and not self.rows_busy:
-                self._cond.wait(IDLE_WAIT_S)
-                return True
+        worked = bool(starting)
         try:
             for request in starting:
                 self._start(request)
-            self._decode_step()
-            self._prefill_step()
+            worked = self._decode_step() | worked
+            worked = self._prefill_step() | worked
         except Exception as exc:                 # a runner failure: every row is suspect
-            if isinstance(exc, InfiniTrtError):
-                self._fail_rows(str(exc))
-            else:
-                traceback.print_exc(file=sys.stderr)
-                self._fail_rows(f"internal error: {type(exc).__name__}: {exc}")
-        self.steps += 1
+            self._fail_rows(_failure(exc))
+        if worked:
+            self.steps += 1
+        else:                                    # idle, or every busy row is in the reader
+            with self._cond:
+                self._cond.wait_for(self._news, IDLE_WAIT_S)
         return True
+
+    def _news(self) -> bool:
+        """Something for the loop to do (read under the condition's lock)."""
+        return (self._stopping or (bool(self.waiting) and None in self.slots)
+                or any(q is not None and q.cancelled for q in self.slots)
+                or (self.reader is not None and self.reader.finished))
 
     def _start(self, request: Request) -> None:
         """Give `request` its row: empty, or its context, or the state of the longest prefix
@@ -314,57 +334,62 @@ class Engine:
         request.fed = request.prefix_tokens = tokens
         self.metrics.prefix_hit(tokens)
 
-    def _keep_prefix(self, request: Request, session: Session, row: int) -> None:
-        """After a piece of prompt: offer the row's state to the prefix cache when the
-        prompt's tokens so far end at a boundary that the cache keeps."""
+    def _keep_prefix(self, request: Request, fed: int, session: Session, row: int = 0) -> None:
+        """After a piece of prompt (`fed` of its tokens read, in `session`'s `row`; also on
+        the reader's thread): offer the row's state to the prefix cache when that is at a
+        boundary that the cache keeps."""
         cache, n = self.prefixes, self.config.segment_len
-        if (cache is None or not request.prefix_keys or request.fed % n
-                or request.fed not in cache.boundaries(len(request.prompt))):
+        if (cache is None or not request.prefix_keys or fed % n
+                or fed not in cache.boundaries(len(request.prompt))):
             return
-        cache.offer(request.prefix_keys[request.fed // n - 1], session.save(row))
+        cache.offer(request.prefix_keys[fed // n - 1], session.save(row))
 
-    def _decode_step(self) -> None:
-        """One token into every row that has one chosen, then the next token of each."""
+    def _decode_step(self) -> bool:
+        """One token into every row that has one chosen, then the next token of each ->
+        whether there was any."""
         rows = [r for r, q in enumerate(self.slots) if q is not None and q.pending is not None]
         if not rows:
-            return
+            return False
         tokens = np.zeros(self.max_batch, dtype=np.int64)
         active = np.zeros(self.max_batch, dtype=bool)
         for r in rows:
             tokens[r], active[r] = self.slots[r].pending, True
             self.slots[r].pending = None
         self._choose(rows, self.session.decode(tokens, active))
+        return True
 
-    def _read_segment(self) -> int | None:
-        """One full segment of one prompt on the reader: the request that holds it, else the
-        first whose row is at a segment start with a full segment left (its row moves to the
-        reader); its row comes back when less than a segment is left -> that row if its
-        prompt is then read to the end."""
-        n, q = self.config.segment_len, self.reading
-        if q is not None and (q.cancelled or q.row is None or self.slots[q.row] is not q):
-            q = self.reading = None                # it ended; the reader's row is left as it is
-        if q is None:
+    def _exchange_with_reader(self) -> tuple[bool, int | None]:
+        """Take back the reader's job if it is done (its row loaded back into the batch), and
+        give it the next one if it is free: the first row at a segment start with a full
+        segment left (it reads all its full segments) -> (whether anything changed hands, the
+        row whose prompt is then read to the end, or None)."""
+        n, job, read, changed = self.config.segment_len, self.reader.take(), None, False
+        if job is not None:
+            q, changed, self.reading = job.request, True, None
+            if not q.cancelled and q.row is not None and self.slots[q.row] is q:
+                if job.error is not None:
+                    self._free(q.row, "error", Event(error=_failure(job.error)))
+                else:
+                    self.session.load(q.row, job.result)
+                    q.fed = job.fed
+                    read = q.row if q.fed == len(q.prompt) else None
+        if not self.reader.busy:
             q = next((q for r, q in enumerate(self.slots) if q is not None
                       and self.session.position[r] == 0 and len(q.prompt) - q.fed >= n), None)
-            if q is None:
-                return None
-            self.reader.load(0, self.session.save(q.row))
-            self.reading = q
-        self.reader.feed([q.prompt[q.fed:q.fed + n]], progress=False)
-        q.fed += n
-        self._keep_prefix(q, self.reader, 0)
-        if len(q.prompt) - q.fed >= n:
-            return None
-        self.session.load(q.row, self.reader.save(0))
-        self.reading = None
-        return q.row if q.fed == len(q.prompt) else None
+            if q is not None:
+                stop = q.fed + (len(q.prompt) - q.fed) // n * n
+                self.reader.submit(ReadJob(q, self.session.save(q.row), q.fed, stop,
+                                           functools.partial(self._keep_prefix, q)))
+                self.reading, changed = q, True
+        return changed, read
 
-    def _prefill_step(self) -> None:
-        """The next piece of every prompt still being read, up to its row's segment end (a
-        full segment on the reader where there is one); a row whose prompt is then read
-        chooses its first token."""
+    def _prefill_step(self) -> bool:
+        """The next piece of every prompt still being read, up to its row's segment end (full
+        segments go to the reader where there is one); a row whose prompt is then read
+        chooses its first token -> whether there was anything to do."""
         n = self.config.segment_len
-        read_there = None if self.reader is None else self._read_segment()
+        changed, read_there = (False, None) if self.reader is None else \
+            self._exchange_with_reader()
         done = [] if read_there is None else [read_there]
         pieces: list[np.ndarray | None] = [None] * self.max_batch
         for r, q in enumerate(self.slots):
@@ -378,9 +403,10 @@ class Engine:
             self.session.feed(pieces, progress=False)
         for r in rows:
             self.slots[r].fed += len(pieces[r])
-            self._keep_prefix(self.slots[r], self.session, r)
+            self._keep_prefix(self.slots[r], self.slots[r].fed, self.session, r)
         self._prompt_read([r for r in rows + done
                            if self.slots[r].fed == len(self.slots[r].prompt)])
+        return changed or bool(rows + done)
 
     def _prompt_read(self, rows: list[int]) -> None:
         """These rows have read their whole prompt: a read_only request ends with its row as

@@ -86,10 +86,41 @@ def test_a_long_prompt_does_not_stall_the_others(runner, reader, reference, toke
     order = [(n, e.final) for n, e in listen.log]
     first_long = next(i for i, (n, _) in enumerate(order) if n == "long")
     assert order.index(("short", True)) < first_long     # done before the long one's 1st token
-    assert engine.steps >= len(long_ids) // 64
+    if not with_reader:                                  # one segment a turn, in the batch
+        assert engine.steps >= len(long_ids) // 64
     assert listen.text("long") == reference(long_ids, 6).text
     assert listen.text("short") == reference(short_ids, 5).text
     assert listen.final("short").completion_tokens == 5 and engine.rows_busy == 0
+
+
+def test_the_batch_decodes_while_the_reader_reads(runner, reference, tokenizer):
+    """The reader runs on a thread of its own: a short request is answered in full while
+    the reader is held inside a long prompt's first segment (let go only after that)."""
+    from helpers import Wrapping
+    from infini_trt.runtime import open_runner
+
+    gate = threading.Event()
+
+    class HeldReader(Wrapping):
+        def _step(self, ids):                 # every full segment the reader reads
+            assert gate.wait(60)
+            return self.inner.step(ids)
+
+    inner = open_runner(runner.manifest.path, "onnxruntime")
+    held = HeldReader(inner)
+    held.weights_sha256 = inner.weights_sha256          # the same model, to load its rows
+    long_ids, short_ids = tokenizer.encode(FILLER * 8), tokenizer.encode("The sky is")
+    assert len(long_ids) >= 2 * 64
+    engine, listen = Engine(runner, tokenizer, max_batch=2, reader=held), Listener()
+    with contextlib.closing(inner), running(engine):
+        engine.submit(long_ids, SamplingConfig(max_new_tokens=4), listen("long"))
+        engine.submit(short_ids, SamplingConfig(max_new_tokens=5), listen("short"))
+        listen.wait("short")
+        assert engine.reading is not None and listen.final("long") is None
+        gate.set()
+        listen.wait("long")
+    assert listen.text("short") == reference(short_ids, 5).text
+    assert listen.text("long") == reference(long_ids, 4).text
 
 
 def test_nan_logits_fail_only_their_request(runner, reference, tokenizer):
