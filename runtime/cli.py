@@ -17,7 +17,7 @@ import click
 from infini_trt.export.errors import InfiniTrtError, InfiniTrtWarning
 
 COMMAND_MODULES = ["checkpoint", "convert", "export", "build", "prefill", "score", "run",
-                   "validate", "passkey", "bench", "serve"]
+                   "validate", "passkey", "bench", "serve", "bench_serve"]
 
 
 class Terminated(BaseException):

@@ -206,7 +206,8 @@ def create_app(engine: Engine, tokenizer, settings: Settings, metrics: ServeMetr
                            param="stop")
         return SamplingConfig(max_new_tokens=max_tokens, greedy=body.temperature == 0,
                               temperature=body.temperature or 1.0, top_p=body.top_p,
-                              seed=body.seed, eos_id=getattr(tokenizer, "eos_id", None),
+                              seed=body.seed, eos_id=None if body.ignore_eos else
+                              getattr(tokenizer, "eos_id", None),
                               stop=stop)
 
     def check_length(prompts: list[np.ndarray], param: str) -> None:

@@ -37,7 +37,8 @@ class StreamOptions(BaseModel):
 class Sampling(BaseModel):
     """The fields completions and chat share. temperature 0 is greedy decoding; `context`
     (an extra field: the OpenAI client's extra_body) continues a stored context, the prompt
-    being what follows its document."""
+    being what follows its document; `ignore_eos` (extra, as vLLM's) generates max_tokens
+    tokens whatever they are."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
@@ -55,6 +56,8 @@ class Sampling(BaseModel):
     user: str | None = None
     context: str | None = Field(None, description="The id of a context (POST /v1/contexts) "
                                                   "to continue from.")
+    ignore_eos: bool = Field(False, description="Go on past the end-of-sequence token, to "
+                                                "max_tokens (as vLLM's; for benchmarks).")
 
     UNSUPPORTED: ClassVar[dict] = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                    "logit_bias": None}
