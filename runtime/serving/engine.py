@@ -1,5 +1,6 @@
-"""Continuous batching: one loop, on its own thread, owns the runner and a Session whose B rows
-are slots for requests. No HTTP here (app.py puts this behind the OpenAI API).
+"""Continuous batching: one loop, on its own thread, owns the runner and a Session whose rows
+are slots for requests (a power of two of them, up to max_batch, that follows the load: the
+graphs compute every row at each step). No HTTP here (app.py puts this behind the OpenAI API).
 
     engine = Engine(runner, tokenizer, max_batch=8, max_queue=64).start()
     request = engine.submit(prompt_ids, SamplingConfig(max_new_tokens=16), on_event)
@@ -91,6 +92,7 @@ class EngineMetrics:
 
     def queue_length(self, n: int) -> None: ...
     def rows_busy(self, n: int) -> None: ...
+    def batch_size(self, n: int) -> None: ...
     def admitted(self, prompt_tokens: int) -> None: ...
     def prefix_hit(self, tokens: int) -> None: ...
     def token(self, seconds: float, first: bool) -> None: ...
@@ -137,7 +139,9 @@ class Engine:
         self.config = runner.config
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics or EngineMetrics()
-        self.session = Session(runner, batch=max_batch)
+        # the session's batch follows the load (`_fit_batch`): the graphs compute every row
+        # of it at each step, busy or not, so one stream on a 64-row batch would pay for 64
+        self.session = Session(runner, batch=1)
         self._cond = threading.Condition()
         # full segments of prompts are read on `reader` (another runner of the same model) at
         # batch 1 through the prompt-reading graph, as `run` reads them, on a thread of its
@@ -146,7 +150,7 @@ class Engine:
         self.reader = None if reader is None else Reader(reader, self._cond)
         self.reading: Request | None = None      # whose row is in the reader now
         self.prefixes = prefixes                 # a prefix_cache.PrefixCache, or None
-        self.slots: list[Request | None] = [None] * max_batch
+        self.slots: list[Request | None] = [None]     # one per row of the session
         self.waiting: collections.deque[Request] = collections.deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -225,7 +229,7 @@ class Engine:
             self._cond.notify()
 
     def _free_rows(self) -> int:
-        return sum(r is None for r in self.slots)
+        return self.max_batch - self.rows_busy
 
     # the loop (its own thread) ----------------------------------------------------------------
     def _run(self) -> None:
@@ -256,6 +260,12 @@ class Engine:
             for row, request in enumerate(self.slots):
                 if request is not None and request.cancelled:
                     self._free(row, "cancelled")
+            wanted = min(self.max_batch, self.rows_busy + len(self.waiting))
+        try:
+            self._fit_batch(wanted)              # outside the lock: it moves rows
+        except Exception as exc:                 # a runner failure: every row is suspect
+            self._fail_rows(_failure(exc))
+        with self._cond:
             starting = []
             while self.waiting and None in self.slots:
                 row = self.slots.index(None)
@@ -279,9 +289,28 @@ class Engine:
                 self._cond.wait_for(self._news, IDLE_WAIT_S)
         return True
 
+    def _fit_batch(self, wanted: int) -> None:
+        """Resize the session's batch for `wanted` rows: up to the next power of two when they
+        do not fit, down when a quarter of it would do (so that a load near a size does not
+        resize it back and forth). The busy rows move (as Contexts, exactly) to the front."""
+        size = len(self.slots)
+        fit = 1 << max(0, wanted - 1).bit_length()               # 1, 2, 4, 8, ...
+        fit = min(self.max_batch, fit)
+        if not (fit > size or (fit < size and wanted <= size // 4)):
+            return
+        busy = [(q, self.session.save(r)) for r, q in enumerate(self.slots) if q is not None]
+        self.session = Session(self.runner, batch=fit)
+        slots: list[Request | None] = [None] * fit
+        for row, (q, context) in enumerate(busy):
+            self.session.load(row, context)
+            q.row, slots[row] = row, q
+        with self._cond:
+            self.slots = slots
+        self.metrics.batch_size(fit)
+
     def _news(self) -> bool:
         """Something for the loop to do (read under the condition's lock)."""
-        return (self._stopping or (bool(self.waiting) and None in self.slots)
+        return (self._stopping or (bool(self.waiting) and self.rows_busy < self.max_batch)
                 or any(q is not None and q.cancelled for q in self.slots)
                 or (self.reader is not None and self.reader.finished))
 
@@ -350,8 +379,8 @@ class Engine:
         rows = [r for r, q in enumerate(self.slots) if q is not None and q.pending is not None]
         if not rows:
             return False
-        tokens = np.zeros(self.max_batch, dtype=np.int64)
-        active = np.zeros(self.max_batch, dtype=bool)
+        tokens = np.zeros(len(self.slots), dtype=np.int64)
+        active = np.zeros(len(self.slots), dtype=bool)
         for r in rows:
             tokens[r], active[r] = self.slots[r].pending, True
             self.slots[r].pending = None
@@ -391,7 +420,7 @@ class Engine:
         changed, read_there = (False, None) if self.reader is None else \
             self._exchange_with_reader()
         done = [] if read_there is None else [read_there]
-        pieces: list[np.ndarray | None] = [None] * self.max_batch
+        pieces: list[np.ndarray | None] = [None] * len(self.slots)
         for r, q in enumerate(self.slots):
             if q is not None and q.fed < len(q.prompt) and q is not self.reading:
                 room = n - int(self.session.position[r])
@@ -489,6 +518,8 @@ class Engine:
         for row, request in enumerate(self.slots):
             if request is not None:
                 self._free(row, "error", Event(error=message))
+        with self._cond:
+            self.slots = [None] * self.session.batch   # also after a resize that failed
         try:
             self.session.reset()
         except Exception:                        # pragma: no cover - the runner is gone

@@ -38,6 +38,9 @@ class ServeMetrics(EngineMetrics):
                           registry=registry)
         self.rows = Gauge("infini_trt_batch_rows", "Rows of the batch (--max-batch)",
                           registry=registry)
+        self.computed = Gauge("infini_trt_batch_rows_computed",
+                              "Rows the graphs compute at each step (a power of two that "
+                              "follows the load, up to --max-batch)", registry=registry)
         self.queue = Gauge("infini_trt_queue_length", "Requests waiting for a row",
                            registry=registry)
         self.context_hits = Counter("infini_trt_context_hits",
@@ -55,6 +58,7 @@ class ServeMetrics(EngineMetrics):
                                    "Bytes of the contexts in the context store",
                                    registry=registry)
         self.rows.set(max_batch)
+        self.computed.set(1)
 
     # EngineMetrics -----------------------------------------------------------------------
     def queue_length(self, n: int) -> None:
@@ -62,6 +66,9 @@ class ServeMetrics(EngineMetrics):
 
     def rows_busy(self, n: int) -> None:
         self.busy.set(n)
+
+    def batch_size(self, n: int) -> None:
+        self.computed.set(n)
 
     def admitted(self, prompt_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)

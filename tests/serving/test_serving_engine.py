@@ -123,19 +123,19 @@ def test_the_batch_decodes_while_the_reader_reads(runner, reference, tokenizer):
     assert listen.text("long") == reference(long_ids, 4).text
 
 
-def test_nan_logits_fail_only_their_request(runner, reference, tokenizer):
+def test_nan_logits_fail_only_their_request(runner, reference, tokenizer, monkeypatch):
     engine, listen = Engine(runner, tokenizer, max_batch=4), Listener()
     victim_ids, other_ids = tokenizer.encode("The grass is"), tokenizer.encode("The sun is")
-    decode = engine.session.decode
+    decode = Session.decode
 
-    def poisoned(tokens, active):
-        logits = decode(tokens, active).clone()
-        for row, request in enumerate(engine.slots):
+    def poisoned(session, tokens, active=None):   # the engine's session (it is resized)
+        logits = decode(session, tokens, active).clone()
+        for row, request in enumerate(engine.slots if session is engine.session else ()):
             if request is not None and list(request.prompt) == victim_ids:
                 logits[row, 3] = float("nan")
         return logits
 
-    engine.session.decode = poisoned
+    monkeypatch.setattr(Session, "decode", poisoned)
     engine.start()
     with running(engine):
         engine.submit(victim_ids, SamplingConfig(max_new_tokens=8), listen("victim"))
@@ -316,3 +316,40 @@ def test_a_prompt_starts_from_the_longest_stored_prefix(runner, reader, referenc
     for name in ("memory", "norm", "k", "v"):
         got, want = getattr(context.state, name), getattr(alone.save(0).state, name)
         assert same(got, want), (name, float(np.abs(got - want).max(initial=0)))
+
+
+def test_the_batch_follows_the_load_and_moving_rows_changes_nothing(runner, reference,
+                                                                    tokenizer):
+    """The session computes a power of two of rows, up to max_batch: one request runs at
+    batch 1; five more join it mid-generation (its row, mid-segment, moves to a batch of 8);
+    when they are done the batch shrinks again. Every answer is the one it has alone."""
+    from infini_trt.runtime.serving.engine import EngineMetrics
+
+    sizes = []
+
+    class Sizes(EngineMetrics):
+        def batch_size(self, n):
+            sizes.append(n)
+
+    engine, listen = Engine(runner, tokenizer, max_batch=8, metrics=Sizes()), Listener()
+    first = tokenizer.encode(FILLER * 3)                 # more than a segment
+    others = [tokenizer.encode(text) for text in ("The sky is", "The sun is", "The grass is",
+                                                   "Here we go.", "There and back")]
+    assert len(first) > 64
+    with running(engine):
+        engine.submit(first, SamplingConfig(max_new_tokens=40), listen("first"))
+        deadline = time.monotonic() + 30
+        while sum(n == "first" and bool(e.text) for n, e in listen.log) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert len(engine.slots) == 1
+        for i, ids in enumerate(others):
+            engine.submit(ids, SamplingConfig(max_new_tokens=6), listen(i))
+        listen.wait("first", *range(len(others)))
+        engine.submit(others[0], SamplingConfig(max_new_tokens=3), listen("alone"))
+        listen.wait("alone")
+    assert max(sizes) == 8 and sizes[-1] == 1 and all(n & (n - 1) == 0 for n in sizes)
+    assert listen.text("first") == reference(first, 40).text
+    for i, ids in enumerate(others):
+        assert listen.text(i) == reference(ids, 6).text, i
+    assert listen.text("alone") == reference(others[0], 3).text
