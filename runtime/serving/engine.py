@@ -190,7 +190,7 @@ class Engine:
                                 f"waiting (the most the queue takes); try again shortly")
             self.waiting.append(request)
             self.metrics.queue_length(len(self.waiting))
-            self._cond.notify()
+            self._cond.notify_all()      # the reader waits on it too
         return request
 
     def stop(self) -> None:
@@ -198,7 +198,7 @@ class Engine:
         text so far), waiting ones with an error; nothing is taken after this."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
+            self._cond.notify_all()      # the reader waits on it too
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
@@ -226,7 +226,7 @@ class Engine:
                 request.done = True
                 self.metrics.queue_length(len(self.waiting))
                 self.metrics.finished("cancelled")
-            self._cond.notify()
+            self._cond.notify_all()      # the reader waits on it too
 
     def _free_rows(self) -> int:
         return self.max_batch - self.rows_busy

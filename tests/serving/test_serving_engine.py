@@ -353,3 +353,21 @@ def test_the_batch_follows_the_load_and_moving_rows_changes_nothing(runner, refe
     for i, ids in enumerate(others):
         assert listen.text(i) == reference(ids, 6).text, i
     assert listen.text("alone") == reference(others[0], 3).text
+
+
+def test_a_request_wakes_an_idle_loop_at_once(runner, reader, reference, tokenizer,
+                                              monkeypatch):
+    """The loop and the reader wait on one condition: a new request must wake the loop, not
+    only the reader (with notify() instead of notify_all() it slept out its timeout)."""
+    from infini_trt.runtime.serving import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "IDLE_WAIT_S", 60.0)
+    engine, listen = Engine(runner, tokenizer, max_batch=2, reader=reader), Listener()
+    with running(engine):
+        time.sleep(0.2)                            # both threads are waiting now
+        for i in range(3):
+            engine.submit(tokenizer.encode("The sky is"), SamplingConfig(max_new_tokens=2),
+                          listen(i))
+            listen.wait(i, timeout=10)
+            time.sleep(0.1)
+    assert listen.text(0) == reference(tokenizer.encode("The sky is"), 2).text
