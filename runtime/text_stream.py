@@ -44,7 +44,9 @@ class TextStream:
         self.ids.append(int(token))
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])
         window = self.tokenizer.decode(self.ids[self.prefix:])
-        unfinished = window.endswith(REPLACEMENT) and len(self.ids) - self.read < MAX_PENDING
+        whole = getattr(self.tokenizer, "whole", None)      # the tokenizer knows it is final
+        unfinished = (window.endswith(REPLACEMENT) and len(self.ids) - self.read < MAX_PENDING
+                      and not (whole is not None and whole(token)))
         if len(window) <= len(before) or unfinished:
             return ""
         self.decoded += window[len(before):]

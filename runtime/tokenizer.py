@@ -16,6 +16,12 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    @staticmethod
+    def whole(token: int) -> bool:
+        """Whether `token` decodes to a finished character whatever follows (an id that is no
+        byte: its U+FFFD is final, not the start of a UTF-8 character)."""
+        return not 0 <= int(token) < 256
+
     def decode(self, ids) -> str:
         """Bytes back to text; an id that is no byte (a model whose vocabulary is larger than
         256, as the random `small` preset) shows as U+FFFD rather than vanishing."""

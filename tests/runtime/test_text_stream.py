@@ -70,6 +70,14 @@ def test_an_unfinished_character_waits_a_few_tokens_at_most():
     stream = TextStream(tok)
     euro = tok.encode("€")                                  # 3 bytes
     assert [stream.push(t) for t in euro] == ["", "", "€"]
-    lone = [0xE2] + [1000] * (MAX_PENDING - 1)              # never finished: given anyway
+    lone = [0xE2] * MAX_PENDING                             # never finished: given anyway
     pieces = [stream.push(t) for t in lone]
     assert pieces[:-1] == [""] * (MAX_PENDING - 1) and pieces[-1].startswith("\ufffd")
+
+
+def test_an_id_that_is_no_byte_is_given_at_once():
+    """A vocabulary larger than bytes (the random `small`): such an id shows as U+FFFD, which
+    is final (not the start of a character), so it is streamed with its own token."""
+    stream = TextStream(ByteTokenizer())
+    assert [stream.push(t) for t in (1000, 65, 0xE2, 2000)] == ["\ufffd", "A", "", "\ufffd\ufffd"]
+    assert stream.finish() == "" and stream.text == "\ufffdA\ufffd\ufffd"
