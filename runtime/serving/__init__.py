@@ -5,6 +5,7 @@
     schemas.py  what requests may hold, OpenAI-style errors, the chat template
     metrics.py  the Prometheus metrics
     store.py    where contexts are kept (a directory by default), by id
+    redis_store.py  the same in a Redis server that several servers share
     prefix_cache.py  prompts' states at segment boundaries, so a prefix is not read twice
 
     with open_service(bundled_model(), "onnxruntime") as service:     # model, engine, app
@@ -77,9 +78,10 @@ def open_service(model: str | Path | None = None, backend: str = "onnxruntime",
     """The model (the bundled one when None) prepared and opened on `backend` twice (the
     batch's runner, and the reader of prompts' full segments: engine.py), its engine running
     and the app in front of it; on exit the engine stops and the runners close.
-    `context_store`: a store.ContextStore, or the directory of a DirectoryStore of
-    `context_store_bytes` (None: store.default_store_path()), made before the model loads.
-    `prefix_cache` the same for the prefix cache (None: the directory `prefixes` inside a
+    `context_store`: a store.ContextStore, a redis:// or rediss:// URL (a RedisStore), or the
+    directory of a DirectoryStore of `context_store_bytes` (None: store.default_store_path()),
+    made before the model loads. `prefix_cache` the same for the prefix cache (None: the
+    namespace PREFIXES of a RedisStore's server, the directory `prefixes` inside a
     DirectoryStore's, else in store.default_store_path()); `prefix_cache_bytes` 0: none."""
     require_extra()
     from ..models import bundled_model
@@ -91,15 +93,23 @@ def open_service(model: str | Path | None = None, backend: str = "onnxruntime",
     from .metrics import ServeMetrics
     from .schemas import ChatTemplate
     from .prefix_cache import PrefixCache
+    from .redis_store import PREFIXES, RedisStore, is_redis_url
     from .store import ContextStore, DirectoryStore, default_store_path
 
-    if not isinstance(context_store, ContextStore):
+    if is_redis_url(context_store):
+        context_store = RedisStore(context_store, context_store_bytes)
+    elif not isinstance(context_store, ContextStore):
         context_store = DirectoryStore(context_store or default_store_path(),
                                        context_store_bytes)
     if prefix_cache_bytes and not isinstance(prefix_cache, ContextStore):
-        base = getattr(context_store, "path", None) or default_store_path()
-        prefix_cache = DirectoryStore(prefix_cache or Path(base) / "prefixes",
-                                      prefix_cache_bytes)
+        if is_redis_url(prefix_cache):
+            prefix_cache = RedisStore(prefix_cache, prefix_cache_bytes, PREFIXES)
+        elif prefix_cache is None and isinstance(context_store, RedisStore):
+            prefix_cache = context_store.namespaced(PREFIXES, prefix_cache_bytes)
+        else:
+            base = getattr(context_store, "path", None) or default_store_path()
+            prefix_cache = DirectoryStore(prefix_cache or Path(base) / "prefixes",
+                                          prefix_cache_bytes)
     model = Path(model) if model is not None else bundled_model()
     try:
         tokenizer = tokenizer_of(model)

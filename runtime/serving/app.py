@@ -249,6 +249,11 @@ def create_app(engine: Engine, tokenizer, settings: Settings, metrics: ServeMetr
     def not_found(exc: UnknownContext, param: str | None = None) -> APIError:
         return APIError(404, str(exc), param=param, code="context_not_found")
 
+    def store_down(exc: ContextStoreError) -> APIError:
+        """The store cannot be read now (a Redis gone away): retryable."""
+        return APIError(503, str(exc), "server_error", code="context_store_error",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+
     async def stored_context(ctx_id: str | None) -> Context | None:
         """The context a request names (None: none), checked against this model."""
         if ctx_id is None:
@@ -257,6 +262,8 @@ def create_app(engine: Engine, tokenizer, settings: Settings, metrics: ServeMetr
             context = await run_in_threadpool(store.get, ctx_id)
         except UnknownContext as exc:
             raise not_found(exc, "context") from None
+        except ContextStoreError as exc:
+            raise store_down(exc) from None
         except InputError as exc:                   # its file is damaged
             raise APIError(400, str(exc), param="context", code="context_unreadable") from None
         try:
@@ -411,10 +418,16 @@ def create_app(engine: Engine, tokenizer, settings: Settings, metrics: ServeMetr
             return context_card(ctx_id, await run_in_threadpool(store.info, ctx_id))
         except UnknownContext as exc:
             raise not_found(exc) from None
+        except ContextStoreError as exc:
+            raise store_down(exc) from None
 
     @app.delete("/v1/contexts/{ctx_id}")
     async def delete_context(ctx_id: str):
-        if not await run_in_threadpool(store.delete, ctx_id):
+        try:
+            deleted = await run_in_threadpool(store.delete, ctx_id)
+        except ContextStoreError as exc:
+            raise store_down(exc) from None
+        if not deleted:
             raise not_found(UnknownContext(f"there is no context {ctx_id!r}"))
         return {"id": ctx_id, "object": "context", "deleted": True}
 

@@ -87,8 +87,14 @@ class ServeMetrics(EngineMetrics):
     def watch_store(self, store) -> None:
         """The store's gauges are read from it at each scrape (other processes may share
         it)."""
-        self.contexts_stored.set_function(lambda: store.usage()[0])
-        self.context_bytes.set_function(lambda: store.usage()[1])
+        def usage(i: int) -> float:
+            try:
+                return store.usage()[i]
+            except Exception:                  # a store gone away (Redis): not a number now
+                return float("nan")
+
+        self.contexts_stored.set_function(lambda: usage(0))
+        self.context_bytes.set_function(lambda: usage(1))
 
     # HTTP --------------------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:

@@ -37,7 +37,7 @@ import numpy as np
 
 from infini_trt.export.errors import InfiniTrtError
 
-from .store import ID_PREFIX, ContextStore, UnknownContext
+from .store import ID_PREFIX, ContextStore, ContextStoreError, UnknownContext
 
 KEEP_LAST = 2            # boundaries kept per prompt: see the module's docstring
 WRITE_QUEUE = 8          # contexts waiting to be written; more are dropped (a cache may miss)
@@ -77,8 +77,13 @@ class PrefixCache:
                 return k * self.segment_len, self.store.get(keys[k - 1])
             except UnknownContext:
                 continue
+            except ContextStoreError:             # the store is gone (a Redis): a miss
+                return None
             except InfiniTrtError:
-                self.store.delete(keys[k - 1])
+                try:
+                    self.store.delete(keys[k - 1])
+                except ContextStoreError:
+                    return None
         return None
 
     def boundaries(self, prompt_tokens: int) -> set[int]:
