@@ -44,8 +44,11 @@ class ByteSize(click.ParamType):
               help="Refuse longer prompts (400) [default: no limit].")
 @click.option("--max-new-tokens", default=4096, type=click.IntRange(1),
               help="The largest max_tokens a request may ask for.")
-@click.option("--context-store", type=click.Path(), default=None,
-              help="The directory that keeps contexts (POST /v1/contexts), made if need be "
+@click.option("--context-store", type=click.Path(), default=None, metavar="DIR|URL",
+              help="The directory that keeps contexts (POST /v1/contexts), made if need be, "
+                   "or a Redis server that several servers share, redis://HOST:PORT/DB "
+                   "(rediss:// for TLS; keys under infini-trt:contexts:, the prefix cache's "
+                   "under infini-trt:prefixes:; pip install \"infini-trt[redis]\") "
                    "[default: $INFINI_TRT_CACHE/contexts, else ~/.cache/infini-trt/contexts].")
 @click.option("--context-store-bytes", type=ByteSize(), default="1G", show_default=True,
               help="The most bytes of contexts it keeps (the least recently used go first); "
@@ -54,15 +57,25 @@ class ByteSize(click.ParamType):
               help="The most bytes the prefix cache keeps (a prompt's state at its last two "
                    "segment boundaries, so that a prompt beginning with the same tokens, a "
                    "document sent again, starts there), in the directory 'prefixes' of the "
-                   "context store; 0: no prefix cache.")
+                   "context store (in its Redis: under infini-trt:prefixes:); 0: no prefix "
+                   "cache.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info",
                                                 "debug"]), default="info")
 @engine_options
+@click.option("--ray", "on_ray", is_flag=True,
+              help="Serve as a Ray Serve application: --replicas engines behind Ray's proxy "
+                   "(needs the ray extra: pip install \"infini-trt[ray]\").")
+@click.option("--replicas", default=2, type=click.IntRange(1), show_default=True,
+              help="--ray: how many engines (replicas) serve.")
+@click.option("--address", default=None, metavar="auto|ray://HOST:PORT",
+              help="--ray: the Ray cluster to deploy on [default: a local Ray instance on "
+                   "127.0.0.1, stopped on exit].")
 def serve(model: str | None, host: str, port: int, backend: str, device: str | None,
           max_batch: int, max_queue: int, max_prompt_tokens: int | None, max_new_tokens: int,
           context_store: str | None, context_store_bytes: int, prefix_cache_bytes: int,
           log_level: str,
-          engine: str | None, cuda_graphs: bool) -> None:
+          engine: str | None, cuda_graphs: bool,
+          on_ray: bool, replicas: int, address: str | None) -> None:
     """Serve a model over the OpenAI HTTP API, many clients at once.
 
     MODEL is a native checkpoint or an export directory [default: the bundled passkey
@@ -89,11 +102,24 @@ def serve(model: str | None, host: str, port: int, backend: str, device: str | N
     from infini_trt.runtime.serving import serve as run_server
 
     options = runner_options(backend, engine, cuda_graphs)
-    run_server(model, host=host, port=port, backend=backend, log_level=log_level,
-               device=device, max_batch=max_batch, max_queue=max_queue,
-               max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-               context_store=context_store, context_store_bytes=context_store_bytes,
-               prefix_cache_bytes=prefix_cache_bytes, **options)
+    start = run_server
+    if on_ray:
+        from infini_trt.runtime.serving import require_extra
+        from infini_trt.runtime.serving.ray_serve import require_ray, serve_on_ray
+
+        require_extra()
+        require_ray()
+        start = serve_on_ray
+        options.update(replicas=replicas, address=address)
+    elif replicas != 2 or address is not None:
+        raise click.UsageError("--replicas and --address go with --ray")
+    else:
+        options["log_level"] = log_level
+    start(model, host=host, port=port, backend=backend,
+          device=device, max_batch=max_batch, max_queue=max_queue,
+          max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+          context_store=context_store, context_store_bytes=context_store_bytes,
+          prefix_cache_bytes=prefix_cache_bytes, **options)
 
 
 COMMANDS = [serve]
