@@ -116,6 +116,11 @@ def serve_on_ray(model: str | Path | None = None, replicas: int = 2, address: st
         if address is not None:
             say(f"infini-trt: contexts kept in the directory {service['context_store']} of "
                 f"each node; across machines share them with --context-store redis://...")
+    if address is not None:
+        try:
+            _check_reachable(address)             # before any export: one line, at once
+        except ConnectionError as exc:
+            raise InfiniTrtError(f"cannot start Ray at {address}: {exc}") from None
     prepare(model, backend, log=say)
 
     with _Signals(stop) as signals:
@@ -199,6 +204,21 @@ def _ray_instance(ray, address: str | None, say):
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT or ray://HOST:PORT address that nothing listens on -> ConnectionError now
+    (Ray's own connect retries a dead address for minutes). `auto` is left to Ray."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {host}:{port} "
+                              f"({exc.strerror or exc})") from None
 
 
 class _Signals:

@@ -5,7 +5,6 @@ directory store itself (bit-for-bit round trip, LRU eviction that survives a reo
 writes); and the CLI's --context-store options."""
 import errno
 import os
-import threading
 import time
 import urllib.parse
 
@@ -14,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from live_server import RunningServer, passkey_prompt
-from infini_trt.export.errors import InfiniTrtError, InputError
+from infini_trt.export.errors import InfiniTrtError
 from infini_trt.runtime import Session
 from infini_trt.runtime.cli import main
 from infini_trt.runtime.context import Context
@@ -241,61 +240,8 @@ def contexts():
     return [tiny_context(n) for n in (40, 72, 104)]
 
 
-def test_the_store_keeps_a_context_bit_for_bit(tmp_path, contexts):
-    store = DirectoryStore(tmp_path / "s")
-    ctx_id = store.new_id()
-    size = store.put(ctx_id, contexts[1])
-    got = store.get(ctx_id)
-    want = contexts[1]
-    for name in ("memory", "norm", "k", "v"):
-        assert np.array_equal(getattr(got.state, name), getattr(want.state, name)), name
-    assert np.array_equal(got.last_logits, want.last_logits) and got.tokens == 72
-    assert got.fingerprint == want.fingerprint
-    assert store.info(ctx_id) == {"tokens": 72, "bytes": size,
-                                  "created": int((tmp_path / "s" / f"{ctx_id}.ctx")
-                                                 .stat().st_mtime)}
-    assert os.listdir(tmp_path / "s") == [f"{ctx_id}.ctx"]         # no temporary file left
-    assert store.ids() == [ctx_id] and store.usage() == (1, size)
-    assert store.delete(ctx_id) and not store.delete(ctx_id)
-    with pytest.raises(UnknownContext, match="no context"):
-        store.get(ctx_id)
-
-
-def test_the_store_refuses_ids_it_does_not_make(tmp_path, contexts):
-    store = DirectoryStore(tmp_path / "s")
-    (tmp_path / "x.ctx").write_bytes(b"outside")
-    for bad in ("../x", "x", "ctx-../../x", "CTX-" + "a" * 24, "ctx-" + "A" * 24, None):
-        with pytest.raises(InputError, match="not a context id"):
-            store.put(bad, contexts[0])
-        with pytest.raises(UnknownContext):
-            store.get(bad)
-        with pytest.raises(UnknownContext):
-            store.info(bad)
-        assert store.delete(bad) is False
-    assert (tmp_path / "x.ctx").read_bytes() == b"outside"
-    assert os.listdir(tmp_path / "s") == []
-
-
-def test_the_store_evicts_the_least_recently_used_and_the_order_survives_a_reopen(
-        tmp_path, contexts):
-    contexts[0].save(tmp_path / "one.ctx")
-    size = (tmp_path / "one.ctx").stat().st_size
-    store = DirectoryStore(tmp_path / "s", max_bytes=2 * size + size // 2)    # fits two
-    a, b, c, d = (store.new_id() for _ in range(4))
-    store.put(a, contexts[0])
-    store.put(b, contexts[1])
-    store.get(a)                                  # a is now used after b
-    store.put(c, contexts[2])                     # three do not fit: b goes
-    assert set(store.ids()) == {a, c} and store.usage() == (2, 2 * size)
-    store.get(a)                                  # c is now the least recently used,
-    reopened = DirectoryStore(tmp_path / "s", max_bytes=store.max_bytes)   # though a is older
-    assert reopened.info(c)["tokens"] == 104      # reading info is not a use
-    reopened.put(d, contexts[0])
-    assert set(reopened.ids()) == {a, d}
-    assert reopened.get(a).tokens == 40
-    with pytest.raises(ContextStoreError, match="more than the store holds"):
-        DirectoryStore(tmp_path / "small", max_bytes=size - 1).put(a, contexts[0])
-    assert os.listdir(tmp_path / "small") == []
+# The store's contract (bit for bit, ids it does not make, LRU order across a reopen, threads at
+# once) runs on the DirectoryStore and the RedisStore alike in test_redis_store.py.
 
 
 def test_a_failed_put_leaves_no_file_and_the_old_one_intact(tmp_path, contexts, monkeypatch):
@@ -331,33 +277,6 @@ def test_a_crashs_temporary_files_are_removed_on_open(tmp_path):
     assert store.ids() == [] and store.usage() == (0, 0)
 
 
-def test_the_store_takes_threads_at_once(tmp_path, contexts):
-    store = DirectoryStore(tmp_path / "s")
-    size = store.put(store.new_id(), contexts[0])
-    store.max_bytes = 4 * size
-    errors = []
-
-    def work(k):
-        try:
-            for i in range(6):
-                ctx_id = store.new_id()
-                store.put(ctx_id, contexts[(k + i) % 3])
-                try:
-                    assert store.get(ctx_id).tokens == (40, 72, 104)[(k + i) % 3]
-                except UnknownContext:                    # evicted by another thread's put
-                    pass
-        except Exception as exc:                          # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == [] and store.usage() == (4, 4 * size)
-
-
-# the CLI ------------------------------------------------------------------------------------
 def test_serve_help_names_the_store_options():
     result = CliRunner().invoke(main, ["serve", "--help"])
     assert result.exit_code == 0

@@ -219,3 +219,17 @@ def test_a_killed_replica_costs_no_request_and_no_context(ray_server, greedy):
     assert [text for text, _ in after] == expected[:3]
     assert all(int(who.split()[1]) != killed[0] for _, who in after)
     print(f"killed replica pid {killed[0]}; responses before retries: {failures}")
+
+
+def test_an_address_nothing_answers_at_is_one_line_at_once():
+    """Ray's own connect retries a dead address for minutes; the server says so first."""
+    with socket.socket() as probe:                # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "infini_trt.runtime.cli", "serve", "--ray",
+                           "--address", f"127.0.0.1:{port}"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and time.monotonic() - start < 60
+    assert f"cannot start Ray at 127.0.0.1:{port}: nothing answers" in done.stderr
+    assert "Traceback" not in done.stderr
