@@ -30,7 +30,9 @@ from . import contract
 
 TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}  # trt.DataType names
 DEFAULT_ARCH = 80             # PTX target when no GPU and no build target says otherwise
-_registered: dict[str, dict[str, bool]] = {}      # trt module name -> {plugin id: aot}
+# "trt module name:id(plugin module)" -> (that plugin module, {plugin id: aot}); the module is
+# kept, so that its id is not reused by another object (a test's fake, once collected)
+_registered: dict[str, tuple[object, dict[str, bool]]] = {}
 _target_arch: list[int] = []
 
 
@@ -90,7 +92,10 @@ def register(trt, rules: tuple[str, ...] = ("linear", "delta"), aot: bool | None
                              f"'{contract.VERSION}'")
     trtp = trtp if trtp is not None else qdp_module(trt)
     aot = supports_aot(trt) if aot is None else aot
-    done = _registered.setdefault(f"{getattr(trt, '__name__', '?')}:{id(trtp)}", {})
+    key = f"{getattr(trt, '__name__', '?')}:{id(trtp)}"
+    if key not in _registered or _registered[key][0] is not trtp:
+        _registered[key] = (trtp, {})
+    done = _registered[key][1]
     for rule in rules:
         if plugin_id(rule) not in done:
             (_define_linear if rule == "linear" else _define_delta)(trtp, aot)

@@ -180,13 +180,14 @@ def test_bad_generation_requests(exported):
 def test_streamed_text_is_all_given_and_non_byte_ids_show():
     """A text that ends in U+FFFD (an unfinished UTF-8 character) is held back and given at
     the end if it stays so; ids beyond the 256 bytes (a random 32K-vocabulary model on the
-    byte tokenizer) show as U+FFFD instead of vanishing."""
+    byte tokenizer) show as U+FFFD instead of vanishing, at once (such an id ends the bytes
+    before it: they can no longer become a character)."""
     from infini_trt.runtime.text_stream import TextStream
 
     tok = ByteTokenizer()
     assert tok.decode(tok.encode("é") + [300] + tok.encode("x")) == "é\ufffdx"
     stream = TextStream(tok)
-    pieces = [stream.push(t) for t in tok.encode("ok ") + [tok.encode("é")[0], 1000]]
-    assert "".join(pieces) == "ok "                          # the tail is held back ...
-    assert stream.finish() == "\ufffd\ufffd"                  # ... and given at the end
-    assert stream.text == "ok \ufffd\ufffd"
+    pieces = [stream.push(t) for t in tok.encode("ok ") + [tok.encode("é")[0]]]
+    assert "".join(pieces) == "ok "                          # the lone byte is held back ...
+    assert stream.push(1000) == "\ufffd\ufffd"                # ... until an id ends it
+    assert stream.finish() == "" and stream.text == "ok \ufffd\ufffd"

@@ -24,12 +24,14 @@ def test_a_short_run_reports_every_figure(server, shared_cache, tmp_path, monkey
 
     monkeypatch.setenv("INFINI_TRT_CACHE", str(shared_cache))
     out = tmp_path / "report.json"
+    before = {p.pid for p in psutil.Process().children(recursive=True)}   # other tests' servers
     result = CliRunner().invoke(main, [
         "bench-serve", "--concurrency", "1,2", "--prompt-tokens", "8", "--max-tokens", "5",
         "--requests-per-stream", "2", "--document-tokens", "200", "--question-tokens", "4",
         "--document-runs", "1", "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert psutil.Process().children(recursive=True) == []       # the server is stopped
+    left = {p.pid for p in psutil.Process().children(recursive=True)} - before
+    assert left == set()                                          # the server is stopped
     report = json.loads(out.read_text())
     assert report["model_name"] == "passkey" and report["max_batch"] == 2
     assert [level["concurrency"] for level in report["levels"]] == [1, 2]

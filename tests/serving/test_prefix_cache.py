@@ -80,9 +80,10 @@ class SlowStore(DirectoryStore):
 
     def __init__(self, path):
         super().__init__(path)
-        self.go = threading.Event()
+        self.go, self.entered = threading.Event(), threading.Event()
 
     def _write(self, ctx_id, data):
+        self.entered.set()
         assert self.go.wait(30)
         super()._write(ctx_id, data)
 
@@ -92,9 +93,12 @@ def test_writes_happen_off_the_loop_and_a_writer_behind_drops_offers(tmp_path):
     cache = PrefixCache(store, {"model": "m"}, N)
     try:
         keys = cache.keys(np.arange(N * (WRITE_QUEUE + 3)) % 97)
-        taken = [cache.offer(key, fake_context(N * (i + 1))) for i, key in enumerate(keys)]
-        # the writer holds one (blocked), the queue holds WRITE_QUEUE, the rest are dropped
-        assert taken.count(True) in (WRITE_QUEUE, WRITE_QUEUE + 1) and not taken[-1]
+        assert cache.offer(keys[0], fake_context(N))
+        assert store.entered.wait(30)                # the writer holds it, blocked
+        taken = [True] + [cache.offer(key, fake_context(N * (i + 2)))
+                          for i, key in enumerate(keys[1:])]
+        # the queue holds WRITE_QUEUE more, the rest are dropped
+        assert taken == [True] * (WRITE_QUEUE + 1) + [False] * 2
         assert cache.dropped == taken.count(False)
         store.go.set()
         cache.flush()
