@@ -1,8 +1,10 @@
 """Option types shared by several commands."""
 import click
 
+from ..backends import BACKENDS
+
 DTYPE_CHOICE = click.Choice(["fp32", "fp16", "bf16"])
-BACKEND_CHOICE = click.Choice(["torch", "onnxruntime", "tensorrt"])     # runners.BACKENDS
+BACKEND_CHOICE = click.Choice(BACKENDS)
 DEVICE_CHOICE = click.Choice(["cpu", "cuda"])
 
 

@@ -12,9 +12,8 @@ from typing import Callable
 
 from infini_trt.export.errors import InfiniTrtError
 
+from ..backends import BACKENDS
 from .base import Runner
-
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def _check(model: Path, backend: str) -> None:

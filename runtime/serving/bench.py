@@ -38,7 +38,7 @@ from infini_trt.export.errors import InputError, MissingDependencyError
 
 from .bench_client import (ITL_METRIC, TTFT_METRIC, Timing, completion_body, histogram_delta,
                            histogram_quantile, post_json, run_streams, scrape_histograms)
-from ..runners.opening import BACKENDS
+from ..backends import BACKENDS
 from .bench_server import ServerError, ServerProcess
 
 
@@ -114,12 +114,6 @@ def _require_client() -> None:
                                      'pip install "infini-trt[serve]"')
 
 
-def _server_has_prefix_cache() -> bool:
-    from ..commands.serve import serve
-
-    return any(p.name == "prefix_cache_bytes" for p in serve.params)
-
-
 def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -139,7 +133,6 @@ def run_serve_bench(model: str | Path | None, settings: ServeBenchSettings,
     if not path.exists():
         raise InputError(f"no such model: {path}")
     cfg = model_config(path)                           # a bad checkpoint fails here, at once
-    prefix_cache = _server_has_prefix_cache()
     report = {"model": str(path.resolve()), "model_name": path.resolve().name,
               "backend": settings.backend, "max_batch": settings.rows,
               "settings": asdict(settings), "machine": machine(),
@@ -175,13 +168,13 @@ def run_serve_bench(model: str | Path | None, settings: ServeBenchSettings,
                     report["levels"].append(_level(server, c, settings, ids, log))
             if settings.document_tokens:
                 with serving(1, 1) as server:
-                    report["document"] = _document(server, settings, ids, prefix_cache, log)
+                    report["document"] = _document(server, settings, ids, log)
         else:
             with serving(settings.rows, max(settings.concurrency)) as server:
                 report["levels"] = [_level(server, c, settings, ids, log)
                                     for c in settings.concurrency]
                 if settings.document_tokens:
-                    report["document"] = _document(server, settings, ids, prefix_cache, log)
+                    report["document"] = _document(server, settings, ids, log)
     report["machine"]["load_average_after"] = (list(os.getloadavg())
                                                if hasattr(os, "getloadavg") else None)
     report["seconds"] = time.perf_counter() - started
@@ -237,10 +230,10 @@ def _level(server: ServerProcess, streams: int, settings: ServeBenchSettings,
 
 
 def _document(server: ServerProcess, settings: ServeBenchSettings,
-              ids: Callable[[int], list[int]], prefix_cache: bool,
+              ids: Callable[[int], list[int]],
               log: Callable[[str], None]) -> dict:
     """Time to first token for a question about a document: read with it (a miss), after its
-    stored context (a hit), and sent again (the prefix cache, where the server has one)."""
+    stored context (a hit), and sent again (the prefix cache)."""
     d, q, runs = settings.document_tokens, settings.question_tokens, settings.document_runs
 
     def first_token(body: bytes) -> Timing:
@@ -264,19 +257,15 @@ def _document(server: ServerProcess, settings: ServeBenchSettings,
     for r in range(runs):
         log(f"document: hit {r + 1}/{runs} (context {card['id']} + {q} tokens)")
         hits.append(first_token(completion_body(ids(q), 1, card["id"])))
-    rows = {"miss": _row(misses), "hit": _row(hits)}
-    if prefix_cache:
-        again = []
-        for r in range(runs):
-            log(f"document: sent again {r + 1}/{runs} (the last miss's document, another "
-                f"question)")
-            again.append(first_token(completion_body(document + ids(q), 1)))
-        rows["prefix_cache"] = _row(again)
+    again = []
+    for r in range(runs):
+        log(f"document: sent again {r + 1}/{runs} (the last miss's document, another question)")
+        again.append(first_token(completion_body(document + ids(q), 1)))
+    rows = {"miss": _row(misses), "hit": _row(hits), "prefix_cache": _row(again)}
     result = {"tokens": d, "question_tokens": q, "runs": runs, "context_create_s": made,
               "context_bytes": card.get("bytes"), **rows,
-              "miss_over_hit": rows["miss"]["p50_s"] / rows["hit"]["p50_s"]}
-    if prefix_cache:
-        result["miss_over_prefix_cache"] = rows["miss"]["p50_s"] / rows["prefix_cache"]["p50_s"]
+              "miss_over_hit": rows["miss"]["p50_s"] / rows["hit"]["p50_s"],
+              "miss_over_prefix_cache": rows["miss"]["p50_s"] / rows["prefix_cache"]["p50_s"]}
     log(f"  miss {_ms(rows['miss']['p50_s'])}, hit {_ms(rows['hit']['p50_s'])}: "
         f"{result['miss_over_hit']:,.0f}x less")
     return result
