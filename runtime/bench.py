@@ -32,6 +32,15 @@ Subjects:  torch[:bf16|:fp16]   PyTorch eager (TorchRunner; bf16/fp16 skipped on
            tensorrt             TensorRT (needs a CUDA GPU; skipped with the reason otherwise)
 Peers:     infini-transformer-pytorch   lucidrains' eager model at the same shape
            full-attention               the quadratic baseline (runtime/baselines.py)
+           onnxruntime-genai[:int4]     a Llama of the same shape exported by onnxruntime-genai's
+                                        model builder (fp32 or int4) and run by its Generator
+                                        (runtime/peer_genai.py; batch 1), on random weights or
+                                        on the Hugging Face checkpoint MODEL was converted from
+                                        (`peer_source`). Its K/V cache grows with the context:
+                                        a length whose cache would not fit in memory is
+                                        skipped, as for full-attention. It takes part in the
+                                        rounds in alternation: its prompts are read again in
+                                        the rounds' process, and each visit rewinds to them.
 """
 from __future__ import annotations
 
@@ -45,9 +54,9 @@ from infini_trt.export.config import InfiniConfig
 from infini_trt.export.errors import InfiniTrtError, InputError
 
 from . import roofline
-from .bench_measure import interleaved, measure, warm_up
+from .bench_measure import interleaved, measure, replay_prompt, warm_up
 from .bench_report import gflops
-from .bench_subjects import Subject, check_name, open_subject, resolve
+from .bench_subjects import GENAI_PEERS, Subject, check_name, open_subject, resolve
 from .isolate import run_isolated
 from .lengths import length_label
 
@@ -65,6 +74,8 @@ class BenchSettings:
     round_segments: int = 4           # segments prefilled per length and round
     round_decode_tokens: int = 16     # tokens decoded per length and round
     rounds_min_s: float = 10.0        # more rounds while they take less time than this
+    peer_source: str | None = None    # the Hugging Face checkpoint MODEL was converted from:
+                                      # the onnxruntime-genai peers run it (else random weights)
 
     def __post_init__(self):
         """InputError for a setting that cannot be measured, before anything is."""
@@ -83,6 +94,21 @@ class BenchSettings:
             raise InputError(f"bad rounds_min_s {self.rounds_min_s}: give seconds >= 0")
 
 
+def round_room(settings: BenchSettings, segment_len: int) -> int:
+    """Tokens a context-keeping peer adds after a prompt in the rounds in alternation: the
+    warm and timed segments, or a segment's worth of positions and the decoded tokens."""
+    return max(settings.round_segments, 1) * segment_len + segment_len \
+        + settings.round_decode_tokens + 1
+
+
+def context_needed(settings: BenchSettings, segment_len: int) -> int:
+    """The longest context a peer with a growing K/V cache holds in this run: the longest
+    prompt and what is decoded after it (`measure`), or what the rounds add to it."""
+    extra = max(settings.decode_tokens + 1, round_room(settings, segment_len)
+                if settings.rounds else 0)
+    return max(settings.lengths) + extra
+
+
 def estimate_seconds(subject: Subject, cfg: InfiniConfig, length: int, batch: int,
                      matmul_rate: float) -> float:
     """A rough prefill time for `length`: scaled from this subject's last point by model
@@ -97,7 +123,8 @@ def estimate_seconds(subject: Subject, cfg: InfiniConfig, length: int, batch: in
 
 
 def cache_bytes(subject: Subject, cfg: InfiniConfig, length: int, batch: int) -> int:
-    """K/V cache of the full-attention baseline at `length` tokens (0 for Infini)."""
+    """K/V cache of a full-attention peer (the baseline, onnxruntime-genai) at `length`
+    tokens, float32 (0 for Infini)."""
     if subject.infini:
         return 0
     return 2 * cfg.n_layers * batch * cfg.n_kv_heads * length * cfg.head_dim * 4
@@ -123,7 +150,11 @@ def run_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings,
         for length in settings.lengths:
             estimate = estimate_seconds(subject, cfg, length, settings.batch, matmul_rate)
             need = cache_bytes(subject, cfg, length + settings.decode_tokens, settings.batch)
-            if estimate > settings.budget_s:
+            limit = getattr(runner, "context_limit", None)
+            if limit is not None and length + settings.decode_tokens + 1 > limit:
+                why = (f"{length + settings.decode_tokens + 1:,d} tokens > the model's context "
+                       f"length {limit:,d}")
+            elif estimate > settings.budget_s:
                 why = (f"prefill estimated at {estimate:,.3g} s > --budget "
                        f"{settings.budget_s:,.3g} s")
             elif need > 0.8 * psutil.virtual_memory().available:
@@ -145,18 +176,46 @@ def run_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings,
     return subject, states
 
 
+def rounds_lengths(subject: Subject, segment_len: int) -> list[int]:
+    """The lengths a context-keeping peer takes up in the rounds: those it measured whose
+    prompts end on a segment boundary (as the states ours keep)."""
+    return [p["length"] for p in subject.points
+            if "skipped" not in p and p["length"] % segment_len == 0]
+
+
 def alternate(subjects: list[Subject], states: dict, cfg: InfiniConfig,
               settings: BenchSettings) -> dict:
     """`interleaved` over the given subjects (all open at once, in this process) from the
-    states their prompts left."""
-    runners = {}
+    states their prompts left; a context-keeping peer reads its prompts again here first
+    (untimed; a length whose K/V cache would not fit in memory is left out, "left_out")."""
+    import psutil
+
+    runners, states, left_out = {}, dict(states), []
+    room = round_room(settings, cfg.segment_len)
     try:
         for subject in subjects:
-            runners[subject.name] = open_subject(subject, cfg, settings.threads, settings.seed)
-            warm_up(runners[subject.name], settings.batch)
-        return interleaved(runners, states, settings.rounds, settings.round_segments,
-                           settings.round_decode_tokens, settings.seed, settings.rounds_min_s,
-                           settings.calibrate_s)
+            runner = runners[subject.name] = open_subject(subject, cfg, settings.threads,
+                                                          settings.seed, beside_others=True)
+            warm_up(runner, settings.batch)
+            if not subject.resumable:
+                continue
+            states[subject.name] = {}
+            limit = getattr(runner, "context_limit", None)
+            for length in rounds_lengths(subject, cfg.segment_len):
+                need = cache_bytes(subject, cfg, length + room, settings.batch)
+                if limit is not None and length + room > limit:
+                    left_out.append(f"{subject.name} {length_label(length)}: {length + room:,d}"
+                                    f" tokens > the model's context length {limit:,d}")
+                elif need > 0.8 * psutil.virtual_memory().available:
+                    left_out.append(f"{subject.name} {length_label(length)}: K/V cache of "
+                                    f"{need / 2**30:,.1f} GiB > 80% of the available memory")
+                else:
+                    states[subject.name][length] = replay_prompt(
+                        runner, length, settings.batch, settings.seed + length, room)
+        result = interleaved(runners, states, settings.rounds, settings.round_segments,
+                             settings.round_decode_tokens, settings.seed, settings.rounds_min_s,
+                             settings.calibrate_s)
+        return result | {"left_out": left_out}
     finally:
         for runner in runners.values():
             runner.close()
@@ -212,11 +271,16 @@ def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
         raise InputError("nothing to measure: give at least one backend or peer")
     for name in names:
         check_name(name)
+    if settings.peer_source and not set(names) & set(GENAI_PEERS):
+        raise InputError("--peer-source is the checkpoint the onnxruntime-genai peers run; "
+                         "add them to --peers")
     model = Path(model)
     cfg = model_config(model)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    resolved = [resolve(name, model, log) for name in names]
+    context = context_needed(settings, cfg.segment_len)
+    resolved = [resolve(name, model, log, settings.seed, settings.batch, context,
+                        settings.peer_source) for name in names]
     machine = roofline.describe_machine()
     log(f"CPU: {machine['cpu_summary']}")
     log("measuring the machine: fp32 and bf16 matmul rate, memory bandwidth ...")
@@ -236,17 +300,22 @@ def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
         if kept:
             states[subject.name] = kept
         resolved[i] = subject
-    together, alternation = [s for s in resolved if s.name in states], None
+    together = [s for s in resolved if s.name in states
+                or (s.resumable and rounds_lengths(s, cfg.segment_len))]
+    alternation = None
     if settings.rounds and together:
+        lengths = set().union(*states.values(), *(rounds_lengths(s, cfg.segment_len)
+                                                  for s in together if s.resumable))
         log(f"{settings.rounds}+ rounds over {', '.join(s.name for s in together)} x "
-            f"{', '.join(length_label(n) for n in sorted(set().union(*states.values())))} "
-            f"in alternation ...")
+            f"{', '.join(length_label(n) for n in sorted(lengths))} in alternation ...")
         args = (together, states, cfg, settings)
         try:
             alternation = run_isolated(alternate, *args) if settings.isolate else alternate(*args)
         except InfiniTrtError as exc:
             alternation = None
             log(f"the rounds in alternation failed: {exc}")
+        for line in (alternation or {}).get("left_out", []):
+            log(f"rounds in alternation: left out {line}")
         for subject in together:
             subject.interleaved = (alternation or {}).get("points", {}).get(subject.name)
     machine["load_average_end"] = roofline.describe_machine()["load_average"]

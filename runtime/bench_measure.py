@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -94,6 +95,19 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 GOLDEN_RATIO = (5 ** 0.5 - 1) / 2         # positions r * this mod 1 fill [0, 1) evenly
 
 
+class KeptState(NamedTuple):
+    """The state a prompt left in a runner of this model (memory, norm: host arrays, valid in
+    any process) and the first token decoded after it: what `interleaved` restores. Another
+    kind of kept state (peer_genai.KeptContext) has the same `token` and `restore`."""
+
+    memory: np.ndarray
+    norm: np.ndarray
+    token: np.ndarray
+
+    def restore(self, runner) -> None:
+        runner.set_state(self.memory, self.norm)
+
+
 def _decode(session: Session, token: np.ndarray, count: int) -> list[float]:
     """Decode `count` greedy tokens per sequence from `token` (the session folds where a
     segment completes) -> the seconds of each token."""
@@ -125,13 +139,14 @@ def measure(runner, length: int, batch: int, decode_tokens: int, seed: int,
     t_prefill = time.perf_counter() - t0
     token = logits.argmax(-1).cpu().numpy()
     ttft = time.perf_counter() - t0
+    calls = len(timed.seconds)                           # the prompt's (decode's follow)
     if states is not None and not session.position.any():
-        states[length] = (*(np.array(a) for a in runner.state()), token)
+        states[length] = KeptState(*(np.array(a) for a in runner.state()), token)
     itl = _decode(session, token, decode_tokens)
     decode_s = float(sum(itl))
     gpu = peak_gpu_bytes()
-    segments, between = percentiles(timed.seconds), percentiles(itl)
-    full = [t for t, ids in zip(timed.seconds, timed.tokens) if ids == batch * n]
+    segments, between = percentiles(timed.seconds[:calls]), percentiles(itl)
+    full = [t for t, ids in zip(timed.seconds[:calls], timed.tokens) if ids == batch * n]
     return {"length": length, "batch": batch, "prefill_s": t_prefill,
             "prefill_tokens_per_s": batch * length / t_prefill,
             # robust to a busy machine: a full segment's tokens over its median latency
@@ -153,7 +168,10 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
     A shared machine drifts between speeds for minutes at a time, and `measure` visits the
     subjects and lengths one after the other, so drift reads as a difference between them. An
     Infini state has the same size at every length, so the states that `measure` kept
-    (states[name] = {length: (memory, norm, first token)}) can be taken up in turn: each round
+    (states[name] = {length: KeptState(memory, norm, first token)}) can be taken up in turn;
+    a peer that cannot hand out its state but keeps a prompt's context and rewinds to it
+    (onnxruntime-genai: peer_genai.KeptContext, made by `replay_prompt` in this process) is
+    taken up the same way, through the kept state's `restore(runner)`. Each round
     visits every (runner, length) pair in a new random order, restores its state, runs one
     segment untimed (the runner's weights back in the caches after the others'), restores the
     state again and times `segments` full segments through the prefill graph (the next
@@ -192,26 +210,27 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
                 continue
             name, length = pairs[i]
             runner = runners[name]
-            memory, norm, token = states[name][length]
+            kept = states[name][length]
+            token = kept.token
             batch, n = len(token), runner.config.segment_len
             runner.reset(batch)
-            runner.set_state(memory, norm)
+            kept.restore(runner)
             runner.advance(rng.integers(0, runner.config.vocab_size, (batch, n)))   # warm
-            runner.set_state(memory, norm)
+            kept.restore(runner)
             for _ in range(segments):
                 ids = rng.integers(0, runner.config.vocab_size, (batch, n))
                 t = time.perf_counter()
                 _sync(runner.advance(ids))
                 segment_s[name, length].append(time.perf_counter() - t)
             session = Session(runner, batch)
-            runner.set_state(memory, norm)
+            kept.restore(runner)
             session.feed(list(rng.integers(0, runner.config.vocab_size,      # the segment so
                                            (batch, int(spread * n)))), progress=False)  # far
             token_s[name, length] += _decode(session, token, decode_tokens)
         r += 1
     points = {name: [] for name in runners}
     for name, length in pairs:
-        batch, n = len(states[name][length][2]), runners[name].config.segment_len
+        batch, n = len(states[name][length].token), runners[name].config.segment_len
         seg, tok = percentiles(segment_s[name, length]), percentiles(token_s[name, length])
         points[name].append({
             "length": length, "segment_ms": seg,
@@ -223,6 +242,18 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
             "matmul_fp32_flops_per_s": float(np.median(rates)) if rates else None,
             "matmul_n": matmul_rate.size,
             "points": points}
+
+
+def replay_prompt(runner, length: int, batch: int, seed: int, room: int):
+    """Read a prompt of `length` random tokens again, untimed, in a runner that keeps contexts
+    (`runner.keep`; its cache made for `room` more tokens) -> its kept context, for
+    `interleaved`."""
+    cfg = runner.config
+    runner.capacity = length + room
+    prompts = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length))
+    session = Session(runner, batch)
+    token = session.feed(list(prompts), progress=False).argmax(-1).cpu().numpy()
+    return runner.keep(token)
 
 
 def warm_up(runner, batch: int) -> None:

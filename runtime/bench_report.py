@@ -8,11 +8,15 @@ Derived per point (subject x length):
                          roofline.decode_bytes_per_token (weights / B + K/V cache + state)
                          x decode tokens/s / measured memory read bandwidth
     vs_torch             prefill and decode tokens/s over PyTorch eager's at the same length
+    vs_genai             {peer: ratios} for this model's subjects against each onnxruntime-genai
+                         peer at the same length: prefill and decode tokens/s ours/theirs,
+                         TTFT and peak RSS theirs/ours (> 1: ours better in every column)
     interleaved[].vs_first, .vs_torch, .prefill_efficiency
                          prefill and decode tokens/s measured in alternation
                          (bench_measure.interleaved) over the same subject's at the first
                          length and over PyTorch eager's at the same length; a segment's
-                         model FLOPs per second over the matmul rate measured in the rounds
+                         model FLOPs per second over the matmul rate measured in the rounds;
+                         .vs_genai: prefill and decode ours/onnxruntime-genai's in the rounds
 """
 from __future__ import annotations
 
@@ -24,7 +28,10 @@ from infini_trt.export.quantize import METHODS as QUANTIZE_METHODS
 from . import roofline
 from .lengths import length_label
 
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, **{m: 1 for m in QUANTIZE_METHODS}}
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, **{m: 1 for m in QUANTIZE_METHODS},
+         "int4": 0.5 + 4 / 32}        # 4-bit weights, a float32 scale per block of 32
+GENAI_KIND = "genai"                  # the onnxruntime-genai peers (runtime/peer_genai.py)
+OURS = ("torch", "onnxruntime", "tensorrt")          # the kinds of this model's subjects
 
 
 def gflops(rate: float) -> str:
@@ -47,7 +54,7 @@ def derive(report: dict) -> dict:
         shape = _subject_config(cfg, subject)
         full = not subject["infini"]
         weight_bytes = BYTES.get(subject["precision"], 4)
-        cache_value_bytes = 4 if weight_bytes == 1 else weight_bytes
+        cache_value_bytes = weight_bytes if weight_bytes in (2, 4) else 4   # quantized: fp32
         for p in subject["points"]:
             if "skipped" in p:
                 continue
@@ -66,17 +73,33 @@ def derive(report: dict) -> dict:
             base = torch_points.get(p["length"])
             if base is not None:
                 p["vs_torch"] = _ratios(p, base)
+    genai = [s for s in report["subjects"] if s["kind"] == GENAI_KIND]
+    for subject in report["subjects"]:
+        if subject["kind"] not in OURS:
+            continue
+        for p in subject["points"]:
+            theirs = {g["name"]: q for g in genai for q in g["points"]
+                      if q["length"] == p["length"] and "skipped" not in q}
+            if "skipped" not in p and theirs:
+                p["vs_genai"] = {name: _ratios(p, q, inverse=("ttft_s", "peak_rss_mb"))
+                                 for name, q in theirs.items()}
     alternation = report.get("alternation") or {}
     rate = alternation.get("matmul_fp32_flops_per_s")
     segment = roofline.prefill_flops(cfg, cfg.segment_len)   # last token's logits only
     torch_rounds = {p["length"]: p for s in report["subjects"] if s["name"] == "torch"
                     for p in s.get("interleaved") or []}
+    genai_rounds = {s["name"]: {p["length"]: p for p in s.get("interleaved") or []}
+                    for s in genai}
     for subject in report["subjects"]:
         points = subject.get("interleaved") or []
         for p in points:
             p["vs_first"] = _ratios(p, points[0])
             if p["length"] in torch_rounds:
                 p["vs_torch"] = _ratios(p, torch_rounds[p["length"]])
+            theirs = {name: rounds[p["length"]] for name, rounds in genai_rounds.items()
+                      if p["length"] in rounds}
+            if subject["kind"] in OURS and theirs:
+                p["vs_genai"] = {name: _ratios(p, q) for name, q in theirs.items()}
             if rate:
                 p["prefill_efficiency"] = (p["prefill_tokens_per_s"] / cfg.segment_len
                                            * segment / rate)
@@ -85,13 +108,13 @@ def derive(report: dict) -> dict:
 
 def _decode_cache_slots(cfg: InfiniConfig, kind: str, p: dict) -> float:
     """K/V slots a decoded token of point p reads, on average: the growing context for the
-    full-attention baseline; the cache window of its segment position for our runners
-    (`cache_window`: the tokens decode from where the prompt ended); the whole segment for
-    the lucidrains peer."""
+    full-attention baseline and onnxruntime-genai; the cache window of its segment
+    position for our runners (`cache_window`: the tokens decode from where the prompt
+    ended); the whole segment for the lucidrains peer."""
     from .kv_cache import cache_window
 
     tokens = p["decode_tokens"] // p["batch"]
-    if kind == "full-attention":
+    if kind in ("full-attention", GENAI_KIND):
         return p["length"] + tokens / 2
     n = cfg.segment_len
     if kind == "lucidrains" or not tokens:
@@ -99,12 +122,17 @@ def _decode_cache_slots(cfg: InfiniConfig, kind: str, p: dict) -> float:
     return sum(cache_window((p["length"] + i) % n + 1, n) for i in range(tokens)) / tokens
 
 
-def _ratios(p: dict, base: dict) -> dict:
-    """{"prefill", "decode"}: p's tokens/s over base's (None where either has none)."""
+def _ratios(p: dict, base: dict, inverse: tuple[str, ...] = ()) -> dict:
+    """{"prefill", "decode"}: p's tokens/s over base's, and for each key in `inverse` (a time
+    or a size, less is better: "ttft_s" -> "ttft") base's over p's; None where either has
+    none."""
     ratios = {}
     for key in ("prefill", "decode"):
         mine, theirs = p[f"{key}_tokens_per_s"], base[f"{key}_tokens_per_s"]
         ratios[key] = mine / theirs if mine and theirs else None
+    for key in inverse:
+        mine, theirs = p.get(key), base.get(key)
+        ratios[key.split("_")[0]] = theirs / mine if mine and theirs else None
     return ratios
 
 
@@ -149,11 +177,34 @@ def table(report: dict) -> str:
                 f"{p['ttft_s']:>8.2f} {decode or 0:>12,.1f} {_ratio(p, 'decode'):>8s} "
                 f"{p['peak_rss_mb']:>12,.0f} {p['prefill_efficiency']:>10.0%} "
                 f"{p.get('decode_bandwidth_use', 0):>9.0%}")
+    lines += genai_table(report)
     lines += interleaved_table(report)
     for sub in report["subjects"]:
         if sub["status"] != "ok":
             lines.append(f"{sub['name']}: skipped: {sub['reason']}")
     return "\n".join(lines)
+
+
+def _times(r: float | None) -> str:
+    return f"{r:.2f}x" if r is not None else "-"
+
+
+def genai_table(report: dict) -> list[str]:
+    """This model's subjects against each onnxruntime-genai peer, per length: prefill and
+    decode tokens/s ours/theirs, TTFT and peak RSS theirs/ours (> 1: ours better)."""
+    rows = [(p["length"], sub["name"], peer, r) for sub in report["subjects"]
+            for p in sub["points"] for peer, r in (p.get("vs_genai") or {}).items()]
+    if not rows:
+        return []
+    lines = ["against onnxruntime-genai (> 1: ours better; prefill and decode tok/s "
+             "ours/theirs, TTFT and peak RSS theirs/ours):",
+             f"{'length':>6s}  {'subject':28s} {'peer':24s} {'prefill':>8s} {'decode':>8s} "
+             f"{'TTFT':>8s} {'peak RSS':>8s}"]
+    for length, name, peer, r in sorted(rows, key=lambda row: row[0]):
+        lines.append(f"{length_label(length):>6s}  {name:28s} {peer:24s} "
+                     f"{_times(r['prefill']):>8s} {_times(r['decode']):>8s} "
+                     f"{_times(r['ttft']):>8s} {_times(r['peak']):>8s}")
+    return lines
 
 
 def interleaved_table(report: dict) -> list[str]:
@@ -186,6 +237,15 @@ def interleaved_table(report: dict) -> list[str]:
                 f"{f'{eff:.0%}' if eff else '-':>5s} "
                 f"{p['decode_token_ms']['p50']:>9,.3f} {p['decode_tokens_per_s']:>12,.1f} "
                 f"{_ratio(p, 'decode'):>8s} {p['vs_first']['decode']:>7.2f}x")
+    against = [(p["length"], sub["name"], peer, ratio) for sub in measured
+               for p in sub["interleaved"] for peer, ratio in (p.get("vs_genai") or {}).items()]
+    if against:
+        lines.append("in alternation against onnxruntime-genai (tok/s ours/theirs, > 1: ours "
+                     "faster):")
+        for length, name, peer, ratio in sorted(against, key=lambda row: row[0]):
+            lines.append(f"{length_label(length):>6s}  {name:28s} {peer:24s} prefill "
+                         f"{_times(ratio['prefill']):>7s} decode {_times(ratio['decode']):>7s}")
+    lines += [f"left out of the rounds: {why}" for why in r.get("left_out", [])]
     return lines
 
 

@@ -17,7 +17,8 @@ from . import roofline
 
 BACKENDS = ("torch", "torch:bf16", "torch:fp16", "onnxruntime",
             *(f"onnxruntime:{method}" for method in QUANTIZE_METHODS), "tensorrt")
-PEERS = ("infini-transformer-pytorch", "full-attention")
+GENAI_PEERS = ("onnxruntime-genai", "onnxruntime-genai:int4")      # runtime/peer_genai.py
+PEERS = ("infini-transformer-pytorch", "full-attention", *GENAI_PEERS)
 
 
 @dataclass
@@ -26,8 +27,9 @@ class Subject:
 
     name: str                         # as given: "onnxruntime:int8", "full-attention", ...
     kind: str                         # torch | onnxruntime | tensorrt | lucidrains | full-attention
+                                      # | genai
     path: str | None = None           # checkpoint or export directory
-    precision: str = "float32"        # weights: float32 | bfloat16 | float16 | int8
+    precision: str = "float32"        # weights: float32 | bfloat16 | float16 | int8 | int4
     label: str = ""                   # the runner's description, filled in by the worker
     status: str = "ok"                # ok | skipped
     reason: str = ""
@@ -36,18 +38,27 @@ class Subject:
 
     @property
     def infini(self) -> bool:
-        return self.kind != "full-attention"
+        return self.kind not in ("full-attention", "genai")
 
     @property
     def restartable(self) -> bool:
         """A runner of this model: its state can be read and restored (`interleaved`)."""
         return self.kind in ("torch", "onnxruntime", "tensorrt")
 
+    @property
+    def resumable(self) -> bool:
+        """A runner that keeps a prompt's context in its own process and rewinds to it
+        (onnxruntime-genai): it takes part in `interleaved` after its prompts are read
+        again there."""
+        return self.kind == "genai"
+
 
 def open_subject(subject: Subject, cfg: InfiniConfig, threads: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, beside_others: bool = False):
     """The runner of one subject (in the worker process): `threads` CPU threads for torch and
-    ONNX Runtime [default: all], `seed` for the peers' random weights."""
+    ONNX Runtime [default: all], `seed` for the peers' random weights; `beside_others`: it
+    takes turns with other runners in this process (the rounds in alternation), so the
+    onnxruntime-genai peers' idle threads do not spin."""
     if threads:
         torch.set_num_threads(threads)
     if subject.kind == "torch":
@@ -66,6 +77,10 @@ def open_subject(subject: Subject, cfg: InfiniConfig, threads: int | None = None
         from .baselines import LucidrainsRunner
 
         return LucidrainsRunner(cfg, seed=seed)
+    if subject.kind == "genai":
+        from .peer_genai import GenaiRunner
+
+        return GenaiRunner(subject.path, cfg, threads, spinning=not beside_others)
     from infini_trt.export.model import InfiniLM, init_weights
 
     from .baselines import FullAttentionRunner
@@ -80,8 +95,11 @@ def check_name(name: str) -> None:
                              f"(peers: {', '.join(PEERS)})")
 
 
-def resolve(name: str, model: Path, log: Callable[[str], None]) -> Subject:
-    """A subject name -> what its worker opens (exports made here, once, and cached)."""
+def resolve(name: str, model: Path, log: Callable[[str], None], seed: int = 0,
+            batch: int = 1, context: int = 0, peer_source: str | None = None) -> Subject:
+    """A subject name -> what its worker opens (exports made here, once, and cached). The
+    onnxruntime-genai peers are built from `peer_source` (a Hugging Face checkpoint) or from
+    random weights (`seed`) for `context` tokens; they run at `batch` 1 only."""
     from infini_trt.export.manifest import is_export_dir, read_manifest
 
     from .artifacts import source_checkpoint
@@ -89,6 +107,8 @@ def resolve(name: str, model: Path, log: Callable[[str], None]) -> Subject:
 
     backend, _, variant = name.partition(":")
     check_name(name)
+    if name in GENAI_PEERS:
+        return resolve_genai(name, model, log, seed, batch, context, peer_source)
     if name in PEERS:
         return Subject(name, "lucidrains" if name == PEERS[0] else name)
     export = is_export_dir(model)
@@ -122,3 +142,27 @@ def resolve(name: str, model: Path, log: Callable[[str], None]) -> Subject:
     directory = cached_quantized(model, variant, log) if variant and not manifest.quantization \
         else model
     return Subject(name, "onnxruntime", str(directory), variant or manifest.dtype)
+
+
+def resolve_genai(name: str, model: Path, log: Callable[[str], None], seed: int, batch: int,
+                  context: int, peer_source: str | None) -> Subject:
+    """An onnxruntime-genai peer: its builder export made here and cached, or skipped with the
+    reason (not installed, batch > 1, the builder failed). A --peer-source that is not a
+    Hugging Face checkpoint of MODEL's shape is the user's mistake: its error ends the run."""
+    from infini_trt.export.errors import MissingDependencyError
+    from infini_trt.export.manifest import model_config
+
+    from .peer_genai import PRECISIONS, BuilderError, cached_genai, context_positions
+
+    precision = PRECISIONS[name]
+    if batch != 1:
+        return Subject(name, "genai", precision=precision, status="skipped",
+                       reason="onnxruntime-genai's Generator takes a prompt in one call at "
+                              "batch > 1 (bench feeds prompts in segments): run it at --batch 1")
+    try:
+        directory = cached_genai(model_config(model), precision, seed, context_positions(context),
+                                 peer_source, log)
+    except (MissingDependencyError, BuilderError) as exc:     # one line (the builder's: its log)
+        return Subject(name, "genai", precision=precision, status="skipped",
+                       reason=str(exc).splitlines()[0])
+    return Subject(name, "genai", str(directory), precision)

@@ -22,7 +22,14 @@ def _names(text: str) -> list[str]:
 @click.option("--peers", default="infini-transformer-pytorch,full-attention",
               help="Comma-separated peers at the same shape, or 'none': "
                    "infini-transformer-pytorch (lucidrains, eager), full-attention (the "
-                   "quadratic KV-cache baseline).")
+                   "quadratic KV-cache baseline), onnxruntime-genai and "
+                   "onnxruntime-genai:int4 (a Llama exported by onnxruntime-genai's model "
+                   "builder, fp32 or int4, run by its Generator at batch 1; pip install "
+                   "\"infini-trt[peers]\").")
+@click.option("--peer-source", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The Hugging Face checkpoint MODEL was converted from (convert --from hf): "
+                   "the onnxruntime-genai peers run it instead of random weights of MODEL's "
+                   "shape (its shape is checked against MODEL's).")
 @click.option("--lengths", default="4K,16K,64K",
               help="Context lengths to prefill (4096, 4K, 1M; K = 1024).")
 @click.option("--batch", default=1, type=click.IntRange(1), help="Sequences per call.")
@@ -39,11 +46,12 @@ def _names(text: str) -> list[str]:
                    "instructions for it).")
 @click.option("--rounds", default=5, type=click.IntRange(0),
               help="Rounds (at least; as many as fit in 10 s) in alternation after the "
-                   "sequential runs, over this model's backends (open together) and the "
-                   "lengths, each with an fp32 matmul of the machine: per backend and "
-                   "length --round-segments segments and --round-decode-tokens tokens from "
-                   "the state its prompt left, so that drift of a busy machine hits every "
-                   "backend and length alike (0: none).")
+                   "sequential runs, over this model's backends and the onnxruntime-genai "
+                   "peers (open together) and the lengths, each with an fp32 matmul of the "
+                   "machine: per backend and length --round-segments segments and "
+                   "--round-decode-tokens tokens from the state its prompt left (the peers: "
+                   "their prompts read again, then rewound to), so that drift of a busy "
+                   "machine hits every backend and length alike (0: none).")
 @click.option("--round-segments", default=4, type=click.IntRange(1),
               help="Segments prefilled per length in each round.")
 @click.option("--round-decode-tokens", default=16, type=click.IntRange(1),
@@ -55,7 +63,8 @@ def _names(text: str) -> list[str]:
               help="Write every figure as JSON.")
 @click.option("--plot", "plot_file", type=OUTPUT_FILE, default=None,
               help="Write a PNG: throughput and memory against length (log x).")
-def bench(model: str, backends: str, peers: str, lengths: str, batch: int, decode_tokens: int,
+def bench(model: str, backends: str, peers: str, peer_source: str | None, lengths: str,
+          batch: int, decode_tokens: int,
           threads: int | None, budget: float, seed: int, calibrate: float, rounds: int,
           round_segments: int, round_decode_tokens: int, isolate: bool, json_file: str | None,
           plot_file: str | None) -> None:
@@ -73,7 +82,7 @@ def bench(model: str, backends: str, peers: str, lengths: str, batch: int, decod
 
     settings = BenchSettings(tuple(parse_lengths(lengths)), batch, decode_tokens, seed,
                              threads, budget, isolate, calibrate, rounds, round_segments,
-                             round_decode_tokens)
+                             round_decode_tokens, peer_source=peer_source)
     report = run_bench(model, _names(backends) + _names(peers), settings, log=click.echo)
     click.echo(table(report))
     if json_file:
