@@ -318,22 +318,57 @@ class InfiniLM(nn.Module):
         return memory, norm
 
     # ----------------------------------------------------------------------------- graphs
+    # Each graph is made of these pieces alone: the embedding, one call per layer, the LM
+    # head. The stamping exporter (export/stamp.py) traces each piece once and repeats the
+    # layer's per layer, so a graph computes nothing outside them.
     def rope(self, length: int, dtype: torch.dtype, device: torch.device):
         """cos, sin (length, hd) for segment positions 0 .. length-1, shared by all layers."""
         cfg = self.cfg
         return rope_tables(0, length, cfg.head_dim, cfg.rope_theta, cfg.rope_style, dtype,
                            device)
 
-    def fold(self, memory: torch.Tensor, norm: torch.Tensor, kv: list):
-        """Write a segment's raw keys/values [(k, v) per layer] into every layer's memory
-        (eq 8 or 9) -> (memory_out, norm_out)."""
-        memories, norms = [], []
-        for i, (k, v) in enumerate(kv):
-            m, z = memory_op.memory_update(memory[i], norm[i], k, v, self.cfg.update_rule,
-                                           self.cfg.memory_eps, layer=i)
-            memories.append(m)
-            norms.append(z)
-        return torch.stack(memories), torch.stack(norms)
+    def embed_segment(self, input_ids: torch.Tensor):
+        """input_ids (B, S) -> (x (B, S, d), rope for positions 0 .. S-1)."""
+        x = self.embed(input_ids)
+        return x, self.rope(input_ids.shape[1], x.dtype, x.device)
+
+    def layer_step(self, i: int, x: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
+                   rope: tuple[torch.Tensor, torch.Tensor]):
+        """Layer i over one segment: x (B, S, d), its memory (B, Hkv, dk, dv) and norm
+        (B, Hkv, dk) -> (x, memory_out, norm_out): the block, then the segment's raw keys and
+        values written into the memory (eq 8 or 9; retrieve, then update)."""
+        x, k, v = self.layers[i](x, memory, norm, rope)
+        memory_out, norm_out = memory_op.memory_update(memory, norm, k, v, self.cfg.update_rule,
+                                                       self.cfg.memory_eps, layer=i)
+        return x, memory_out, norm_out
+
+    def layer_extend(self, i: int, x: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
+                     rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, start: torch.Tensor):
+        """Layer i continuing a segment from its caches -> (x, k_new, v_new); see `extend`."""
+        return self.layers[i].extend(x, memory, norm, rope, k_cache, v_cache, start)
+
+    def layer_fold(self, i: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   memory: torch.Tensor, norm: torch.Tensor, fold: torch.Tensor,
+                   rope: tuple[torch.Tensor, torch.Tensor]):
+        """Layer i's full segment in its caches, k_cache (B, Hkv, hd, N) and v_cache
+        (B, Hkv, N, hd), written into its memory where fold[b] is true -> (memory_out,
+        norm_out). The cached keys are rotated back (by minus their angle) first."""
+        cos, sin = rope
+        keys = apply_rope(k_cache.transpose(-1, -2), cos, -sin, self.cfg.rope_style)
+        memory_new, norm_new = memory_op.memory_update(memory, norm, keys, v_cache,
+                                                       self.cfg.update_rule,
+                                                       self.cfg.memory_eps, layer=i)
+        mask = fold.to(torch.bool)
+        return (torch.where(mask[:, None, None, None], memory_new, memory),
+                torch.where(mask[:, None, None], norm_new, norm))
+
+    def head_logits(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """The final norm and LM head: x (B, S, d) -> logits (B, S, V), or (B, V) of the last
+        token with last_only."""
+        if last_only:
+            x = x[:, -1]
+        return self.lm_head(self.final_norm(x))
 
     def step(self, input_ids: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
              last_only: bool = False):
@@ -342,16 +377,13 @@ class InfiniLM(nn.Module):
 
         last_only: logits of the last token only, (B, V): a prompt being read needs no
         others, and the LM head is a third of a segment's FLOPs at a 32K vocabulary."""
-        x = self.embed(input_ids)
-        rope = self.rope(input_ids.shape[1], x.dtype, x.device)
-        kv = []
-        for i, block in enumerate(self.layers):
-            x, k, v = block(x, memory[i], norm[i], rope)
-            kv.append((k, v))
-        memory_out, norm_out = self.fold(memory, norm, kv)
-        if last_only:
-            x = x[:, -1]
-        return self.lm_head(self.final_norm(x)), memory_out, norm_out
+        x, rope = self.embed_segment(input_ids)
+        memories, norms = [], []
+        for i in range(self.cfg.n_layers):
+            x, m, z = self.layer_step(i, x, memory[i], norm[i], rope)
+            memories.append(m)
+            norms.append(z)
+        return self.head_logits(x, last_only), torch.stack(memories), torch.stack(norms)
 
     # ------------------------------------------------------------------------- decoding
     def extend(self, input_ids: torch.Tensor, start: torch.Tensor, memory: torch.Tensor,
@@ -368,25 +400,25 @@ class InfiniLM(nn.Module):
         x = self.embed(input_ids)
         rope = self.rope(self.cfg.segment_len, x.dtype, x.device)
         k_out, v_out = [], []
-        for i, block in enumerate(self.layers):
-            x, k, v = block.extend(x, memory[i], norm[i], rope, k_caches[i], v_caches[i], start)
+        for i in range(self.cfg.n_layers):
+            x, k, v = self.layer_extend(i, x, memory[i], norm[i], rope, k_caches[i],
+                                        v_caches[i], start)
             k_out.append(k)
             v_out.append(v)
-        return self.lm_head(self.final_norm(x)), torch.stack(k_out), torch.stack(v_out)
+        return self.head_logits(x), torch.stack(k_out), torch.stack(v_out)
 
     def fold_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, memory: torch.Tensor,
                    norm: torch.Tensor, fold: torch.Tensor):
         """Write each full segment held in the caches (`kv_cache.empty_caches` layout) into memory, where
         fold[b] is true (others keep their state) -> (memory_out, norm_out). The memory takes
         un-rotated keys: the cached ones are rotated back (by minus their angle) first."""
-        cos, sin = self.rope(self.cfg.segment_len, k_cache.dtype, k_cache.device)
-        keys = k_cache.transpose(-1, -2)                                     # (L, B, Hkv, N, hd)
-        kv = [(apply_rope(keys[i], cos, -sin, self.cfg.rope_style), v_cache[i])
-              for i in range(self.cfg.n_layers)]
-        memory_new, norm_new = self.fold(memory, norm, kv)
-        mask = fold.to(torch.bool)
-        return (torch.where(mask[None, :, None, None, None], memory_new, memory),
-                torch.where(mask[None, :, None, None], norm_new, norm))
+        rope = self.rope(self.cfg.segment_len, k_cache.dtype, k_cache.device)
+        memories, norms = [], []
+        for i in range(self.cfg.n_layers):
+            m, z = self.layer_fold(i, k_cache[i], v_cache[i], memory[i], norm[i], fold, rope)
+            memories.append(m)
+            norms.append(z)
+        return torch.stack(memories), torch.stack(norms)
 
     def forward(self, input_ids: torch.Tensor, memory: torch.Tensor | None = None,
                 norm: torch.Tensor | None = None):

@@ -6,13 +6,19 @@ With memory_op="plugin" every layer's memory update is one custom node
 (`infini::LinearMemoryUpdate` or `infini::DeltaMemoryUpdate`, with `plugin_namespace` and
 `plugin_version` attributes) and the model carries the op's reference decomposition as a
 model-local ONNX function of the same name; "portable" traces the update into plain ops.
+
+Each graph is assembled from pieces traced once, its layer repeated per layer
+(export/stamp.py); `export_model(..., method="trace")` traces every graph whole instead, the
+reference that the stamped graphs are tested against.
 """
 from __future__ import annotations
 
 import ast
 import contextlib
+import hashlib
 import io
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -36,6 +42,7 @@ from .model import InfiniLM
 from .quantize import check_method as check_quantize, quantization_record, quantize_graphs
 
 MEMORY_OPS = ("plugin", "portable")
+EXPORT_METHODS = ("stamp", "trace")        # export_model(method=...); see export/stamp.py
 OPSETS = range(18, 24)
 EXTERNAL_DATA_BYTES = 1 << 30        # above this, weights go to <file>.data beside the graph
 
@@ -149,50 +156,64 @@ def _path_name(node: onnx.NodeProto) -> str:
     return f"/{path}/{node.op_type}" if path else f"/{node.op_type}"
 
 
-def fold_weight_parts(graph: onnx.GraphProto) -> None:
-    """Compute the Split and Transpose nodes that read only initializers (the parts of a
-    `PartedLinear` weight, transposed for MatMul) into initializers, in place: torch.onnx's
-    constant folding leaves tensors this large alone, and ONNX Runtime's int8 quantizer and
-    TensorRT's weight handling want a MatMul's weight to be an initializer."""
+def fold_weight_parts(graph: onnx.GraphProto, opset: int) -> None:
+    """Compute, in place, the nodes that read initializers only into initializers: the Split
+    and Transpose nodes of a `PartedLinear` weight (its parts, transposed for MatMul), which
+    torch.onnx's constant folding leaves alone at this size, and in a stamped graph
+    (export/stamp.py) what a template computes from its weights alone (the gate's
+    sigmoid(beta)). ONNX Runtime's int8 quantizer and TensorRT's weight handling want a
+    MatMul's weight to be an initializer, and nothing is computed on weights at run time."""
     from onnx import numpy_helper
 
     values = {t.name: t for t in graph.initializer}
-    kept = []
-    for node in graph.node:
-        if node.op_type not in ("Split", "Transpose") or \
+    folded = []
+    for index, node in enumerate(graph.node):
+        if not node.input or node.domain not in ("", "ai.onnx") or \
                 not all(i in values for i in node.input if i):
-            kept.append(node)
             continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        data = numpy_helper.to_array(values[node.input[0]])
-        if node.op_type == "Transpose":
-            parts = [data.transpose(attrs.get("perm"))]
-        else:
-            sizes = numpy_helper.to_array(values[node.input[1]]) if len(node.input) > 1 \
-                else [data.shape[attrs.get("axis", 0)] // len(node.output)] * len(node.output)
-            ends = np.cumsum(sizes)[:-1]
-            parts = np.split(data, ends, axis=attrs.get("axis", 0))
-        for name, part in zip(node.output, parts):
-            values[name] = numpy_helper.from_array(np.ascontiguousarray(part), name)
-            graph.initializer.append(values[name])
-    del graph.node[:]
-    graph.node.extend(kept)
+        inputs = [numpy_helper.to_array(values[i]) if i else None for i in node.input]
+        for name, part in zip(node.output, _evaluate(node, inputs, opset)):
+            tensor = values[name] = graph.initializer.add()      # one copy of the data
+            tensor.name, tensor.data_type = name, onnx.helper.np_dtype_to_tensor_dtype(part.dtype)
+            tensor.dims.extend(part.shape)
+            tensor.raw_data = part.tobytes()
+        folded.append(index)
+    for index in reversed(folded):
+        del graph.node[index]
     drop_unused_initializers(graph)
+
+
+def _evaluate(node: onnx.NodeProto, inputs: list, opset: int) -> list[np.ndarray]:
+    """The outputs of a standard ONNX node on constant inputs: Split and Transpose (the large
+    ones) in numpy, anything else with ONNX's reference evaluator."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    data = inputs[0]
+    if node.op_type == "Transpose":
+        return [data.transpose(attrs.get("perm"))]
+    if node.op_type == "Split" and (len(inputs) > 1 or "num_outputs" not in attrs):
+        axis = attrs.get("axis", 0)
+        sizes = inputs[1] if len(inputs) > 1 and inputs[1] is not None \
+            else [data.shape[axis] // len(node.output)] * len(node.output)
+        return np.split(data, np.cumsum(sizes)[:-1], axis=axis)
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {name: value for name, value in zip(node.input, inputs) if name}
+    return ReferenceEvaluator(node, opsets={"": opset}).run(None, feeds)
 
 
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     """Remove, in place, the initializers that no node reads and no output is."""
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    for index in reversed(range(len(graph.initializer))):      # in place: no copy of weights
+        if graph.initializer[index].name not in used:
+            del graph.initializer[index]
 
 
 def finalize(proto: onnx.ModelProto, spec: GraphSpec, rule: str | None, opset: int,
              doc: str) -> onnx.ModelProto:
     """Path-style node names, the weight parts as initializers (`fold_weight_parts`), the
     memory-update function, and checks of the I/O table."""
-    fold_weight_parts(proto.graph)
+    fold_weight_parts(proto.graph, opset)
     seen: dict[str, int] = {}
     for node in proto.graph.node:
         name = _path_name(node)
@@ -214,14 +235,57 @@ def finalize(proto: onnx.ModelProto, spec: GraphSpec, rule: str | None, opset: i
 
 
 def save_onnx(proto: onnx.ModelProto, path: Path) -> dict[str, str]:
-    """Save (external data when large), run the full ONNX checker, return {file: sha256}."""
+    """Save (external data when large), check (`check_onnx`), return {file: sha256}."""
     size = sum(len(t.raw_data) for t in proto.graph.initializer)
-    external = size > EXTERNAL_DATA_BYTES
-    onnx.save_model(proto, str(path), save_as_external_data=external,
-                    location=path.name + ".data" if external else None)
-    onnx.checker.check_model(str(path), full_check=True)
-    files = [path] + ([path.with_name(path.name + ".data")] if external else [])
-    return {f.name: sha256_file(f) for f in files}
+    if size > EXTERNAL_DATA_BYTES:
+        onnx.save_model(proto, str(path), save_as_external_data=True,
+                        location=path.name + ".data")
+        check_onnx(proto, path.parent)
+        files = [path, path.with_name(path.name + ".data")]
+        return {f.name: sha256_file(f) for f in files}
+    data = proto.SerializeToString()            # once: written and hashed
+    path.write_bytes(data)
+    check_onnx(proto, path.parent)
+    return {path.name: hashlib.sha256(data).hexdigest()}
+
+
+CHECKED_APART_BYTES = 1 << 16    # initializers this large are checked apart from the graph
+
+
+def check_onnx(proto: onnx.ModelProto, directory: Path) -> None:
+    """The full ONNX checker (schemas, types, strict shape inference) on the model with its
+    large initializers given as graph inputs of their type and shape, and those checked
+    here: their bytes (or their extent in the external data file, under `directory`) against
+    their type and shape. The same checks as checking the saved file, without the checker
+    parsing hundreds of megabytes of weights."""
+    light = onnx.ModelProto(ir_version=proto.ir_version, opset_import=proto.opset_import,
+                            functions=proto.functions, producer_name=proto.producer_name,
+                            producer_version=proto.producer_version,
+                            doc_string=proto.doc_string)
+    graph = light.graph
+    graph.name = proto.graph.name
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(graph, field).extend(getattr(proto.graph, field))
+    for tensor in proto.graph.initializer:
+        external = tensor.data_location == onnx.TensorProto.EXTERNAL
+        if not external and (not tensor.HasField("raw_data") or
+                             len(tensor.raw_data) <= CHECKED_APART_BYTES):
+            graph.initializer.append(tensor)
+            continue
+        width = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        want = math.prod(tensor.dims) * width
+        if external:
+            where = {e.key: e.value for e in tensor.external_data}
+            file = directory / where["location"]
+            got = int(where.get("length", want))
+            fits = int(where.get("offset", 0)) + got <= file.stat().st_size
+        else:
+            got, fits = len(tensor.raw_data), True
+        if got != want or not fits:                                   # a bug
+            raise RuntimeError(f"initializer {tensor.name}: {got} bytes for {want}")
+        graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                              list(tensor.dims)))
+    onnx.checker.check_model(light.SerializeToString(), full_check=True)
 
 
 def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plugin",
@@ -229,16 +293,22 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
                  tokenizer: Path | None = None,
                  log: Callable[[str], None] = lambda s: None,
                  graphs: tuple[str, ...] = (SEGMENT, PREFILL, EXTEND, FOLD),
-                 quantize: str | None = None, inputs: tuple = ()) -> Manifest:
+                 quantize: str | None = None, inputs: tuple = (),
+                 method: str = "stamp") -> Manifest:
     """Export `model` (already in its export dtype) into the directory `output`: the segment
     graph, the prompt-reading graph (prefill) and the decoding graphs (extend, fold), or those
     of them that `graphs` names.
     `quantize="int8"`: int8 weights for ONNX Runtime (export/quantize.py). `inputs` (and the
-    tokenizer) are refused as the output."""
+    tokenizer) are refused as the output.
+    `method`: "stamp" traces each distinct piece once and repeats the layer per layer
+    (export/stamp.py); "trace" traces every graph whole (the reference the stamped graphs are
+    tested against)."""
     if memory_op_mode not in MEMORY_OPS:
         raise InfiniTrtError(f"--memory-op must be one of {', '.join(MEMORY_OPS)}")
     if opset not in OPSETS:
         raise InfiniTrtError(f"--opset must be between {OPSETS.start} and {OPSETS.stop - 1}")
+    if method not in EXPORT_METHODS:
+        raise ValueError(f"export method must be one of {EXPORT_METHODS}, got {method!r}")
     cfg = model.cfg
     dtype = dtype_name(model.embed.weight.dtype)
     if dtype == "float64":
@@ -255,11 +325,24 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
     sources = (*inputs, *([tokenizer] if tokenizer is not None else []))
     check_output(output, "dir", force, inputs=sources)
     with atomic_dir(output, force=force, inputs=sources) as tmp:
+        model = model.eval()
+        if method == "stamp":
+            from . import stamp
+
+            log(f"exporting {cfg.n_layers} layers, {dtype}, opset {opset}")
+            templates = stamp.trace_templates(model, [s.name for s in specs], sizes, opset,
+                                              plugin, log)
+            weights = stamp.weight_tensors(model)
         for spec in specs:
             wrapper, file, doc = GRAPHS[spec.name]
-            log(f"tracing the {spec.name} graph ({cfg.n_layers} layers, {dtype}, opset {opset})")
-            proto = trace_to_onnx(wrapper(model.eval()), spec, example_inputs(spec, sizes),
-                                  opset, plugin)
+            if method == "stamp":
+                log(f"stamping the {spec.name} graph")
+                proto = stamp.assemble(spec, templates, weights, cfg, log)
+            else:
+                log(f"tracing the {spec.name} graph ({cfg.n_layers} layers, {dtype}, "
+                    f"opset {opset})")
+                proto = trace_to_onnx(wrapper(model), spec, example_inputs(spec, sizes),
+                                      opset, plugin)
             has_update = spec.name != EXTEND
             proto = finalize(proto, spec, cfg.update_rule if plugin and has_update else None,
                              opset, doc=f"infini-trt {doc}")

@@ -320,8 +320,8 @@ def test_sigterm_during_export_leaves_nothing(checkpoint, tmp_path):
     proc = subprocess.Popen([*CLI, "export", str(checkpoint), "-o", str(tmp_path / "out")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    _wait_for(proc, "stdout", "tracing the segment graph")
-    time.sleep(0.5)
+    _wait_for(proc, "stdout", "tracing one of each piece")      # mid-export: tracing
+    time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
