@@ -1,9 +1,9 @@
-"""Reduced precision for ONNX Runtime on the CPU: int8 projections, state kept in float32.
+"""Reduced precision for ONNX Runtime on the CPU: int8 or int4 projections, state kept in float32.
 
     export_checkpoint("ckpt/", "out/", quantize="int8")   # or `infini-trt export --quantize int8`
     quantize_export("out_fp32/", "out_int8/", "int8-rows")  # the same, from an fp32 export
 
-Two methods; both quantize every MatMul that has a constant weight (the q/k/v, output, MLP and
+Three methods; all quantize every MatMul that has a constant weight (the q/k/v, output, MLP and
 LM-head projections) and leave everything else float32: the embedding table, norms, the local
 attention (its operands are activations), the decoding caches, and the compressive memory (the
 memory-update node, its retrieval and the state M and z).
@@ -24,6 +24,21 @@ prefill 1.64-1.74x float32 ONNX Runtime, "int8" 1.15-1.30x; `validate`: logits r
 5.8e-2 (int8: 3.9e-2), greedy agreement 87% (91%) on random weights, 98.9% (98.9%) on the
 passkey model. Its GEMMs ran at ~550-670 GOP/s, MatMulNBits' blocked ones at ~300.
 
+"int4" (the fastest decoding, the least accurate): the decoding graph (extend) gets 4-bit
+MatMulNBits (BLOCKS["int4"]): weights int4, asymmetric, one scale and one zero point per block
+of 32 input channels of each output channel, accuracy_level 4; the graphs that read whole
+segments (segment, prefill) get int8-rows' row GEMMs. What ONNX Runtime computes for one
+output channel n of a MatMulNBits X (..., K) @ W (K, N) at accuracy_level 4, per block b of
+B input channels:
+
+    W[k, n]  = (q[n, b, k] - zero_point[n, b]) * scale[n, b]      q in [0, 2^bits), stored
+    s_x      = max|X[row, block b]| / 127                          per row and block, per call
+    Y[row,n] = sum_b s_x * scale[n, b] * sum_k round(X[row, k] / s_x) * (q - zero_point)
+
+(round: to nearest; zero_point 2^(bits-1) where symmetric). The integer sums are exact with
+VNNI and without (an 8-bit activation times a 4-bit level is at most 255 * 15: AVX2's int16
+pair sums cannot saturate); only the order of the float sums over blocks may differ.
+
 (ONNX Runtime's own dynamic quantization, DynamicQuantizeMatMul with per-channel int8 weights
 and one activation scale per tensor, was as fast but less accurate: logits relative RMS 9.8e-2,
 greedy agreement 79% on `small`; the activations of the down and output projections carry
@@ -42,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -49,9 +65,51 @@ from .errors import InfiniTrtError, MissingDependencyError
 from .files import atomic_dir, check_output, sha256_file
 from .io_spec import EXTEND, FOLD, PREFILL, SEGMENT
 
-METHODS = ("int8", "int8-rows")
-BLOCK_SIZE = 128
-ACCURACY_LEVEL = 4          # int8 activations and integer GEMMs
+METHODS = ("int8", "int8-rows", "int4")
+ROW_GEMM_METHODS = ("int8-rows", "int4")   # row GEMMs in the graphs that read whole segments
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """ONNX Runtime's MatMulNBits: weights of `bits` bits in blocks of `block_size` input
+    channels of one output channel, each block with its own scale (and, unless `symmetric`,
+    its own zero point); `accuracy_level` 4: the activations quantized to int8 per block of
+    the same size at every call and integer GEMMs; 0 to 2 (on x86): float32 products of the
+    dequantized weights."""
+
+    bits: int
+    block_size: int
+    symmetric: bool
+    accuracy_level: int
+
+    def record(self) -> dict:
+        scales = "one scale" if self.symmetric else "one scale and zero point"
+        return {"op": "MatMulNBits", "bits": self.bits, "block_size": self.block_size,
+                "symmetric": self.symmetric, "accuracy_level": self.accuracy_level,
+                "weights": f"int{self.bits}, {'' if self.symmetric else 'a'}symmetric, "
+                           f"{scales} per {self.block_size} input channels",
+                "activations": ("int8 per block, computed per call" if self.accuracy_level == 4
+                                else "float32 (the weights dequantized per call)"),
+                "tool": "onnxruntime.quantization.matmul_nbits_quantizer"}
+
+
+BLOCKS = {
+    # int8, and int8-rows' decoding graph
+    "int8": Blocks(bits=8, block_size=128, symmetric=True, accuracy_level=4),
+    # int4's decoding graph. Chosen on `small`, tiny and the passkey model (AVX2): level 4
+    # decodes about twice as fast as levels 0-2 (float32 products on x86) at the same parity;
+    # blocks of 64 or 128 decode a little faster than 32 but with larger errors on every model,
+    # 16 is more accurate but decodes slower than int8; asymmetric is more accurate than
+    # symmetric at no measurable cost. In the segment and prefill graphs 4-bit blocks read a
+    # segment slower than float32 does, int8-rows' row GEMMs faster and more accurately: int4
+    # keeps those (ROW_GEMM_METHODS).
+    "int4": Blocks(bits=4, block_size=32, symmetric=False, accuracy_level=4),
+}
+
+
+def blocks(method: str) -> Blocks:
+    """The MatMulNBits settings of `method` (int8-rows: of its decoding graph)."""
+    return BLOCKS["int8" if method == "int8-rows" else method]
 
 
 def quantization_record(method: str) -> dict:
@@ -59,12 +117,8 @@ def quantization_record(method: str) -> dict:
     from .manifest import package_version
 
     versions = {"onnxruntime": package_version("onnxruntime")}
-    blocks = {"op": "MatMulNBits", "bits": 8, "block_size": BLOCK_SIZE, "symmetric": True,
-              "accuracy_level": ACCURACY_LEVEL,
-              "weights": f"int8, symmetric, one scale per {BLOCK_SIZE} input channels",
-              "activations": "int8 per block, computed per call",
-              "tool": "onnxruntime.quantization.matmul_nbits_quantizer"}
-    if method == "int8-rows":
+    nbits = blocks(method).record()
+    if method in ROW_GEMM_METHODS:
         from .quantize_rows import LEVELS, OPSET, PAIR_LIMIT
 
         rows = {"op": "MatMulIntegerToFloat", "bits": 8, "symmetric": True,
@@ -75,10 +129,11 @@ def quantization_record(method: str) -> dict:
                                f"and 255 * {PAIR_LIMIT} <= 32767",
                 "activations": "uint8 around 128, one scale per row (token), computed per call",
                 "tool": "infini_trt.export.quantize_rows", "onnx_opset": OPSET}
-        return {"method": method, "bits": 8,
-                "graphs": {g: rows if row_gemms(method, g) else blocks
-                           for g in (SEGMENT, PREFILL, EXTEND)}, **versions}
-    return {"method": method, **blocks, **versions}
+        graphs = {g: rows if row_gemms(method, g) else nbits for g in (SEGMENT, PREFILL, EXTEND)}
+        bits = {record["bits"] for record in graphs.values()}
+        return {"method": method, **({"bits": bits.pop()} if len(bits) == 1 else {}),
+                "graphs": graphs, **versions}
+    return {"method": method, **nbits, **versions}
 
 
 def check_method(method: str, dtype: str) -> None:
@@ -102,8 +157,9 @@ def _quiet():
 
 
 def row_gemms(method: str, graph: str) -> bool:
-    """Whether `graph` (segment, prefill, extend) gets the row GEMMs of int8-rows."""
-    return method == "int8-rows" and graph != EXTEND
+    """Whether `graph` (segment, prefill, extend) gets the row GEMMs of int8-rows (else
+    MatMulNBits)."""
+    return method in ROW_GEMM_METHODS and graph != EXTEND
 
 
 def quantize_graph(path: Path, method: str = "int8", graph: str = "segment") -> dict[str, str]:
@@ -120,7 +176,7 @@ def quantize_graph(path: Path, method: str = "int8", graph: str = "segment") -> 
 
         quantize_rows(model)
     else:
-        model = _matmul_nbits(model)
+        model = _matmul_nbits(model, blocks(method))
     if external:
         data.unlink()
     onnx.save_model(model, str(path), save_as_external_data=external,
@@ -128,20 +184,19 @@ def quantize_graph(path: Path, method: str = "int8", graph: str = "segment") -> 
     return {f.name: sha256_file(f) for f in ([path, data] if external else [path])}
 
 
-def _matmul_nbits(model):
+def _matmul_nbits(model, nbits: Blocks):
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer)
     except ImportError:
-        raise MissingDependencyError("onnxruntime", "int8 quantization",
+        raise MissingDependencyError("onnxruntime", f"int{nbits.bits} quantization",
                                      "pip install onnxruntime") from None
-    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True,
-                                          accuracy_level=ACCURACY_LEVEL, bits=8,
-                                          op_types_to_quantize=("MatMul",))
+    settings = {"bits": nbits.bits, "block_size": nbits.block_size,
+                "is_symmetric": nbits.symmetric, "accuracy_level": nbits.accuracy_level}
+    config = DefaultWeightOnlyQuantConfig(**settings, op_types_to_quantize=("MatMul",))
     with _quiet():
-        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=BLOCK_SIZE,
-                                         is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
-                                         algo_config=config, op_types_to_quantize=("MatMul",))
+        quantizer = MatMulNBitsQuantizer(model, **settings, algo_config=config,
+                                         op_types_to_quantize=("MatMul",))
         quantizer.process()
     return quantizer.model.model
 

@@ -19,11 +19,13 @@ from .options import DTYPE_CHOICE, OUTPUT_DIR
                    "portable: plain ONNX ops.")
 @click.option("--opset", default=20, type=click.IntRange(18, 23), help="ONNX opset.")
 @click.option("--quantize", type=click.Choice(QUANTIZE_METHODS), default=None,
-              help="int8 projections for ONNX Runtime on the CPU, activations quantized per "
-                   "call; state, caches and attention stay fp32. int8: weights and "
-                   "activations per block of 128 channels (the more accurate); int8-rows: one "
-                   "scale per weight column and per activation row (the faster with AVX-512 "
-                   "VNNI, as measured on Zen 4). Both compute the same on every x86 CPU.")
+              help="Quantized projections for ONNX Runtime on the CPU, activations "
+                   "quantized per call; state, caches and attention stay fp32. int8: weights "
+                   "and activations per block of 128 channels (the more accurate); int8-rows: "
+                   "one scale per weight column and per activation row (the faster with "
+                   "AVX-512 VNNI, as measured on Zen 4); int4: int8-rows for prompts, 4-bit "
+                   "weights (blocks of 32) for decoded tokens (the fastest decoding, the least "
+                   "accurate). int8 and int8-rows compute the same on every x86 CPU.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 def export(checkpoint: str, output: str, dtype: str | None, memory_op: str, opset: int,
            quantize: str | None, force: bool) -> None:

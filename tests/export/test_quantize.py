@@ -1,5 +1,6 @@
-"""int8 projections for ONNX Runtime (both methods): what is quantized, what is not, and
-parity with the float64 reference within the stated default tolerance."""
+"""Quantized projections for ONNX Runtime (every method: int8, int8-rows, int4): what is
+quantized, what is not, and parity with the float64 reference within the stated default
+tolerance (int4's own checks: test_quantize_int4.py)."""
 import json
 
 import onnx
@@ -10,19 +11,16 @@ from click.testing import CliRunner
 from infini_trt.export import preset
 from infini_trt.export.errors import InfiniTrtError
 from infini_trt.export.manifest import read_manifest
-from infini_trt.export.quantize import quantize_export, row_gemms
+from infini_trt.export.quantize import METHODS, blocks, quantize_export, row_gemms
 from infini_trt.runtime.cli import main
 from infini_trt.runtime.validate import DEFAULT_MIN_GREEDY, DEFAULT_TOLERANCES, validate_export
 
 TINY = preset("tiny")
 
 
-METHODS = ("int8", "int8-rows")
-
-
 def _op(method, graph):
-    """The node a projection of `graph` becomes: int8-rows' row GEMMs, MatMulNBits in the
-    decoding graph."""
+    """The node a projection of `graph` becomes: row GEMMs (int8-rows, int4) in the graphs
+    that read segments, else MatMulNBits."""
     return "MatMulIntegerToFloat" if row_gemms(method, graph) else "MatMulNBits"
 
 
@@ -40,7 +38,9 @@ def _ops(path):
     ops = [n.op_type for n in model.graph.node]
     weight_matmuls = [n for n in model.graph.node
                       if n.op_type == "MatMul" and n.input[1] in constants]
-    return ops, weight_matmuls
+    bits = {a.i for n in model.graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "bits"}
+    return ops, weight_matmuls, bits
 
 
 def test_int8_export_quantizes_the_projections_only(int8_export):
@@ -48,13 +48,13 @@ def test_int8_export_quantizes_the_projections_only(int8_export):
     manifest = read_manifest(int8)
     method = manifest.precision
     assert method in METHODS and manifest.dtype == "float32"
-    assert manifest.quantization["bits"] == 8
     projections = 7 * TINY.n_layers + 1        # q, k, v, o, gate, up, down; LM head
     assert row_gemms("int8-rows", "segment") and not row_gemms("int8-rows", "extend")
     for graph in ("segment", "prefill", "extend"):
-        ops, weight_matmuls = _ops(manifest.graph_file(graph))
+        ops, weight_matmuls, bits = _ops(manifest.graph_file(graph))
         # the prefill graph's LM head reads one row: a Gemm that stays float32
         assert ops.count(_op(method, graph)) == projections - (graph == "prefill"), graph
+        assert bits == (set() if row_gemms(method, graph) else {blocks(method).bits}), graph
         assert weight_matmuls == [], graph               # no float32 projection left
         assert ops.count("LinearMemoryUpdate") == (0 if graph == "extend" else TINY.n_layers)
         assert ops.count("Gather") >= 1                  # the embedding lookup stays float32
@@ -115,8 +115,11 @@ def test_manifest_of_int8_export_is_json_with_the_record(int8_export):
     data = json.loads((int8 / "manifest.json").read_text())
     record = data["quantization"]
     for graph in ("segment", "prefill", "extend"):
-        op = record["graphs"][graph]["op"] if "graphs" in record else record["op"]
+        graph_record = record["graphs"][graph] if "graphs" in record else record
+        op = graph_record["op"]
         assert op == _op(record["method"], graph)
+        assert graph_record["bits"] == (8 if op == "MatMulIntegerToFloat"
+                                        else blocks(record["method"]).bits)
         if op == "MatMulIntegerToFloat":            # the weights' range, and why it is safe
             rows = record["graphs"][graph]
             assert "[-127, 127]" in rows["weights"] and "<= 128" in rows["weights"]
