@@ -7,10 +7,13 @@ buffer of a pair. The token ids, segment positions and fold mask are copied into
 allocated once per `reset`, and each graph keeps one IOBinding that is re-bound only where a
 buffer's address or shape changed, so a decoding call allocates nothing but the logits it
 returns (a fresh tensor that the caller owns).
+
+The graphs' sessions share the weights that they can share at no cost in speed (one array per
+distinct content; ort_weights.py, `share_weights`), and on the CPU run without ORT's memory
+pattern, so that the arena holds one set of activations.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,10 @@ from infini_trt.export.manifest import read_manifest
 from ..artifacts import verify_export
 from ..kv_cache import DecodeCaches
 from .base import Runner
+from .ort_weights import SharedWeights
+
+
+DEFAULT_SHARING = "unpacked"     # ort_weights.POLICIES: shared where it costs no speed
 
 
 def import_onnxruntime():
@@ -98,7 +105,9 @@ class OrtRunner(Runner):
     backend = "onnxruntime"
 
     def __init__(self, export_dir: str | Path, device: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, share_weights: str = DEFAULT_SHARING):
+        """`share_weights`: which weights the graphs' sessions share (ort_weights.POLICIES:
+        "all", "unpacked" or "none"); `self.weights` says what each session got and why."""
         self._ort = import_onnxruntime()
         self.manifest = read_manifest(export_dir)
         self.config = self.manifest.config
@@ -111,11 +120,13 @@ class OrtRunner(Runner):
                                  "with --dtype fp32 or fp16 for onnxruntime on the CPU, or run "
                                  "this export with --backend tensorrt")
         self.torch_device = torch.device(self.device)
+        self.weights = SharedWeights(share_weights, self.device)
         self.sessions: dict = {}
         self.bindings: dict[str, Binding] = {}
         verify_export(self.manifest)       # fail early on a missing, changed or swapped file
         # sessions load on first use: a prompt read by `run` needs the prefill graph, never
-        # the segment graph, and each session holds its own copy of the weights
+        # the segment graph (its session would add its activations, and what of the weights
+        # it does not share)
 
     @property
     def description(self) -> str:
@@ -130,10 +141,16 @@ class OrtRunner(Runner):
         """The InferenceSession of one graph, loaded on first use."""
         if graph not in self.sessions:
             path = self.manifest.graph_file(graph)
+            options = session_options(self._ort, self.threads)
+            if self.device == "cpu":
+                # no memory pattern: with one, the arena kept both the tensors of a shape's
+                # first run and the pattern's single block planned from it (twice the
+                # activations), and one more block per decoding window size
+                options.enable_mem_pattern = False
+            source = self.weights.session_source(graph, path, options)
             try:
-                self.sessions[graph] = self._ort.InferenceSession(
-                    os.fspath(path), session_options(self._ort, self.threads),
-                    providers=self.providers)
+                self.sessions[graph] = self._ort.InferenceSession(source, options,
+                                                                  providers=self.providers)
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise InfiniTrtError(f"onnxruntime cannot load {path}: {exc}") from None
         return self.sessions[graph]
