@@ -31,7 +31,7 @@ def _stamp(path: Path) -> tuple:
 
 
 def _stamp_file(stamp: tuple) -> Path:
-    from .cache import cache_root
+    from .export_cache import cache_root
 
     name = hashlib.sha256(stamp[0].encode()).hexdigest()[:24]
     return cache_root() / "hashes" / f"{name}.json"

@@ -253,7 +253,7 @@ def build_engines(export_dir: str | Path, settings: BuildSettings, engine: str |
     Returns the manifest entry.
     """
     from infini_trt.runtime.artifacts import file_sha256, verify_export
-    from infini_trt.runtime.cache import cache_root
+    from infini_trt.runtime.export_cache import cache_root
 
     manifest = read_manifest(export_dir)
     verify_export(manifest)

@@ -16,7 +16,7 @@ The peer model (`peer_source`):
                                         tokenizer of its vocabulary (the builder reads one)
 
 Its export (`cached_genai`) is made once by the builder in a subprocess (its output to a log
-file beside the cache entry) and kept in the export cache (`cache.cached`, kind "genai"), keyed
+file beside the cache entry) and kept in the export cache (`export_cache.cached`, kind "genai"), keyed
 by the source (config and seed, or the source's files' hashes), the precision, the builder's
 options and the versions of onnxruntime-genai, transformers and torch. Like every entry of that
 cache it carries a manifest.json: the builder's files with their sha256 (a damaged entry is
@@ -284,7 +284,7 @@ def cached_genai(cfg: InfiniConfig, precision: str, seed: int = 0, max_positions
     and cached."""
     from infini_trt.export.files import atomic_dir
 
-    from .cache import cached, cache_root
+    from .export_cache import cached, cache_root
 
     genai = require_genai()
     _require_transformers()

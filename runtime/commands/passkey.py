@@ -66,7 +66,7 @@ def _export_and_check(model: str, backend: str, check: bool) -> str:
     quick parity check of its segment graph with the float64 reference of the checkpoint."""
     from infini_trt.export.errors import InfiniTrtError
     from infini_trt.export.manifest import is_export_dir, read_manifest
-    from infini_trt.runtime.cache import cached_export
+    from infini_trt.runtime.export_cache import cached_export
     from infini_trt.runtime.validate import validate_export
 
     if is_export_dir(model):

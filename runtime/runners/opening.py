@@ -38,7 +38,7 @@ def prepare(model: str | Path, backend: str, dtype: str | None = None,
         return path
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if not is_export_dir(path):
-        from infini_trt.runtime.cache import cached_export
+        from infini_trt.runtime.export_cache import cached_export
 
         path = cached_export(path, dtype=dtype, log=say)
     if backend == "tensorrt" and not read_manifest(path).engines:

@@ -49,7 +49,7 @@ class ContextStoreError(InfiniTrtError):
 
 def default_store_path() -> Path:
     """$INFINI_TRT_CACHE/contexts, else ~/.cache/infini-trt/contexts (beside the exports)."""
-    from ..cache import cache_root
+    from ..export_cache import cache_root
 
     return cache_root() / "contexts"
 

@@ -50,7 +50,7 @@ def tiny_int4(exported, tmp_path_factory):
 def passkey_int4(shared_cache, tmp_path_factory):
     """The same for the bundled passkey model (its fp32 export made once per session, in the
     shared cache)."""
-    from infini_trt.runtime.cache import cached_export
+    from infini_trt.runtime.export_cache import cached_export
     from infini_trt.runtime.models import bundled_model
 
     with pytest.MonkeyPatch.context() as mp:

@@ -20,7 +20,7 @@ from infini_trt.export import preset, save_checkpoint
 from infini_trt.export.errors import InfiniTrtError
 from infini_trt.export.files import atomic_dir, atomic_file, check_output, inside
 from infini_trt.export.manifest import read_manifest
-from infini_trt.runtime import cache
+from infini_trt.runtime import export_cache as cache
 from infini_trt.runtime.cli import main
 from infini_trt.runtime.runners import open_runner
 

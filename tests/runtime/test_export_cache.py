@@ -1,7 +1,7 @@
 """The export cache: one export per (weights, config, options, exporter code, versions)."""
 from infini_trt.export import InfiniLM, init_weights, preset, save_checkpoint
 from infini_trt.export.manifest import is_export_dir, read_manifest
-from infini_trt.runtime import cache
+from infini_trt.runtime import export_cache as cache
 
 
 def test_cached_export_is_made_once_and_keyed_by_what_matters(tmp_path, monkeypatch):
