@@ -14,9 +14,9 @@ from infini_trt.export.errors import InfiniTrtError
 from infini_trt.export.quantize import METHODS as QUANTIZE_METHODS
 
 from . import roofline
+from .backends import TORCH_DTYPES, bench_backends
 
-BACKENDS = ("torch", "torch:bf16", "torch:fp16", "onnxruntime",
-            *(f"onnxruntime:{method}" for method in QUANTIZE_METHODS), "tensorrt")
+BACKENDS = bench_backends(QUANTIZE_METHODS)
 GENAI_PEERS = ("onnxruntime-genai", "onnxruntime-genai:int4")      # runtime/peer_genai.py
 PEERS = ("infini-transformer-pytorch", "full-attention", *GENAI_PEERS)
 
@@ -57,22 +57,17 @@ def open_subject(subject: Subject, cfg: InfiniConfig, threads: int | None = None
                  seed: int = 0, beside_others: bool = False):
     """The runner of one subject (in the worker process): `threads` CPU threads for torch and
     ONNX Runtime [default: all], `seed` for the peers' random weights; `beside_others`: it
-    takes turns with other runners in this process (the rounds in alternation), so the
-    onnxruntime-genai peers' idle threads do not spin."""
+    takes turns with other runners (the rounds in alternation), so the idle threads of ONNX
+    Runtime's pools (ours and onnxruntime-genai's alike) do not spin."""
     if threads:
         torch.set_num_threads(threads)
-    if subject.kind == "torch":
-        from .runners.torch_runner import TorchRunner
-
-        return TorchRunner.from_checkpoint(subject.path, dtype=subject.precision)
-    if subject.kind == "onnxruntime":
-        from .runners.ort_runner import OrtRunner
-
-        return OrtRunner(subject.path, threads=threads)
-    if subject.kind == "tensorrt":
+    if subject.kind in ("torch", "onnxruntime", "tensorrt"):
         from .runners import open_runner
 
-        return open_runner(subject.path, "tensorrt")
+        options = {"threads": threads, "spinning": not beside_others} \
+            if subject.kind == "onnxruntime" else {}
+        dtype = subject.precision if subject.kind == "torch" else None
+        return open_runner(subject.path, subject.kind, dtype=dtype, **options)
     if subject.kind == "lucidrains":
         from .baselines import LucidrainsRunner
 
@@ -103,7 +98,7 @@ def resolve(name: str, model: Path, log: Callable[[str], None], seed: int = 0,
     from infini_trt.export.manifest import is_export_dir, read_manifest
 
     from .artifacts import source_checkpoint
-    from .cache import cached_export, cached_quantized
+    from .export_cache import cached_export, cached_quantized
 
     backend, _, variant = name.partition(":")
     check_name(name)
@@ -113,7 +108,7 @@ def resolve(name: str, model: Path, log: Callable[[str], None], seed: int = 0,
         return Subject(name, "lucidrains" if name == PEERS[0] else name)
     export = is_export_dir(model)
     if backend == "torch":
-        precision = {"bf16": "bfloat16", "fp16": "float16"}.get(variant, "float32")
+        precision = TORCH_DTYPES.get(variant, "float32")
         missing = roofline.missing_instructions(getattr(torch, precision))
         if missing:
             return Subject(name, "torch", precision=precision, status="skipped",

@@ -41,10 +41,12 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def session_options(ort, threads: int | None = None):
+def session_options(ort, threads: int | None = None, spinning: bool = True):
     """All graph optimisations (ONNX Runtime's fusions: FusedMatMul, MatMulNBits, QuickGelu,
     ...), sequential execution (one graph runs at a time; its kernels use the intra-op pool
-    of `threads` threads, default one per physical core)."""
+    of `threads` threads, default one per physical core). `spinning=False`: idle pool threads
+    sleep at once instead of spinning, for a process that takes turns with other work on the
+    same cores (a spinning pool holds a core the other needs)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -52,6 +54,8 @@ def session_options(ort, threads: int | None = None):
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
@@ -105,16 +109,18 @@ class OrtRunner(Runner):
     backend = "onnxruntime"
 
     def __init__(self, export_dir: str | Path, device: str | None = None,
-                 threads: int | None = None, share_weights: str = DEFAULT_SHARING):
+                 threads: int | None = None, share_weights: str = DEFAULT_SHARING,
+                 spinning: bool = True):
         """`share_weights`: which weights the graphs' sessions share (ort_weights.POLICIES:
-        "all", "unpacked" or "none"); `self.weights` says what each session got and why."""
+        "all", "unpacked" or "none"); `self.weights` says what each session got and why.
+        `spinning`: see `session_options`."""
         self._ort = import_onnxruntime()
         self.manifest = read_manifest(export_dir)
         self.config = self.manifest.config
         self.dtype = self.manifest.dtype
         self.weights_sha256 = self.manifest.source.get("weights_sha256")
         self.providers, self.device = providers_for(self._ort, device)
-        self.threads = threads
+        self.threads, self.spinning = threads, spinning
         if self.dtype == "bfloat16" and self.device == "cpu":
             raise InfiniTrtError("onnxruntime's CPU provider has no bfloat16 kernels; export "
                                  "with --dtype fp32 or fp16 for onnxruntime on the CPU, or run "
@@ -141,7 +147,7 @@ class OrtRunner(Runner):
         """The InferenceSession of one graph, loaded on first use."""
         if graph not in self.sessions:
             path = self.manifest.graph_file(graph)
-            options = session_options(self._ort, self.threads)
+            options = session_options(self._ort, self.threads, self.spinning)
             if self.device == "cpu":
                 # no memory pattern: with one, the arena kept both the tensors of a shape's
                 # first run and the pattern's single block planned from it (twice the
