@@ -94,13 +94,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     pass over q), rotated k and v (B, Hkv, S, hd) -> (B, H, S, hd).
 
     Eager PyTorch runs its fused kernel. While torch.onnx exports, the graph gets the split
-    form below. The plain-op form that torch.onnx writes for SDPA builds an S x S mask per
-    layer and computes every score above the diagonal too; on the `small` shape (1024 tokens,
-    8 heads, ONNX Runtime, 2 threads) it took 26.7 ms a layer, opset 23's `Attention`
-    (is_causal) 24.7 ms, com.microsoft GroupQueryAttention 18.1 ms, the split form 17.8 ms
-    with 2 query blocks. 4 blocks took 27 ms less kernel time a segment than 2 (profiled
-    prefill graph, 448 against 475 ms: matmuls, mask adds and softmax shrink, slices grow);
-    8 blocks do not export (torch.export's symbolic shapes fail on the bounds).
+    form below (`split_causal_attention`): the plain-op form that torch.onnx writes for SDPA
+    builds an S x S mask per layer and computes every score above the diagonal too; the split
+    form computes fewer scores, and ran faster in ONNX Runtime than that form, opset 23's
+    `Attention` and com.microsoft GroupQueryAttention
+    (docs/design.md#causal-attention-in-blocks-of-queries).
     """
     if torch.onnx.is_in_onnx_export():
         return split_causal_attention(q, k, v, group)
@@ -108,7 +106,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                           is_causal=True, scale=1.0)
 
 
-QUERY_BLOCKS = 4        # split_causal_attention's blocks of queries
+# split_causal_attention's blocks of queries: 4 ran faster than 2 (fewer scores computed);
+# 8 do not export (torch.export's symbolic shapes fail on the bounds).
+# docs/design.md#causal-attention-in-blocks-of-queries
+QUERY_BLOCKS = 4
 
 
 def split_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -136,7 +137,7 @@ def _attend_causally(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor,
     cols = torch.arange(k_t.shape[-1], device=q.device)[None, :]
     mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(
         cols > rows, torch.finfo(q.dtype).min)                      # (rows, cols), added:
-    scores = q @ k_t + mask                  # a broadcast Where over the scores is 10x slower
+    scores = q @ k_t + mask                  # a broadcast Where over the scores is slower
     work = torch.promote_types(scores.dtype, torch.float32)   # fp16/bf16 -> fp32
     return torch.softmax(scores.to(work), dim=-1).to(v.dtype) @ v
 
@@ -144,10 +145,9 @@ def _attend_causally(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor,
 class PartedLinear(nn.Linear):
     """A linear layer whose output is used in parts (q/k/v, gate/up) -> a tuple of the parts.
     Eager PyTorch computes one product and the parts are views of it; the ONNX graphs get one
-    product per part: splitting one product copies every part (in ONNX Runtime the Split
-    nodes of q/k/v and gate/up took 22 ms of a 415 ms profiled `small` segment; with one
-    product per part they are gone, and the segment measured the same to 2% faster in
-    paired runs, as the products got a little slower)."""
+    product per part: splitting one product copies every part, and in ONNX Runtime those
+    Split nodes cost more than separate products do
+    (docs/design.md#one-product-per-projection-part)."""
 
     def __init__(self, in_features: int, sizes: list[int], bias: bool):
         super().__init__(in_features, sum(sizes), bias=bias)
@@ -233,10 +233,10 @@ class Attention(nn.Module):
             max=cfg.segment_len - 1)
         cos_at, sin_at = cos[positions][:, None], sin[positions][:, None]   # (B, 1, S, hd)
         k_new = apply_rope(k, cos_at, sin_at, style)                        # (B, Hkv, S, hd)
-        # scaled in the tables: with a Mul on q, ONNX Runtime fused the scale into the
-        # matmul over the cached keys (com.microsoft FusedMatMul), which read the caches at
-        # about half the speed of a plain MatMul with one query row per head (8 layers of
-        # `small`, 2 threads: 3.9 against 2.2 ms)
+        # scaled in the tables: with a Mul on q, ONNX Runtime fuses the scale into the matmul
+        # over the cached keys (com.microsoft FusedMatMul), which reads the caches slower than
+        # a plain MatMul with one query row per head
+        # (docs/design.md#the-query-scale-in-the-rotation-tables)
         q_rot = apply_rope(q, cos_at * hd ** -0.5, sin_at * hd ** -0.5, style)
         q_rot = q_rot.reshape(b, hkv, group * s, hd)                       # grouped by KV head
         old = torch.arange(n, device=x.device)[None, :] < start[:, None]    # (B, N)

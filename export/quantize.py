@@ -17,12 +17,8 @@ and runs integer GEMMs (AVX-512 VNNI / AVX2).
 u8 x s8 GEMM per projection with one activation scale per row (token) and one weight scale per
 output column, the weights bounded so that CPUs without VNNI compute the same integers
 (export/quantize_rows.py); the decoding graph (extend) gets "int8"'s MatMulNBits,
-whose fused kernel is faster on one token: `small`, ONNX Runtime, 2 threads, a token 2.85 ms
-against 3.71 with row GEMMs (the ~40 small nodes a layer that quantize the rows cost more there
-than the GEMVs; float32: 7.66 ms). `bench` on `small` (2 threads, rounds in alternation):
-prefill 1.64-1.74x float32 ONNX Runtime, "int8" 1.15-1.30x; `validate`: logits relative RMS
-5.8e-2 (int8: 3.9e-2), greedy agreement 87% (91%) on random weights, 98.9% (98.9%) on the
-passkey model. Its GEMMs ran at ~550-670 GOP/s, MatMulNBits' blocked ones at ~300.
+whose fused kernel is faster on one token (there the small nodes that quantize the rows cost
+more than the GEMVs). Speed and parity of each method: docs/quantization.md.
 
 "int4" (the fastest decoding, the least accurate): the decoding graph (extend) gets 4-bit
 MatMulNBits (BLOCKS["int4"]): weights int4, asymmetric, one scale and one zero point per block
@@ -40,9 +36,9 @@ VNNI and without (an 8-bit activation times a 4-bit level is at most 255 * 15: A
 pair sums cannot saturate); only the order of the float sums over blocks may differ.
 
 (ONNX Runtime's own dynamic quantization, DynamicQuantizeMatMul with per-channel int8 weights
-and one activation scale per tensor, was as fast but less accurate: logits relative RMS 9.8e-2,
-greedy agreement 79% on `small`; the activations of the down and output projections carry
-outliers that one scale per tensor loses, and a batch's sequences would share that scale.)
+and one activation scale per tensor, was as fast as int8-rows but less accurate: the
+activations of the down and output projections carry outliers that one scale per tensor
+loses, and a batch's sequences would share that scale; docs/quantization.md#parity.)
 
 bf16 is not offered for ONNX Runtime: its CPU provider has no bfloat16 GEMM on x86 (the runner
 refuses bf16 exports on the CPU); bf16 exports (`--dtype bf16`) are for TensorRT, and PyTorch
@@ -96,13 +92,9 @@ class Blocks:
 BLOCKS = {
     # int8, and int8-rows' decoding graph
     "int8": Blocks(bits=8, block_size=128, symmetric=True, accuracy_level=4),
-    # int4's decoding graph. Chosen on `small`, tiny and the passkey model (AVX2): level 4
-    # decodes about twice as fast as levels 0-2 (float32 products on x86) at the same parity;
-    # blocks of 64 or 128 decode a little faster than 32 but with larger errors on every model,
-    # 16 is more accurate but decodes slower than int8; asymmetric is more accurate than
-    # symmetric at no measurable cost. In the segment and prefill graphs 4-bit blocks read a
-    # segment slower than float32 does, int8-rows' row GEMMs faster and more accurately: int4
-    # keeps those (ROW_GEMM_METHODS).
+    # int4's decoding graph: the settings that decoded fastest without losing parity on
+    # tiny, `small` and the passkey model (docs/quantization.md#int4). Segments are read with
+    # int8-rows' row GEMMs instead (ROW_GEMM_METHODS): 4-bit blocks read them slower than fp32.
     "int4": Blocks(bits=4, block_size=32, symmetric=False, accuracy_level=4),
 }
 

@@ -28,7 +28,7 @@ Subjects:  torch[:bf16|:fp16]   PyTorch eager (TorchRunner; bf16/fp16 skipped on
                                 instructions for them, where torch would emulate them)
            onnxruntime          ONNX Runtime on the fp32 export (IO binding)
            onnxruntime:int8     ONNX Runtime on the int8 export (export/quantize.py; also
-                                :int8-rows, its faster method)
+                                :int8-rows, its faster method, and :int4, 4-bit decoding)
            tensorrt             TensorRT (needs a CUDA GPU; skipped with the reason otherwise)
 Peers:     infini-transformer-pytorch   lucidrains' eager model at the same shape
            full-attention               the quadratic baseline (runtime/baselines.py)

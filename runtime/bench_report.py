@@ -28,8 +28,11 @@ from infini_trt.export.quantize import METHODS as QUANTIZE_METHODS
 from . import roofline
 from .lengths import length_label
 
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, **{m: 1 for m in QUANTIZE_METHODS},
-         "int4": 0.5 + 4 / 32}        # 4-bit weights, a float32 scale per block of 32
+# bytes a decoded token reads per weight, by precision: the 8-bit methods 1 (their scales, at
+# most 4 bytes per 128 weights, left out); int4 (ours and onnxruntime-genai's) 4 bits and a
+# float32 scale per block of 32 (our 4-bit zero points, 1/64 byte a weight, left out)
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2,
+         **{m: 1 for m in QUANTIZE_METHODS if m != "int4"}, "int4": 0.5 + 4 / 32}
 GENAI_KIND = "genai"                  # the onnxruntime-genai peers (runtime/peer_genai.py)
 OURS = ("torch", "onnxruntime", "tensorrt")          # the kinds of this model's subjects
 

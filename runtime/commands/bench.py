@@ -15,10 +15,11 @@ def _names(text: str) -> list[str]:
 @click.command(short_help="Speed and memory against context length, beside the peers.")
 @click.argument("model", type=click.Path())
 @click.option("--backends",
-              default="torch,onnxruntime,onnxruntime:int8,onnxruntime:int8-rows,tensorrt",
+              default="torch,onnxruntime,onnxruntime:int8,onnxruntime:int8-rows,"
+                      "onnxruntime:int4,tensorrt",
               help="Comma-separated: torch, torch:bf16, torch:fp16, onnxruntime, "
-                   "onnxruntime:int8, onnxruntime:int8-rows, tensorrt. One that cannot run "
-                   "here is skipped with the reason.")
+                   "onnxruntime:int8, onnxruntime:int8-rows, onnxruntime:int4, tensorrt. One "
+                   "that cannot run here is skipped with the reason.")
 @click.option("--peers", default="infini-transformer-pytorch,full-attention",
               help="Comma-separated peers at the same shape, or 'none': "
                    "infini-transformer-pytorch (lucidrains, eager), full-attention (the "

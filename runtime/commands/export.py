@@ -23,7 +23,7 @@ from .options import DTYPE_CHOICE, OUTPUT_DIR
                    "quantized per call; state, caches and attention stay fp32. int8: weights "
                    "and activations per block of 128 channels (the more accurate); int8-rows: "
                    "one scale per weight column and per activation row (the faster with "
-                   "AVX-512 VNNI, as measured on Zen 4); int4: int8-rows for prompts, 4-bit "
+                   "AVX-512 VNNI; docs/quantization.md); int4: int8-rows for prompts, 4-bit "
                    "weights (blocks of 32) for decoded tokens (the fastest decoding, the least "
                    "accurate). int8 and int8-rows compute the same on every x86 CPU.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
