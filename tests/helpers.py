@@ -20,6 +20,36 @@ def random_model(cfg, seed=0, dtype=torch.float64, gate_spread=2.0):
     return model.to(dtype).eval()
 
 
+def with_random_biases(model, seed):
+    """Every bias given a random value, so that bias handling is actually tested."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+    return model
+
+
+# A child process (run under qemu-user as another x86 CPU) that prints the CPU features it sees,
+# runs one ONNX graph with input "x" on each array of an .npz, and saves every output:
+# argv: graph, inputs.npz, outputs.npz
+ORT_ON_SAVED_INPUTS = """
+import sys
+import numpy as np
+from infini_trt.runtime.cpu import cpu_features
+info = cpu_features()
+print("cpu", int(info["features"]["avx2"]), int(info["features"]["avx512f"]),
+      int(info["int8_dot"]), flush=True)
+import onnxruntime as ort
+options = ort.SessionOptions()
+options.log_severity_level = 3
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+inputs = np.load(sys.argv[2])
+np.savez(sys.argv[3], **{f"{name}/{i}": y for name in inputs.files
+                         for i, y in enumerate(session.run(None, {"x": inputs[name]}))})
+"""
+
+
 def assert_close(reference, candidate, rel_rms: float, max_abs: float | None = None, what=""):
     e = errors(reference, candidate)
     assert e.finite, f"{what}: candidate has NaN/Inf"

@@ -3,7 +3,7 @@ invariants of the segment recurrence."""
 import pytest
 import torch
 
-from helpers import assert_close, random_model, random_tokens
+from helpers import assert_close, random_model, random_tokens, with_random_biases
 from naive import naive_logits
 from infini_trt.export import preset
 
@@ -26,20 +26,11 @@ CONFIGS = [
 ]
 
 
-def perturbed(model, seed):
-    """Give every bias a random value so that bias handling is actually tested."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
-    return model
-
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_model_matches_naive_over_segments(cfg):
     cfg = cfg.replace(segment_len=8)
-    model = perturbed(random_model(cfg, seed=3), seed=4)
+    model = with_random_biases(random_model(cfg, seed=3), seed=4)
     tokens = random_tokens(cfg.vocab_size, 1, 3 * 8 + 5, seed=5)      # 3 full + 1 partial segment
     logits, memory, norm = model(tokens)
     want, want_m, want_z = naive_logits(cfg, model.state_dict(), tokens[0].tolist())

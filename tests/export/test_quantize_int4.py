@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import assert_close, random_model
+from helpers import ORT_ON_SAVED_INPUTS, assert_close, random_model
 from infini_trt.export import preset, save_checkpoint
 from infini_trt.export.io_spec import EXTEND, PREFILL, SEGMENT
 from infini_trt.export.manifest import read_manifest
@@ -343,21 +343,7 @@ def test_ort_computes_the_stated_4_bit_math(int4_graph):
 # skips, saying so.
 OTHER_CPU = {True: ("EPYC-Milan", ["1", "0", "0"]),         # host with VNNI: AVX2 only
              False: ("Icelake-Server", ["1", "1", "1"])}    # host without: AVX-512 VNNI
-_CHILD = """
-import sys
-import numpy as np
-from infini_trt.runtime.cpu import cpu_features
-info = cpu_features()
-print("cpu", int(info["features"]["avx2"]), int(info["features"]["avx512f"]),
-      int(info["int8_dot"]), flush=True)
-import onnxruntime as ort
-options = ort.SessionOptions()
-options.log_severity_level = 3
-session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-inputs = np.load(sys.argv[2])
-np.savez(sys.argv[3], **{f"{name}/{i}": y for name in inputs.files
-                         for i, y in enumerate(session.run(None, {"x": inputs[name]}))})
-"""
+_CHILD = ORT_ON_SAVED_INPUTS
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="qemu-x86_64 runs x86-64 Python only")

@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from helpers import ORT_ON_SAVED_INPUTS
 from infini_trt.export.quantize_rows import LEVELS, PAIR_LIMIT, quantize_columns, quantize_rows
 
 ort = pytest.importorskip("onnxruntime")
@@ -137,21 +138,7 @@ def test_a_row_does_not_depend_on_the_others(graphs):
 # Run in qemu-user as an AMD EPYC Milan (AVX2 + FMA, no AVX-512, no VNNI): ONNX Runtime's CPUID
 # dispatch then picks its AVX2 u8 x s8 kernels, which add products in pairs in int16.
 QEMU_CPU = "EPYC-Milan"
-_CHILD = """
-import sys
-import numpy as np
-from infini_trt.runtime.cpu import cpu_features
-info = cpu_features()
-print("cpu", int(info["features"]["avx2"]), int(info["features"]["avx512f"]),
-      int(info["int8_dot"]), flush=True)
-import onnxruntime as ort
-options = ort.SessionOptions()
-options.log_severity_level = 3
-session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-inputs = np.load(sys.argv[2])
-np.savez(sys.argv[3], **{f"{name}/{i}": y for name in inputs.files
-                         for i, y in enumerate(session.run(None, {"x": inputs[name]}))})
-"""
+_CHILD = ORT_ON_SAVED_INPUTS
 
 
 def _full_range_rows(rng, shape):
