@@ -47,8 +47,8 @@ def test_decode_graph_reads_the_caches_with_plain_matmuls(exported, tmp_path, mo
     _, out = exported(cfg, graphs=("extend",))
     made = ort_runner.session_options
 
-    def keep_optimized(ort, threads=None):
-        so = made(ort, threads)
+    def keep_optimized(ort, *args):
+        so = made(ort, *args)
         so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
         return so
 

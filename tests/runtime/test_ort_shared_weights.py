@@ -25,8 +25,8 @@ def unpacked_sessions(monkeypatch):
     """Sessions made from here on run without pre-packing (as policy "all" does)."""
     made = ort_runner.session_options
 
-    def options(ort, threads=None):
-        so = made(ort, threads)
+    def options(ort, *args):
+        so = made(ort, *args)
         so.add_session_config_entry("session.disable_prepacking", "1")
         return so
 
