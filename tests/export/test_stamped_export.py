@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from helpers import assert_close, random_model
+from helpers import assert_close, random_model, with_random_biases
 from infini_trt.export import preset
 from infini_trt.export import memory_op
 from infini_trt.export.manifest import read_manifest
@@ -31,15 +31,6 @@ GRAPH_FILES = {"segment": "model.onnx", "prefill": "prefill.onnx", "extend": "ex
                "fold": "fold.onnx"}
 MODEL_TOLERANCE = 1e-5        # fp32 ONNX Runtime against the float64 model (test_runners')
 TRACE_TOLERANCE = 1e-6        # stamped against whole-trace graphs, both fp32
-
-
-def with_random_biases(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +297,4 @@ def test_the_check_of_saved_graphs_finds_what_the_checker_finds(exported, tmp_pa
     matmul.input.append(matmul.input[0])                      # MatMul takes two inputs
     with pytest.raises(onnx.checker.ValidationError):
         check_onnx(proto, tmp_path)
+
