@@ -5,6 +5,9 @@ import json
 
 import click
 
+from infini_trt.export.quantize import METHODS as QUANTIZE_METHODS
+
+from ..backends import bench_backends
 from .options import OUTPUT_FILE
 
 
@@ -17,8 +20,7 @@ def _names(text: str) -> list[str]:
 @click.option("--backends",
               default="torch,onnxruntime,onnxruntime:int8,onnxruntime:int8-rows,"
                       "onnxruntime:int4,tensorrt",
-              help="Comma-separated: torch, torch:bf16, torch:fp16, onnxruntime, "
-                   "onnxruntime:int8, onnxruntime:int8-rows, onnxruntime:int4, tensorrt. One "
+              help=f"Comma-separated: {', '.join(bench_backends(QUANTIZE_METHODS))}. One "
                    "that cannot run here is skipped with the reason.")
 @click.option("--peers", default="infini-transformer-pytorch,full-attention",
               help="Comma-separated peers at the same shape, or 'none': "
