@@ -141,19 +141,33 @@ def _grouped(shapes: tuple, module: torch.nn.Module) -> tuple:
     return shapes if fixed is None else (*shapes[:fixed], tuple(shapes[fixed:]))
 
 
+# the exporter's records of where a node was traced from, but its name scopes (the node's
+# module path, kept): the source file's path and lines, the FX node and the class hierarchy
+# and namespace (they print Python functions with their addresses). An export keeps none of
+# them, so that its bytes do not depend on where, or in which process, it was made.
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
 def _path_name(node: onnx.NodeProto) -> str:
     """'/layers.3/attn/qkv_proj/MatMul' from the exporter's name scopes."""
     props = {p.key: p.value for p in node.metadata_props}
     if memory_op.LAYER_METADATA in props:
         return f"/layers.{props[memory_op.LAYER_METADATA]}/memory_update"
     try:
-        scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+        scopes = ast.literal_eval(props.get(NAME_SCOPES, "[]"))
     except (ValueError, SyntaxError):
         scopes = []
     modules = [s for s in scopes[:-1] if s and not s.startswith("_")]
     path = modules[-1].removeprefix("model.").replace(".", "/") if modules else ""
     path = path.replace("layers/", "layers.")
     return f"/{path}/{node.op_type}" if path else f"/{node.op_type}"
+
+
+def _drop_trace_records(node: onnx.NodeProto) -> None:
+    for index in reversed(range(len(node.metadata_props))):
+        key = node.metadata_props[index].key
+        if key == "namespace" or (key.startswith("pkg.torch.onnx.") and key != NAME_SCOPES):
+            del node.metadata_props[index]
 
 
 def fold_weight_parts(graph: onnx.GraphProto, opset: int) -> None:
@@ -219,6 +233,7 @@ def finalize(proto: onnx.ModelProto, spec: GraphSpec, rule: str | None, opset: i
         name = _path_name(node)
         seen[name] = seen.get(name, 0) + 1
         node.name = name if seen[name] == 1 else f"{name}_{seen[name] - 1}"
+        _drop_trace_records(node)
     if rule is not None:
         del proto.functions[:]
         proto.functions.append(memory_update_function(rule, opset))

@@ -40,13 +40,12 @@ from .checkpoint import dtype_name
 from .config import InfiniConfig
 from .io_spec import EXTEND, FOLD, GraphSpec, TensorSpec, extend_graph, segment_graph
 from .model import InfiniLM
-from .onnx_export import example_inputs, trace_to_onnx
+from .onnx_export import NAME_SCOPES as SCOPES, example_inputs, trace_to_onnx
 
 HEAD, TAIL = "head", "tail"
 LAYER_STEP, LAYER_EXTEND, LAYER_FOLD = "layer_step", "layer_extend", "layer_fold"
 TEMPLATE_LAYER = 0                # the layer whose module each layer template is traced from
 SEPARATOR = "__"                  # <template>__<name>: a template's I/O and axes in the trace
-SCOPES = "pkg.torch.onnx.name_scopes"
 ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
               "bfloat16": onnx.TensorProto.BFLOAT16, "int64": onnx.TensorProto.INT64,
               "bool": onnx.TensorProto.BOOL}
@@ -207,7 +206,7 @@ def trace_templates(model: InfiniLM, graphs: Iterable[str], sizes: dict[str, int
         inputs += _own_axes(name, activations)
         outputs += _own_axes(name, results)
         pieces.append((TEMPLATES[name][0], len(activations)))
-        for axis in {d for t in activations for d in t.dims if isinstance(d, str)}:
+        for axis in sorted({d for t in activations for d in t.dims if isinstance(d, str)}):
             axes[f"{name}{SEPARATOR}{axis}"] = ranges[axis]
             own_sizes[f"{name}{SEPARATOR}{axis}"] = sizes[axis]
     spec = GraphSpec("templates", (*inputs, *(TensorSpec(w, dtype_name(params[w].dtype),
@@ -306,7 +305,7 @@ class Assembly:
                 self.initializers.setdefault(rename[name], self.weights[key])
         named = {template.value(o): g for o, g in outputs.items() if g is not None}
         produced = {o for node in nodes for o in node.output}
-        for name in used | {template.value(o) for o in outputs}:
+        for name in sorted(used | {template.value(o) for o in outputs}):   # a fixed order
             if name in rename:
                 continue
             if name in template.constants:         # shared by every stamp of the template
@@ -330,7 +329,7 @@ class Assembly:
                 _to_layer(copy, layer)
             self._read_axis_from_graph_input(copy, node, template)
             self.nodes.append(copy)
-        for name in produced:
+        for name in sorted(produced):
             if name in template.value_info:
                 copy = onnx.ValueInfoProto()
                 copy.CopyFrom(template.value_info[name])
