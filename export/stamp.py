@@ -225,15 +225,12 @@ def _cut(proto: onnx.ModelProto, name: str, cfg: InfiniConfig, dtype: str,
     weights = [w for w in traced_weights
                if w.startswith("layers.") == TEMPLATES[name][1]]
     graph = proto.graph
-    wanted, nodes = {f"{name}{SEPARATOR}{t.name}" for t in results}, []
-    for node in reversed(graph.node):
-        if wanted.intersection(node.output):
-            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                   for a in node.attribute):
-                raise RuntimeError(f"template {name} has a subgraph ({node.op_type}); "
-                                   f"stamping copies flat graphs only")          # a bug
-            nodes.append(node)
-            wanted.update(i for i in node.input if i)
+    nodes, wanted = _needed(graph.node, [f"{name}{SEPARATOR}{t.name}" for t in results])
+    for node in nodes:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in node.attribute):
+            raise RuntimeError(f"template {name} has a subgraph ({node.op_type}); "
+                               f"stamping copies flat graphs only")              # a bug
     produced = {o for node in nodes for o in node.output}
     constants = {t.name: t for t in graph.initializer if t.name in wanted}
     own = {f"{name}{SEPARATOR}{t.name}" for t in activations} | set(weights)
@@ -250,7 +247,7 @@ def _cut(proto: onnx.ModelProto, name: str, cfg: InfiniConfig, dtype: str,
                 if dim.dim_param:
                     dim.dim_param = axis.sub(r"\1", dim.dim_param)
             value_info[info.name] = copy
-    return Template(name, tuple(reversed(nodes)), constants, value_info,
+    return Template(name, tuple(nodes), constants, value_info,
                     {o.domain: o.version for o in proto.opset_import}, proto.ir_version,
                     {t.name: t.dims for t in activations}, tuple(t.name for t in results),
                     tuple(weights), TEMPLATES[name][1])
@@ -294,7 +291,7 @@ class Assembly:
         `inputs` (template name -> graph name) and their weights to layer `layer`'s (or the
         model's, for a template not per layer). -> {template output: graph value}."""
         self.opsets.update(template.opsets)
-        nodes = _needed(template, tuple(template.value(o) for o in outputs))
+        nodes, _ = _needed(template.nodes, [template.value(o) for o in outputs])
         used = {i for node in nodes for i in node.input if i}
         rename = {template.value(k): v for k, v in inputs.items()}
         for name in template.weights:
@@ -319,6 +316,7 @@ class Assembly:
                 raise KeyError(f"template {template.name}: input {name} is not wired")
             else:
                 rename[name] = named.get(name, f"{prefix}{name}")
+        template_inputs = {template.value(name): dims for name, dims in template.inputs.items()}
         for node in nodes:
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
@@ -327,7 +325,7 @@ class Assembly:
                               for o in node.output]
             if layer is not None:
                 _to_layer(copy, layer)
-            self._read_axis_from_graph_input(copy, node, template)
+            self._read_axis_from_graph_input(copy, node, template_inputs)
             self.nodes.append(copy)
         for name in sorted(produced):
             if name in template.value_info:
@@ -345,11 +343,11 @@ class Assembly:
         return result
 
     def _read_axis_from_graph_input(self, copy: onnx.NodeProto, node: onnx.NodeProto,
-                                    template: Template) -> None:
-        """A Shape node that reads one dynamic axis of a template input reads it from the
-        graph input that has that axis instead: every stamp then computes its shapes and masks
-        from the same values, and `_without_repeats` merges them."""
-        inputs = {template.value(name): dims for name, dims in template.inputs.items()}
+                                    inputs: dict[str, tuple]) -> None:
+        """A Shape node that reads one dynamic axis of a template input (`inputs`: traced
+        name -> dims) reads it from the graph input that has that axis instead: every stamp
+        then computes its shapes and masks from the same values, and `_without_repeats`
+        merges them."""
         if node.op_type != "Shape" or node.input[0] not in inputs:
             return
         dims = inputs[node.input[0]]
@@ -404,14 +402,15 @@ class Assembly:
         return model
 
 
-def _needed(template: Template, outputs: tuple[str, ...]) -> list[onnx.NodeProto]:
-    """The template's nodes that compute `outputs`, in order."""
+def _needed(nodes, outputs) -> tuple[list[onnx.NodeProto], set[str]]:
+    """The nodes (in graph order) that compute `outputs`, in their order -> (those nodes, the
+    names they and the outputs need: the outputs, and every input of those nodes)."""
     wanted, keep = set(outputs), []
-    for node in reversed(template.nodes):
+    for node in reversed(nodes):
         if wanted.intersection(node.output):
             keep.append(node)
             wanted.update(i for i in node.input if i)
-    return keep[::-1]
+    return keep[::-1], wanted
 
 
 SMALL_CONSTANT_ELEMENTS = 256     # constants up to this size are merged by content
@@ -454,16 +453,14 @@ def _without_repeats(nodes: list[onnx.NodeProto], initializers: dict[str, onnx.T
 
 
 def _to_layer(node: onnx.NodeProto, layer: int) -> None:
-    """A layer template's node as layer `layer`'s: its name scopes (and the other metadata
-    that names the module) and its memory-update layer index."""
+    """A layer template's node as layer `layer`'s: its name scopes and its memory-update layer
+    index (the exporter's other records are dropped by `finalize`)."""
     for prop in node.metadata_props:
         if prop.key == memory_op.LAYER_METADATA:
             prop.value = str(layer)
         elif prop.key == SCOPES:
             scopes = ast.literal_eval(prop.value)
             prop.value = repr([_TEMPLATE_PATH.sub(f"model.layers.{layer}", s) for s in scopes])
-        else:
-            prop.value = _TEMPLATE_PATH.sub(f"model.layers.{layer}", prop.value)
 
 
 # ------------------------------------------------------------------------------ the graphs

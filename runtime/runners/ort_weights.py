@@ -48,7 +48,6 @@ from .onnx_file import GraphFile, Weight, read_graph
 
 POLICIES = ("all", "unpacked", "none")
 ALIGNMENT = 64                         # bytes: MLAS's vector loads, a cache line
-CHUNK = 1 << 20                        # bytes read at a time when fingerprinting
 
 # (op type, input index) of the uses that ORT's graph optimizers leave a constant alone at:
 # they may replace the node (MatMul -> FusedMatMul, Gemm; a norm fused into
@@ -214,23 +213,8 @@ class SharedWeights:
         return sum(e.array.nbytes for e in self.entries.values())
 
     def _entry(self, graph: str, parsed: GraphFile, weight: Weight, dtype) -> Entry:
-        file = self._file(parsed, weight)
-        digest = hashlib.sha256()
-        with open(file, "rb") as f:
-            scratch = bytearray(min(CHUNK, weight.length))
-            for start in range(0, weight.length, CHUNK):
-                n = min(CHUNK, weight.length - start)
-                view = memoryview(scratch)[:n]
-                self._read(f, weight, start, view)
-                digest.update(view)
-            key = (weight.data_type, weight.dims, digest.hexdigest())
-            if key not in self.entries:
-                self.entries[key] = self._load(f, weight, dtype)
-        entry = self.entries[key]
-        entry.names.add(f"{graph}:{weight.name}")
-        return entry
-
-    def _load(self, f, weight: Weight, dtype) -> Entry:
+        """The entry of `weight`'s content: its bytes read once, into an aligned array that
+        is kept only when no entry has that content yet."""
         from onnxruntime import OrtValue
 
         count = int(np.prod(weight.dims, dtype=np.int64))
@@ -238,13 +222,19 @@ class SharedWeights:
             raise InfiniTrtError(f"initializer {weight.name!r}: {weight.length} bytes for "
                                  f"shape {list(weight.dims)} of {dtype}")
         raw = _aligned_empty(weight.length)
-        self._read(f, weight, 0, memoryview(raw))
-        array = raw.view(dtype).reshape(weight.dims)
-        return Entry(array, OrtValue.ortvalue_from_numpy(array))
+        with open(self._file(parsed, weight), "rb") as f:
+            self._read(f, weight, memoryview(raw))
+        key = (weight.data_type, weight.dims, hashlib.sha256(raw).hexdigest())
+        if key not in self.entries:
+            array = raw.view(dtype).reshape(weight.dims)
+            self.entries[key] = Entry(array, OrtValue.ortvalue_from_numpy(array))
+        entry = self.entries[key]
+        entry.names.add(f"{graph}:{weight.name}")
+        return entry
 
     @staticmethod
-    def _read(f, weight: Weight, start: int, into: memoryview) -> None:
-        got = os.preadv(f.fileno(), [into], weight.offset + start)
+    def _read(f, weight: Weight, into: memoryview) -> None:
+        got = os.preadv(f.fileno(), [into], weight.offset)
         if got != len(into):
             raise InfiniTrtError(f"{f.name} ends inside initializer {weight.name!r}")
 

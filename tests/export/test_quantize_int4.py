@@ -157,9 +157,8 @@ def _segment_logits(session, cfg, tokens):
     """The segment graph `session` over `tokens` (B, T), segment by segment from an empty
     state -> (logits (B, T, V), memory, norm after the last full segment)."""
     batch, n = tokens.shape[0], cfg.segment_len
-    memory = np.zeros((cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim),
-                      np.float32)
-    norm = np.zeros((cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim), np.float32)
+    memory = np.zeros(cfg.memory_shape(batch), np.float32)
+    norm = np.zeros(cfg.norm_shape(batch), np.float32)
     logits, full = [], (memory, norm)
     for start in range(0, tokens.shape[1], n):
         out, memory, norm = session.run(None, {"input_ids": tokens[:, start:start + n],
