@@ -17,7 +17,6 @@ import json
 import os
 from pathlib import Path
 
-from infini_trt.export.checkpoint import WEIGHTS_FILE
 from infini_trt.export.errors import InfiniTrtError
 from infini_trt.export.files import sha256_file
 from infini_trt.export.manifest import MANIFEST_FILE, Manifest
@@ -97,6 +96,8 @@ def source_checkpoint(manifest: Manifest) -> Path:
     if path is None:
         raise InfiniTrtError(f"{manifest.path} was exported from {where or 'an unknown source'}"
                              f", which is not available; give the checkpoint itself")
+    from infini_trt.export.checkpoint import WEIGHTS_FILE    # imports torch: only here
+
     recorded = manifest.source.get("weights_sha256")
     weights = path / WEIGHTS_FILE
     if recorded and (not weights.is_file() or file_sha256(weights) != recorded):

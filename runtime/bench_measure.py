@@ -49,11 +49,6 @@ class PeakMemory:
         return kib * 1024
 
 
-def _sync(tensor: torch.Tensor) -> None:
-    if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
-
-
 class Timed:
     """A runner whose step/advance/extend calls are timed (seconds, in order); all else passes
     through."""
@@ -64,10 +59,9 @@ class Timed:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def _time(self, fn, *args) -> torch.Tensor:
+    def _time(self, fn, *args) -> np.ndarray:
         t = time.perf_counter()
-        out = fn(*args)
-        _sync(out)
+        out = fn(*args)                  # host logits: the device's work is done
         self.seconds.append(time.perf_counter() - t)
         self.tokens.append(int(np.asarray(args[0]).size))
         return out
@@ -115,7 +109,7 @@ def _decode(session: Session, token: np.ndarray, count: int) -> list[float]:
     for _ in range(count):
         t = time.perf_counter()
         out = session.decode(token)
-        token = out.argmax(-1).cpu().numpy()
+        token = out.argmax(-1)
         seconds.append(time.perf_counter() - t)
     return seconds
 
@@ -137,7 +131,7 @@ def measure(runner, length: int, batch: int, decode_tokens: int, seed: int,
     session = Session(timed, batch)
     logits = session.feed(list(prompts), progress=False)
     t_prefill = time.perf_counter() - t0
-    token = logits.argmax(-1).cpu().numpy()
+    token = logits.argmax(-1)
     ttft = time.perf_counter() - t0
     calls = len(timed.seconds)                           # the prompt's (decode's follow)
     if states is not None and not session.position.any():
@@ -220,7 +214,7 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
             for _ in range(segments):
                 ids = rng.integers(0, runner.config.vocab_size, (batch, n))
                 t = time.perf_counter()
-                _sync(runner.advance(ids))
+                runner.advance(ids)
                 segment_s[name, length].append(time.perf_counter() - t)
             session = Session(runner, batch)
             kept.restore(runner)
@@ -252,7 +246,7 @@ def replay_prompt(runner, length: int, batch: int, seed: int, room: int):
     runner.capacity = length + room
     prompts = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length))
     session = Session(runner, batch)
-    token = session.feed(list(prompts), progress=False).argmax(-1).cpu().numpy()
+    token = session.feed(list(prompts), progress=False).argmax(-1)
     return runner.keep(token)
 
 
@@ -265,4 +259,4 @@ def warm_up(runner, batch: int) -> None:
         runner.capacity = 2 * n + 2
     session = Session(runner, batch)
     logits = session.feed(list(np.zeros((batch, 2 * n - 1), dtype=np.int64)), progress=False)
-    session.decode(logits.argmax(-1).cpu().numpy())              # completes a segment: a fold
+    session.decode(logits.argmax(-1))              # completes a segment: a fold

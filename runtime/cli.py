@@ -14,7 +14,11 @@ import warnings
 
 import click
 
-from infini_trt.export.errors import InfiniTrtError, InfiniTrtWarning
+from infini_trt.export.errors import InfiniTrtError, InfiniTrtWarning, MissingDependencyError
+
+# What the `export` extra installs: exporting, the torch backend, validate and bench need it;
+# running and serving an export does not (ONNX Runtime and numpy).
+EXPORT_PACKAGES = ("torch", "onnxscript")
 
 COMMAND_MODULES = ["checkpoint", "convert", "export", "build", "prefill", "score", "run",
                    "validate", "passkey", "bench", "serve", "bench_serve"]
@@ -41,7 +45,8 @@ _default_show_warning = warnings.showwarning
 
 
 class Group(click.Group):
-    """A click group that turns any InfiniTrtError into one line on stderr and exit code 1,
+    """A click group that turns any InfiniTrtError, and a missing package of the export
+    toolchain (torch), into one line on stderr and exit code 1,
     SIGTERM and Ctrl-C into one line and exit codes 143 and 130 (after the writers of
     outputs have removed what they had begun), and our warnings into one line each."""
 
@@ -56,6 +61,15 @@ class Group(click.Group):
                 return super().invoke(ctx)
         except InfiniTrtError as exc:
             raise click.ClickException(str(exc)) from None
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in EXPORT_PACKAGES:
+                raise
+            missing = MissingDependencyError(
+                exc.name.split(".")[0], f"`infini-trt {ctx.invoked_subcommand}` here",
+                "pip install 'infini-trt[export]' (the CPU build of torch first: pip install "
+                "torch --index-url https://download.pytorch.org/whl/cpu); an export directory "
+                "runs and serves without it on onnxruntime")
+            raise click.ClickException(str(missing)) from None
         except Terminated:
             click.echo("infini-trt: terminated (SIGTERM); no partial output was left", err=True)
             ctx.exit(143)

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from infini_trt.export.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_checkpoint
 from infini_trt.export.errors import InfiniTrtError
 from infini_trt.export.manifest import MANIFEST_FILE, package_version
 
@@ -55,6 +54,8 @@ def _key(parts: dict) -> str:
 
 def export_key(checkpoint: Path, dtype: str | None, memory_op: str, opset: int,
                quantize: str | None = None) -> str:
+    from infini_trt.export.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
     from .artifacts import file_sha256
 
     return _key({"weights": file_sha256(checkpoint / WEIGHTS_FILE),
@@ -110,6 +111,7 @@ def cached_export(checkpoint: str | Path, dtype: str | None = None, memory_op: s
     """The export directory of `checkpoint` (with `quantize`: its quantized export), exporting
     it first if the cache has none. What the export says goes to `log`, by default stderr
     (stdout may be a command's JSON)."""
+    from infini_trt.export.checkpoint import read_checkpoint
     from infini_trt.export.onnx_export import export_checkpoint
 
     ckpt = read_checkpoint(checkpoint)

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 
 from infini_trt.export.errors import InfiniTrtError, InputError
 
@@ -89,7 +88,7 @@ def generate(target: Runner | Session, prompts: list[list[int]] | list[np.ndarra
         raise InputError("every prompt needs at least one token (or a context to continue)")
     runner, batch = session.runner, session.batch
     vocab = runner.config.vocab_size
-    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    generator = np.random.default_rng(cfg.seed)          # fresh entropy when seed is None
     sequences = [Sequence(prompt_tokens=len(p)) for p in prompts]
     streams = [TextStream(tokenizer, cfg.stop, text_context[b] if text_context else ())
                if tokenizer is not None else None for b in range(batch)]
@@ -102,10 +101,10 @@ def generate(target: Runner | Session, prompts: list[list[int]] | list[np.ndarra
     logits = session.feed(prompts, progress)
     t_prefill = time.perf_counter() - t0
     _check_finite(logits, runner, "the prompt")
-    seen = torch.zeros((batch, vocab), dtype=torch.bool, device=logits.device)
+    seen = np.zeros((batch, vocab), dtype=bool)
     if cfg.repetition_penalty != 1.0:
         for b, p in enumerate(prompts):
-            seen[b, torch.from_numpy(p).to(logits.device)] = True
+            seen[b, p] = True
     active = np.ones(batch, dtype=bool)
     ttft, t_decode, decoded = 0.0, time.perf_counter(), 0
     for i in range(cfg.max_new_tokens):
@@ -115,7 +114,7 @@ def generate(target: Runner | Session, prompts: list[list[int]] | list[np.ndarra
             t_decode = time.perf_counter()
         else:
             decoded += int(active.sum())
-        tokens_np = tokens.cpu().numpy()
+        tokens_np = np.asarray(tokens, dtype=np.int64)
         chosen = active.copy()
         for b in np.flatnonzero(active):
             token = int(tokens_np[b])
@@ -146,8 +145,8 @@ def generate(target: Runner | Session, prompts: list[list[int]] | list[np.ndarra
                             peak_rss_bytes() / 2**20)
 
 
-def _check_finite(logits: torch.Tensor, runner: Runner, where: str) -> None:
-    if not bool(torch.isfinite(logits).all()):
+def _check_finite(logits: np.ndarray, runner: Runner, where: str) -> None:
+    if not np.isfinite(logits).all():
         raise InfiniTrtError(f"{runner.description} produced NaN or infinite logits after "
                              f"{where}; the model or its export is broken (check it with "
                              f"`infini-trt validate`)")

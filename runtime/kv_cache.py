@@ -6,21 +6,26 @@ place would export them as constants).
     v_cache (L, B, Hkv, N, hd)
 
 `cache_window` is how many slots a call reads; `DecodeCaches` keeps the caches of a graph
-runner (ONNX Runtime, TensorRT) in flat buffers laid out for the current window.
+runner (ONNX Runtime, TensorRT) in flat buffers laid out for the current window, as numpy
+arrays on the host or torch tensors on a GPU (arrays.py).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
-import torch
 
 from infini_trt.export.config import InfiniConfig
 
+from .arrays import ArraySpace, copy_into
 
-def empty_caches(cfg: InfiniConfig, batch: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed decoding caches of one segment: k_cache (L, B, Hkv, hd, N) (rotated keys,
-    transposed) and v_cache (L, B, Hkv, N, hd). Layer i's slices are contiguous: they are
-    what `extend` takes."""
+
+def empty_caches(cfg: InfiniConfig, batch: int, dtype, device=None):
+    """Zeroed decoding caches of one segment, as torch tensors of `dtype` on `device` (the
+    PyTorch runner's): k_cache (L, B, Hkv, hd, N) (rotated keys, transposed) and v_cache
+    (L, B, Hkv, N, hd). Layer i's slices are contiguous: they are what `extend` takes."""
+    import torch
+
     shape = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
     return (torch.zeros(shape, dtype=dtype, device=device).transpose(-1, -2).contiguous(),
             torch.zeros(shape, dtype=dtype, device=device))
@@ -39,19 +44,18 @@ def cache_window(end: int, segment_len: int) -> int:
     return min(segment_len, max(step, -(-end // step) * step))
 
 
-def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
-                v_new: torch.Tensor, start, length) -> None:
+def write_cache(k_cache, v_cache, k_new, v_new, start, length) -> None:
     """Write new tokens into the decoding caches, in place (the runners' job, not the graph's).
 
     k_cache (L, B, Hkv, hd, N): rotated keys, stored transposed so that attention reads them
     without a transpose; v_cache (L, B, Hkv, N, hd); k_new, v_new (L, B, Hkv, S, hd) from
     `InfiniLM.extend`. The first length[b] new tokens go to slots start[b] .. on; the rest of
-    the S (padding) are dropped.
+    the S (padding) are dropped. numpy arrays or torch tensors, all four of one kind.
     """
     for b, (s, n) in enumerate(zip(start, length)):
         s, n = int(s), int(n)
         if n:
-            k_cache[:, b, :, :, s:s + n] = k_new[:, b, :, :n].transpose(-1, -2)
+            k_cache[:, b, :, :, s:s + n] = k_new[:, b, :, :n].swapaxes(-1, -2)
             v_cache[:, b, :, s:s + n] = v_new[:, b, :, :n]
 
 
@@ -69,22 +73,22 @@ class DecodeCaches:
     call; at window N the buffer is the whole (L, B, Hkv, ., .) cache that the fold graph takes.
     """
 
-    def __init__(self, cfg: InfiniConfig, batch: int, dtype: torch.dtype,
-                 device: torch.device, windowed: bool = True):
+    def __init__(self, cfg: InfiniConfig, batch: int, dtype: str, space: ArraySpace,
+                 windowed: bool = True):
+        """`dtype`: a numpy name ("float32", "float16"); `space`: where the buffers live."""
         self._dims = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim)
-        self.segment_len, self.windowed = cfg.segment_len, windowed
+        self.segment_len, self.windowed, self.space = cfg.segment_len, windowed, space
         size = int(np.prod(self._dims)) * cfg.segment_len
-        self._flat = [torch.zeros(size, dtype=dtype, device=device) for _ in "kv"]
-        self._scratch = torch.empty(size // cfg.n_layers, dtype=dtype, device=device)
-        self._rows = [torch.empty(size, dtype=dtype, device=device) for _ in "kv"]
+        self._flat = [space.zeros(size, dtype) for _ in "kv"]
+        self._scratch = space.empty(size // cfg.n_layers, dtype)
+        self._rows = [space.empty(size, dtype) for _ in "kv"]
         self._layout(cfg.segment_len)
 
     @classmethod
-    def for_graph(cls, spec, cfg: InfiniConfig, batch: int, device: torch.device):
+    def for_graph(cls, spec, cfg: InfiniConfig, batch: int, space: ArraySpace):
         """Caches for the extend graph `spec` (its cache dtype; windowed if it has the axis)."""
         cache = spec.input("k_cache_0")
-        return cls(cfg, batch, getattr(torch, cache.dtype), device,
-                   windowed=isinstance(cache.dims[-1], str))
+        return cls(cfg, batch, cache.dtype, space, windowed=isinstance(cache.dims[-1], str))
 
     def _layout(self, window: int) -> None:
         """k (L, B, Hkv, hd, window) and v (L, B, Hkv, window, hd) over the flat buffers; each
@@ -92,14 +96,14 @@ class DecodeCaches:
         layers, batch, heads, hd = self._dims
         stride = batch * heads * hd * self.segment_len           # one layer, at any window
         self.window = window
-        self.k = self._flat[0].as_strided((layers, batch, heads, hd, window),
-                                          (stride, heads * hd * window, hd * window, window, 1))
-        self.v = self._flat[1].as_strided((layers, batch, heads, window, hd),
-                                          (stride, heads * window * hd, window * hd, hd, 1))
+        self.k = self.space.strided(self._flat[0], (layers, batch, heads, hd, window),
+                                    (stride, heads * hd * window, hd * window, window, 1))
+        self.v = self.space.strided(self._flat[1], (layers, batch, heads, window, hd),
+                                    (stride, heads * window * hd, window * hd, hd, 1))
         self.inputs = {**{f"k_cache_{i}": self.k[i] for i in range(layers)},
                        **{f"v_cache_{i}": self.v[i] for i in range(layers)}}
 
-    def fit(self, end: int) -> dict[str, torch.Tensor]:
+    def fit(self, end: int) -> dict:
         """Make the window hold segment positions 0 .. end-1 (`end`: the largest start + length
         of the call) -> the extend graph's cache inputs."""
         window = cache_window(end, self.segment_len) if self.windowed else self.segment_len
@@ -110,25 +114,25 @@ class DecodeCaches:
             for i in range(self._dims[0]):
                 for old, new in ((old_k[i][..., :keep], self.k[i][..., :keep]),
                                  (old_v[i][:, :, :keep], self.v[i][:, :, :keep])):
-                    moving = self._scratch[:old.numel()].view(old.shape)
-                    moving.copy_(old)
-                    new.copy_(moving)
+                    moving = self._scratch[:math.prod(old.shape)].reshape(old.shape)
+                    copy_into(moving, old)
+                    copy_into(new, moving)
         return self.inputs
 
-    def slots(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def slots(self, end: int) -> tuple:
         """(k, v) holding at least slots 0 .. end-1, the window never made smaller here (a
         sequence's rows beyond `end` stay)."""
         self.fit(max(end, self.window))
         return self.k, self.v
 
-    def new_rows(self, seq: int) -> dict[str, torch.Tensor]:
+    def new_rows(self, seq: int) -> dict:
         """{"k_new", "v_new"}: (L, B, Hkv, seq, hd) views at fixed addresses."""
         layers, batch, heads, hd = self._dims
         shape = (layers, batch, heads, seq, hd)
         size = int(np.prod(shape))
-        return {"k_new": self._rows[0][:size].view(shape),
-                "v_new": self._rows[1][:size].view(shape)}
+        return {"k_new": self._rows[0][:size].reshape(shape),
+                "v_new": self._rows[1][:size].reshape(shape)}
 
-    def write(self, rows: dict[str, torch.Tensor], start: np.ndarray,
+    def write(self, rows: dict, start: np.ndarray,
               length: np.ndarray) -> None:
         write_cache(self.k, self.v, rows["k_new"], rows["v_new"], start, length)

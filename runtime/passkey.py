@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from infini_trt.export.errors import InputError
 
@@ -122,9 +121,9 @@ def answer_argmax(runner: Runner, prompts: list, progress: bool | None = None,
             ids = np.stack([p.window(start, stop) for p in prompts])
             lo, hi = max(first, start), min(stop, length - 1)
 
-            def pick(offset: int, logits: torch.Tensor, lo=lo, hi=hi) -> None:
+            def pick(offset: int, logits: np.ndarray, lo=lo, hi=hi) -> None:
                 a, b = lo - start - offset, hi - start - offset       # answer positions
-                picked.append(logits[:, max(a, 0):max(b, 0)].argmax(-1).cpu().numpy())
+                picked.append(logits[:, max(a, 0):max(b, 0)].argmax(-1))
 
             session.feed(list(ids), progress=False, on_logits=pick if lo < hi else None)
             bar.update(ids.size)

@@ -391,7 +391,7 @@ class GenaiRunner(Runner):
                              "a prompt in one call at batch > 1)")
         self.generator = None              # made on first use, for `capacity` tokens
 
-    def _append(self, ids: np.ndarray) -> torch.Tensor:
+    def _append(self, ids: np.ndarray) -> np.ndarray:
         """Feed ids (1, S) -> the last token's logits (1, V)."""
         if self.generator is None:
             params = self.og.GeneratorParams(self.model)
@@ -401,20 +401,20 @@ class GenaiRunner(Runner):
             raise InputError(f"the onnxruntime-genai K/V cache holds {self.capacity} tokens")
         self.generator.append_tokens(ids.astype(np.int32))
         logits = self.generator.get_logits()
-        return torch.from_numpy(np.ascontiguousarray(logits)).reshape(self.batch, -1)
+        return np.ascontiguousarray(logits, dtype=np.float32).reshape(self.batch, -1)
 
-    def _step(self, ids: np.ndarray) -> torch.Tensor:
+    def _step(self, ids: np.ndarray) -> np.ndarray:
         raise InputError("the onnxruntime-genai peer gives the last token's logits only")
 
-    def _advance(self, ids: np.ndarray) -> torch.Tensor:
+    def _advance(self, ids: np.ndarray) -> np.ndarray:
         return self._append(ids)
 
-    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
+    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
         if not (length == ids.shape[1]).all():
             raise InputError("the onnxruntime-genai peer takes equal-length batches only")
         last = self._append(ids)
         # only the last token's logits are computed: every position reads them (a view)
-        return last[:, None, :].expand(self.batch, ids.shape[1], last.shape[-1])
+        return np.broadcast_to(last[:, None, :], (self.batch, ids.shape[1], last.shape[-1]))
 
     def _fold(self, mask: np.ndarray) -> None:
         """Nothing to fold: the cache keeps every token."""

@@ -1,13 +1,13 @@
 """Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty.
 
-Small pure functions on (B, V) float logits; randomness only through the torch.Generator that
-the caller seeds, so that a seed reproduces a generation exactly.
+Small pure functions on (B, V) float numpy logits; randomness only through the
+numpy Generator that the caller seeds, so that a seed reproduces a generation exactly.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from infini_trt.export.errors import InfiniTrtError
 
@@ -37,42 +37,54 @@ class SamplingConfig:
             raise InfiniTrtError("repetition_penalty must be positive")
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
-                             penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray | None,
+                             penalty: float) -> np.ndarray:
     """CTRL-style penalty: for tokens seen (B, V bool), divide positive logits by `penalty`
     and multiply negative ones by it."""
     if penalty == 1.0:
         return logits
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
+    penalized = np.where(logits > 0, logits / penalty, logits * penalty)
+    return np.where(seen, penalized, logits)
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
     """Keep the k largest logits of each row, -inf elsewhere."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+    kth = np.partition(logits, -k, axis=-1)[..., -k, None]        # each row's k-th largest
+    return np.where(logits < kth, -np.inf, logits)
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Over the last axis, in float64 (-inf logits get probability 0)."""
+    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     """Keep the smallest set of tokens whose probability mass reaches p (at least one)."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs          # mass of strictly better tokens
-    drop_sorted = mass_before >= p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    probs = softmax(np.take_along_axis(logits, order, axis=-1))
+    mass_before = np.cumsum(probs, axis=-1) - probs           # mass of strictly better tokens
+    drop = np.empty(logits.shape, dtype=bool)
+    np.put_along_axis(drop, order, mass_before >= p, axis=-1)
+    return np.where(drop, -np.inf, logits)
 
 
-def next_tokens(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,)."""
-    logits = apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
+def next_tokens(logits: np.ndarray, cfg: SamplingConfig, seen: np.ndarray | None,
+                generator: np.random.Generator | None) -> np.ndarray:
+    """logits (B, V) -> token ids (B,) int64. Sampling draws one uniform number per row from
+    `generator` (a fresh, unseeded one if None) and takes the token where the cumulative
+    probability first reaches it."""
+    logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float32), seen,
+                                      cfg.repetition_penalty)
     if cfg.greedy:
-        return logits.argmax(dim=-1)
+        return logits.argmax(axis=-1)
     logits = top_p_filter(top_k_filter(logits / cfg.temperature, cfg.top_k), cfg.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    cumulative = np.cumsum(softmax(logits), axis=-1)
+    rng = generator if generator is not None else np.random.default_rng()
+    # in (0, 1], so that the token reached has a probability above 0
+    target = (1.0 - rng.random(logits.shape[0]))[:, None] * cumulative[:, -1:]
+    return np.minimum((cumulative < target).sum(axis=-1), logits.shape[-1] - 1)

@@ -5,7 +5,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.export.files import atomic_file
@@ -111,23 +110,20 @@ def score(target: Runner | Session, tokens: np.ndarray, logits_out: str | Path |
     nll_sum, predicted = 0.0, 0
     known = [b for b in range(batch) if session.last[b] is not None]
     if known:                                       # the context predicts the first token
-        logp = torch.log_softmax(session.last_logits()[known].float(), dim=-1)
-        first = torch.from_numpy(tokens[known, 0]).to(logp.device)
-        nll_sum -= float(logp.gather(-1, first[:, None]).sum())
+        nll_sum += negative_log_likelihood(session.last_logits()[known], tokens[known, 0])
         predicted += len(known)
 
-    def on_logits(start: int, logits: torch.Tensor) -> None:
+    def on_logits(start: int, logits: np.ndarray) -> None:
         nonlocal nll_sum, predicted
-        if not bool(torch.isfinite(logits).all()):
+        if not np.isfinite(logits).all():
             raise InfiniTrtError(f"{runner.description} produced NaN or infinite logits "
                                  f"in the segment at token {start:,}; the model or its "
                                  f"export is broken (check it with `infini-trt validate`)")
         s = logits.shape[1]
-        targets = torch.from_numpy(tokens[:, start + 1:start + s + 1]).to(logits.device)
+        targets = tokens[:, start + 1:start + s + 1]
         n = targets.shape[1]
         if n:
-            logp = torch.log_softmax(logits[:, :n].float(), dim=-1)
-            nll_sum -= float(logp.gather(-1, targets[..., None]).sum())
+            nll_sum += negative_log_likelihood(logits[:, :n], targets)
             predicted += batch * n
         if out is not None:
             out.write(start, logits)
@@ -138,6 +134,22 @@ def score(target: Runner | Session, tokens: np.ndarray, logits_out: str | Path |
     nll = nll_sum / predicted
     return ScoreResult(runner.description, batch, total, predicted, nll, float(np.exp(nll)),
                        timer.seconds, batch * total / timer.seconds, peak_rss_bytes() / 2**20)
+
+
+def negative_log_likelihood(logits: np.ndarray, targets: np.ndarray,
+                            rows: int = 256) -> float:
+    """The summed -log p(target) of logits (..., V) at targets (...): logsumexp less the
+    target's logit, `rows` positions at a time (so the exponentials of a whole segment never
+    exist at once), the sums in float64."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    wanted = np.asarray(targets).reshape(-1)
+    total = 0.0
+    for i in range(0, len(flat), rows):
+        block, chosen = flat[i:i + rows], wanted[i:i + rows]
+        top = block.max(axis=-1, keepdims=True)
+        log_sum = np.log(np.exp(block - top).sum(axis=-1, dtype=np.float64)) + top[:, 0]
+        total += float((log_sum - block[np.arange(len(block)), chosen]).sum())
+    return total
 
 
 class _LogitsFile:
@@ -156,8 +168,8 @@ class _LogitsFile:
                                                shape=shape[1:] if self.squeeze else shape)
         return self
 
-    def write(self, start: int, logits: torch.Tensor) -> None:
-        block = logits.float().cpu().numpy()
+    def write(self, start: int, logits: np.ndarray) -> None:
+        block = logits
         if self.squeeze:
             self.array[start:start + block.shape[1]] = block[0]
         else:

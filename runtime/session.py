@@ -11,14 +11,13 @@ The session owns each row's segment position, tokens seen and last logits. Feedi
 segment into memory exactly when it completes; full segments that every row has go through
 the prompt-reading graph (`advance`), everything else through the K/V cache (`extend`). A row
 can be reset, loaded or left idle while the others go on: rows never see each other.
-Inputs are numpy (or lists), logits come back as torch tensors on the runner's device.
+Inputs are numpy (or lists), logits come back as float32 numpy arrays (the runner contract).
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
 from infini_trt.export.errors import InputError
 
@@ -34,7 +33,7 @@ class Session:
         self.batch = batch
         self.position = np.zeros(batch, dtype=np.int64)    # next token's segment position
         self.seen = np.zeros(batch, dtype=np.int64)        # tokens of each row so far
-        self.last: list[torch.Tensor | None] = [None] * batch   # logits after the last token
+        self.last: list[np.ndarray | None] = [None] * batch   # logits after the last token
 
     # rows ---------------------------------------------------------------------------------
     def reset(self, row: int | None = None) -> None:
@@ -58,7 +57,7 @@ class Session:
         state = self.runner.read_row(row, int(self.position[row]))
         last = self.last[row]
         return Context(state=state, tokens=int(self.seen[row]),
-                       last_logits=None if last is None else last.float().cpu().numpy(),
+                       last_logits=None if last is None else np.array(last, np.float32),
                        fingerprint=model_fingerprint(self.runner), made_by=self.runner.description,
                        text_tail=list(text_tail), config=self.config.to_dict())
 
@@ -69,14 +68,13 @@ class Session:
         self.runner.write_row(row, context.state)
         self.position[row], self.seen[row] = context.state.position, context.tokens
         self.last[row] = (None if context.last_logits is None else
-                          torch.as_tensor(context.last_logits, dtype=torch.float32,
-                                          device=self._device()))
+                          np.array(context.last_logits, np.float32))
 
     # tokens -------------------------------------------------------------------------------
     def feed(self, rows: Sequence | np.ndarray, progress: bool | None = None,
-             on_logits: Callable[[int, torch.Tensor], None] | None = None,
+             on_logits: Callable[[int, np.ndarray], None] | None = None,
              wants_logits: Callable[[int, int], bool] | None = None,
-             desc: str = "prefill") -> torch.Tensor:
+             desc: str = "prefill") -> np.ndarray:
         """Run tokens into the rows: rows[b] is row b's next tokens (any number, none or None
         for a row that waits) -> the logits after each row's last token, (B, V) (a row given
         nothing keeps its last logits; rows that never had a token get zeros).
@@ -111,7 +109,7 @@ class Session:
                 bar.update(int(take.sum()))
         return self.last_logits()
 
-    def decode(self, tokens, active=None) -> torch.Tensor:
+    def decode(self, tokens, active=None) -> np.ndarray:
         """One token for each active row (tokens (B,); active (B,) bool, default all) -> the
         logits after it, (B, V) (inactive rows keep theirs)."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -127,10 +125,10 @@ class Session:
                      None)
         return self.last_logits()
 
-    def last_logits(self) -> torch.Tensor:
+    def last_logits(self) -> np.ndarray:
         """(B, V): the logits after each row's last token (zeros for a row without one)."""
-        zero = torch.zeros(self.config.vocab_size, device=self._device())
-        return torch.stack([zero if x is None else x for x in self.last])
+        zero = np.zeros(self.config.vocab_size, np.float32)
+        return np.stack([zero if x is None else x for x in self.last])
 
     # the graphs ---------------------------------------------------------------------------
     def _segment(self, tokens, done, on_logits, wants_logits) -> None:
@@ -168,11 +166,6 @@ class Session:
         if not 0 <= row < self.batch:
             raise InputError(f"row {row} is outside the session's {self.batch} rows")
 
-    def _device(self) -> torch.device:
-        device = getattr(self.runner, "torch_device", None) or getattr(self.runner, "device",
-                                                                        "cpu")
-        return torch.device(device)
-
 
 def model_fingerprint(runner: Runner) -> dict:
     """What a context must match to be loaded into `runner`: the model's config and the
@@ -183,7 +176,6 @@ def model_fingerprint(runner: Runner) -> dict:
 def path_fingerprint(model) -> dict:
     """`model_fingerprint` of what `model` (a checkpoint or an export directory) would open,
     without opening it: a context can be checked before any export or load."""
-    from infini_trt.export.checkpoint import WEIGHTS_FILE, read_checkpoint
     from infini_trt.export.manifest import is_export_dir, read_manifest
 
     from .artifacts import file_sha256
@@ -191,6 +183,8 @@ def path_fingerprint(model) -> dict:
     if is_export_dir(model):
         manifest = read_manifest(model)
         return _fingerprint(manifest.config, manifest.source.get("weights_sha256"))
+    from infini_trt.export.checkpoint import WEIGHTS_FILE, read_checkpoint   # (torch)
+
     ckpt = read_checkpoint(model)
     return _fingerprint(ckpt.config, file_sha256(ckpt.path / WEIGHTS_FILE))
 

@@ -239,7 +239,7 @@ def validate(reference: Runner, candidates: list[Runner], segments: int = 8, bat
     with progress_bar(tokens.size * (1 + len(candidates)), "validate", progress) as bar:
         for start in range(0, tokens.shape[1], n):
             ids = tokens[:, start:start + n]
-            ref_logits = reference.step(ids).double().cpu().numpy()
+            ref_logits = reference.step(ids).astype(np.float64)
             ref_state = reference.state()
             bar.update(ids.size)
             ref_next = ref_logits.argmax(-1)
@@ -247,7 +247,7 @@ def validate(reference: Runner, candidates: list[Runner], segments: int = 8, bat
             want_logits, want_next = ((ref_logits[:, -1], ref_next[:, -1]) if prefill
                                       else (ref_logits, ref_next))
             for runner, report in zip(candidates, reports):
-                logits = (runner.advance if prefill else runner.step)(ids).float().cpu().numpy()
+                logits = (runner.advance if prefill else runner.step)(ids)
                 state = runner.state()
                 bar.update(ids.size)
                 for name, want, got in zip(OUTPUTS, (want_logits, *ref_state),

@@ -104,7 +104,7 @@ def run_scenario(runner: Runner, ids: np.ndarray, plan: DecodingPlan, workdir: P
 
     batch = ids.shape[0]
     session = Session(runner, batch)
-    on_logits(0, session.feed(ids[:, :plan.prompt], progress=False).double().cpu().numpy())
+    on_logits(0, session.feed(ids[:, :plan.prompt], progress=False).astype(np.float64))
     _tick(bar, ids[:, :plan.prompt].size)
     for i in range(plan.decode):
         if i == plan.snapshot:
@@ -117,7 +117,7 @@ def run_scenario(runner: Runner, ids: np.ndarray, plan: DecodingPlan, workdir: P
             for row, path in enumerate(paths):
                 session.load(row, Context.load(path))
         logits = session.decode(ids[:, plan.prompt + i])
-        on_logits(i + 1, logits.double().cpu().numpy())
+        on_logits(i + 1, logits.astype(np.float64))
         _tick(bar, batch)
     on_state(1, *runner.state())
 

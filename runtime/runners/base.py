@@ -4,10 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from infini_trt.export.config import InfiniConfig
 from infini_trt.export.errors import InputError
+
+from ..arrays import copy_into, host_logits, to_host
 
 @dataclass
 class RowState:
@@ -38,7 +39,9 @@ class Runner:
 
     Subclasses implement `_reset`, `_step`, `state` and `set_state` (decoding: `_extend`,
     `_fold`; `_advance` where they can do better than `_step`); the public methods check their
-    input first, so that every backend refuses bad input with the same clear message.
+    input first, so that every backend refuses bad input with the same clear message, and
+    return logits as float32 numpy arrays on the host, whatever the backend computes them as
+    (its `_step` etc. may return torch tensors, on any device).
     """
 
     backend = "?"
@@ -73,19 +76,19 @@ class Runner:
         self.batch = batch
         self._reset(batch)
 
-    def step(self, input_ids) -> torch.Tensor:
+    def step(self, input_ids) -> np.ndarray:
         """One segment for every sequence: input_ids (B, S), 1 <= S <= segment_len ->
-        float32 logits (B, S, V) (a torch tensor on the runner's device). Advances the state."""
+        float32 logits (B, S, V), a numpy array that the caller owns. Advances the state."""
         ids = self.check_ids(input_ids)
-        return self._step(ids)
+        return host_logits(self._step(ids))
 
-    def advance(self, input_ids) -> torch.Tensor:
+    def advance(self, input_ids) -> np.ndarray:
         """`step` for reading a prompt: the same state update, the logits of the last token
         only, (B, V). Backends with a prefill graph skip the LM head on the other tokens."""
         ids = self.check_ids(input_ids)
-        return self._advance(ids)
+        return host_logits(self._advance(ids))
 
-    def extend(self, input_ids, start, length) -> torch.Tensor:
+    def extend(self, input_ids, start, length) -> np.ndarray:
         """Decoding: continue each sequence's current segment from its K/V cache.
 
         input_ids (B, S) are tokens at segment positions start[b] .. start[b]+S-1, of which the
@@ -100,7 +103,7 @@ class Runner:
                              f"{self.config.segment_len}")
         if (length > ids.shape[1]).any():
             raise InputError("length must not exceed the number of tokens given")
-        return self._extend(ids, start, length)
+        return host_logits(self._extend(ids, start, length))
 
     def fold(self, mask) -> None:
         """Decoding: write the full segment in the caches into memory for the sequences where
@@ -123,11 +126,10 @@ class Runner:
         """Sequence b's state: memory, norm and the first `position` K/V slots of its segment
         (copies; the runner goes on unchanged)."""
         self._check_row(b, position)
-        with torch.no_grad():
-            memory, norm = self._state_tensors()
-            k, v = self._cache_tensors(position)
-            parts = (memory[:, b], norm[:, b], k[:, b, :, :, :position], v[:, b, :, :position])
-            return RowState(*(t.cpu().numpy().copy() for t in parts))
+        memory, norm = self._state_tensors()
+        k, v = self._cache_tensors(position)
+        parts = (memory[:, b], norm[:, b], k[:, b, :, :, :position], v[:, b, :, :position])
+        return RowState(*(np.array(to_host(t)) for t in parts))
 
     def write_row(self, b: int, row: RowState) -> None:
         """Make sequence b's state `row` (the other sequences are left as they are); its next
@@ -141,13 +143,12 @@ class Runner:
             got = getattr(row, name).shape
             if tuple(got) != shape:
                 raise InputError(f"a row's {name} must have shape {shape}, got {tuple(got)}")
-        with torch.no_grad():
-            memory, norm = self._state_tensors()
-            k, v = self._cache_tensors(row.position)
-            p = row.position
-            for dst, src in ((memory[:, b], row.memory), (norm[:, b], row.norm),
-                             (k[:, b, :, :, :p], row.k), (v[:, b, :, :p], row.v)):
-                dst.copy_(torch.as_tensor(src).to(dst.dtype))
+        memory, norm = self._state_tensors()
+        k, v = self._cache_tensors(row.position)
+        p = row.position
+        for dst, src in ((memory[:, b], row.memory), (norm[:, b], row.norm),
+                         (k[:, b, :, :, :p], row.k), (v[:, b, :, :p], row.v)):
+            copy_into(dst, src)
 
     def _check_row(self, b: int, position: int) -> None:
         if not self.batch:
@@ -158,11 +159,12 @@ class Runner:
             raise InputError(f"a row's segment position must be in [0, "
                              f"{self.config.segment_len}), got {position}")
 
-    def _state_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The current memory (L, B, ...) and norm, as tensors that may be written in place."""
+    def _state_tensors(self) -> tuple:
+        """The current memory (L, B, ...) and norm, as arrays (numpy or torch) that may be
+        written in place."""
         raise NotImplementedError(f"the {self.backend} runner has no row access")
 
-    def _cache_tensors(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cache_tensors(self, end: int) -> tuple:
         """The K/V caches (`kv_cache.empty_caches` layout) holding at least slots 0 .. end-1
         of every sequence, made if there are none yet; never fewer slots than they hold."""
         raise NotImplementedError(f"the {self.backend} runner has no row access")
@@ -170,13 +172,13 @@ class Runner:
     def _reset(self, batch: int) -> None:
         raise NotImplementedError
 
-    def _step(self, ids: np.ndarray) -> torch.Tensor:
+    def _step(self, ids: np.ndarray):
         raise NotImplementedError
 
-    def _advance(self, ids: np.ndarray) -> torch.Tensor:
+    def _advance(self, ids: np.ndarray):
         return self._step(ids)[:, -1]
 
-    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
+    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray):
         raise NotImplementedError(f"the {self.backend} runner does not decode")
 
     def _fold(self, mask: np.ndarray) -> None:
@@ -185,9 +187,7 @@ class Runner:
     # checks ------------------------------------------------------------------------------
     def check_ids(self, input_ids) -> np.ndarray:
         """-> int64 array (B, S), or InputError with what is wrong."""
-        if isinstance(input_ids, torch.Tensor):
-            input_ids = input_ids.detach().cpu().numpy()
-        ids = np.asarray(input_ids)
+        ids = to_host(input_ids)
         if not self.batch:
             raise InputError("call reset(batch) before step()")
         if ids.dtype.kind not in "iu":

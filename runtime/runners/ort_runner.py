@@ -1,12 +1,13 @@
 """The ONNX Runtime runner: the exported graphs with IO binding and ping-pong state buffers,
 so that the state never makes a round trip through host memory.
 
-Every bound buffer is a torch tensor on the session's device (CPU or CUDA): memory and norm
-(and the decoding caches) stay where they are between calls, each call writing the other
-buffer of a pair. The token ids, segment positions and fold mask are copied into buffers
+Every bound buffer lives where the session runs (arrays.py): numpy arrays on the CPU, so that
+an exported model runs with ONNX Runtime and numpy alone, and torch tensors on CUDA. Memory
+and norm (and the decoding caches) stay where they are between calls, each call writing the
+other buffer of a pair. The token ids, segment positions and fold mask are copied into buffers
 allocated once per `reset`, and each graph keeps one IOBinding that is re-bound only where a
 buffer's address or shape changed, so a decoding call allocates nothing but the logits it
-returns (a fresh tensor that the caller owns).
+returns (a fresh array that the caller owns).
 
 The graphs' sessions share the weights that they can share at no cost in speed (one array per
 distinct content; ort_weights.py, `share_weights`), and on the CPU run without ORT's memory
@@ -17,12 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from infini_trt.export.errors import InfiniTrtError, InputError, MissingDependencyError
 from infini_trt.export.io_spec import EXTEND, FOLD, PREFILL, SEGMENT
 from infini_trt.export.manifest import read_manifest
 
+from ..arrays import ArraySpace, address, copy_into, dtype_name, to_host
 from ..artifacts import verify_export
 from ..kv_cache import DecodeCaches
 from .base import Runner
@@ -70,32 +71,31 @@ def providers_for(ort, device: str | None) -> tuple[list[str], str]:
     return ["CPUExecutionProvider"], "cpu"
 
 
-def element_type(dtype: torch.dtype):
-    """What IO binding takes as the element type of a torch dtype (bf16 has no numpy type)."""
-    if dtype == torch.bfloat16:
+def element_type(dtype: str):
+    """What IO binding takes as the element type of a dtype name (bf16 has no numpy type)."""
+    if dtype == "bfloat16":
         from onnx import TensorProto
 
         return TensorProto.BFLOAT16
-    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
-            torch.bool: np.bool_}[dtype]
+    return np.dtype(dtype).type
 
 
 class Binding:
     """One graph's session and IOBinding, kept between calls: a name is re-bound only when its
-    tensor's address, shape or dtype changed (ping-pong buffers alternate between two)."""
+    array's address, shape or dtype changed (ping-pong buffers alternate between two). Every
+    array is dense in its shape (the caches' layer slices are)."""
 
     def __init__(self, session, device: str, name: str = "graph"):
         self.session, self.device, self.name = session, device, name
         self.io = session.io_binding()
         self.bound: dict[str, tuple] = {}
 
-    def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+    def run(self, inputs: dict, outputs: dict) -> None:
         for names, bind in ((inputs, self.io.bind_input), (outputs, self.io.bind_output)):
-            for name, tensor in names.items():
-                key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+            for name, array in names.items():
+                key = (address(array), tuple(array.shape), dtype_name(array))
                 if self.bound.get(name) != key:
-                    bind(name, self.device, 0, element_type(tensor.dtype), list(tensor.shape),
-                         tensor.data_ptr())
+                    bind(name, self.device, 0, element_type(key[2]), list(key[1]), key[0])
                     self.bound[name] = key
         try:
             self.session.run_with_iobinding(self.io)
@@ -125,7 +125,7 @@ class OrtRunner(Runner):
             raise InfiniTrtError("onnxruntime's CPU provider has no bfloat16 kernels; export "
                                  "with --dtype fp32 or fp16 for onnxruntime on the CPU, or run "
                                  "this export with --backend tensorrt")
-        self.torch_device = torch.device(self.device)
+        self.space = ArraySpace(self.device)          # numpy on the CPU, torch on CUDA
         self.weights = SharedWeights(share_weights, self.device)
         self.sessions: dict = {}
         self.bindings: dict[str, Binding] = {}
@@ -161,68 +161,65 @@ class OrtRunner(Runner):
                 raise InfiniTrtError(f"onnxruntime cannot load {path}: {exc}") from None
         return self.sessions[graph]
 
-    def _run(self, graph: str, inputs: dict[str, torch.Tensor],
-             outputs: dict[str, torch.Tensor]) -> None:
-        """Run one graph with every input and output bound to a torch tensor (zero-copy)."""
+    def _run(self, graph: str, inputs: dict, outputs: dict) -> None:
+        """Run one graph with every input and output bound to an array (zero-copy)."""
         if graph not in self.bindings:
             self.bindings[graph] = Binding(self.session(graph), self.device, graph)
         self.bindings[graph].run(inputs, outputs)
 
-    def _load(self, buffer: torch.Tensor, array: np.ndarray) -> torch.Tensor:
+    def _load(self, buffer, array: np.ndarray):
         """Copy `array` into the start of the flat `buffer` -> a view of the array's shape
         (the same address every call, so the binding stays)."""
-        view = buffer[:array.size].view(array.shape)
-        view.copy_(torch.from_numpy(array))
+        view = buffer[:array.size].reshape(array.shape)
+        copy_into(view, array)
         return view
 
-    def _logits(self, ids: np.ndarray) -> torch.Tensor:
-        """A fresh logits tensor: the caller keeps it (prefill holds some across calls)."""
-        return torch.empty((*ids.shape, self.config.vocab_size), device=self.torch_device)
+    def _logits(self, shape: tuple):
+        """A fresh logits array: the caller keeps it (prefill holds some across calls)."""
+        return self.space.empty((*shape, self.config.vocab_size))
 
     # state ---------------------------------------------------------------------------------
     def _reset(self, batch: int) -> None:
-        cfg, device = self.config, self.torch_device
-        self.memory = [torch.zeros(cfg.memory_shape(batch), device=device) for _ in "ab"]
-        self.norm = [torch.zeros(cfg.norm_shape(batch), device=device) for _ in "ab"]
+        cfg, space = self.config, self.space
+        self.memory = [space.zeros(cfg.memory_shape(batch)) for _ in "ab"]
+        self.norm = [space.zeros(cfg.norm_shape(batch)) for _ in "ab"]
         self.current = 0
         self.caches = None            # decoding: allocated on first extend
-        self.ids = torch.zeros(batch * cfg.segment_len, dtype=torch.int64, device=device)
-        self.start = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.fold_mask = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.ids = space.zeros(batch * cfg.segment_len, "int64")
+        self.start = space.zeros(batch, "int64")
+        self.fold_mask = space.zeros(batch, "bool")
 
-    def _state_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _state_tensors(self) -> tuple:
         return self.memory[self.current], self.norm[self.current]
 
-    def _cache_tensors(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cache_tensors(self, end: int) -> tuple:
         return self._caches().slots(end)
 
     def _caches(self) -> DecodeCaches:
         if self.caches is None:
             self.caches = DecodeCaches.for_graph(self.manifest.graph(EXTEND), self.config,
-                                                 self.batch, self.torch_device)
+                                                 self.batch, self.space)
         return self.caches
 
     def state(self) -> tuple[np.ndarray, np.ndarray]:
-        return (self.memory[self.current].cpu().numpy().copy(),
-                self.norm[self.current].cpu().numpy().copy())
+        return (np.array(to_host(self.memory[self.current])),
+                np.array(to_host(self.norm[self.current])))
 
     def set_state(self, memory: np.ndarray, norm: np.ndarray) -> None:
         self.check_state(memory, norm)
-        self.memory[self.current].copy_(torch.as_tensor(memory, dtype=torch.float32))
-        self.norm[self.current].copy_(torch.as_tensor(norm, dtype=torch.float32))
+        copy_into(self.memory[self.current], memory)
+        copy_into(self.norm[self.current], norm)
 
     # graphs --------------------------------------------------------------------------------
-    def _step(self, ids: np.ndarray) -> torch.Tensor:
-        return self._segment(SEGMENT, ids, "logits", self._logits(ids))
+    def _step(self, ids: np.ndarray):
+        return self._segment(SEGMENT, ids, "logits", self._logits(ids.shape))
 
-    def _advance(self, ids: np.ndarray) -> torch.Tensor:
+    def _advance(self, ids: np.ndarray):
         if PREFILL not in self.manifest.graphs:          # an export from before prefill graphs
             return super()._advance(ids)
-        logits = torch.empty((ids.shape[0], self.config.vocab_size), device=self.torch_device)
-        return self._segment(PREFILL, ids, "last_logits", logits)
+        return self._segment(PREFILL, ids, "last_logits", self._logits(ids.shape[:1]))
 
-    def _segment(self, graph: str, ids: np.ndarray, name: str, logits: torch.Tensor
-                 ) -> torch.Tensor:
+    def _segment(self, graph: str, ids: np.ndarray, name: str, logits):
         """One segment through `graph` (segment or prefill), state ping-ponged."""
         cur, nxt = self.current, 1 - self.current
         self._run(graph,
@@ -232,12 +229,12 @@ class OrtRunner(Runner):
         self.current = nxt
         return logits
 
-    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
+    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray):
         """Each layer's cache slice is bound as its own input (no copy); the graph returns the
         new rows, written into the caches here."""
         caches = self._caches().fit(int((start + length).max()))
         rows = self.caches.new_rows(ids.shape[1])
-        logits = self._logits(ids)
+        logits = self._logits(ids.shape)
         self._run(EXTEND,
                   {"input_ids": self._load(self.ids, ids), "start": self._load(self.start, start),
                    "memory": self.memory[self.current], "norm": self.norm[self.current],

@@ -23,8 +23,8 @@ from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.export.io_spec import EXTEND, FOLD, PREFILL, SEGMENT, GraphSpec
 from infini_trt.export.manifest import read_manifest
 
+from ..arrays import ArraySpace
 from ..artifacts import file_sha256, verify_export
-
 from ..kv_cache import DecodeCaches
 from .base import Runner
 
@@ -207,7 +207,8 @@ class TrtRunner(Runner):
     def _cache_tensors(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.caches is None:
             self.caches = DecodeCaches.for_graph(self.manifest.graph(EXTEND), self.config,
-                                                 self.batch, self.torch_device)
+                                                 self.batch,
+                                                 ArraySpace(str(self.torch_device), True))
         return self.caches.slots(end)
 
     def read_row(self, b: int, position: int):

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
 
 from infini_trt.export.errors import InfiniTrtError, InputError
 
@@ -118,8 +117,8 @@ class Request:
         self.token_ids: list[int] = []
         self.last_token_at = 0.0
         self.stream: TextStream | None = None
-        self.generator: torch.Generator | None = None
-        self.seen: torch.Tensor | None = None    # (1, V) bool, for a repetition penalty
+        self.generator: np.random.Generator | None = None
+        self.seen: np.ndarray | None = None      # (1, V) bool, for a repetition penalty
         self.prefix_keys: list[str] = []      # the prefix cache's keys of its prompt
         self.prefix_tokens = 0                # prompt tokens its row started with from there
 
@@ -329,14 +328,11 @@ class Engine:
             self._free(row, "error", Event(error=str(exc), status=400))
             return
         vocab = self.config.vocab_size
-        if cfg.seed is not None:
-            request.generator = torch.Generator().manual_seed(cfg.seed)
-        elif not cfg.greedy:
-            request.generator = torch.Generator()
-            request.generator.seed()             # its own randomness, not the global RNG's
-        if cfg.repetition_penalty != 1.0:
-            request.seen = torch.zeros((1, vocab), dtype=torch.bool)
-            request.seen[0, torch.from_numpy(request.prompt)] = True
+        if cfg.seed is not None or not cfg.greedy:
+            request.generator = np.random.default_rng(cfg.seed)   # its own: fresh entropy
+        if cfg.repetition_penalty != 1.0:                         # when no seed is given
+            request.seen = np.zeros((1, vocab), dtype=bool)
+            request.seen[0, request.prompt] = True
         if self.tokenizer is not None:
             request.stream = TextStream(self.tokenizer, cfg.stop, request.text_context)
         self.metrics.admitted(len(request.prompt))
@@ -448,15 +444,15 @@ class Engine:
                     cached_tokens=request.prefix_tokens, context=self.session.save(r)))
         self._choose([r for r in rows if self.slots[r] is not None], self.session.last_logits())
 
-    def _choose(self, rows: list[int], logits: torch.Tensor) -> None:
+    def _choose(self, rows: list[int], logits: np.ndarray) -> None:
         """The next token of the request in each of `rows` from its logits (logits[row], of
         (B, V)): emit its text, then finish the request or keep the token to feed. Greedy
         rows share one argmax (the same tokens as one each)."""
         if not rows:
             return
-        mine = logits[rows].float()
-        finite = torch.isfinite(mine).all(dim=-1).tolist()
-        greedy = mine.argmax(dim=-1).tolist()
+        mine = logits[rows]
+        finite = np.isfinite(mine).all(axis=-1).tolist()
+        greedy = mine.argmax(axis=-1).tolist()
         for i, row in enumerate(rows):
             request = self.slots[row]
             if not finite[i]:

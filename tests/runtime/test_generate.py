@@ -37,7 +37,7 @@ def teacher_forced_decode(runner, sequences, prompt_lengths):
         logits = session.decode(ids, active)
         for b in np.flatnonzero(active):
             out[b].append(logits[b])
-    return [torch.stack(o) for o in out]
+    return [np.stack(o) for o in out]
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
@@ -148,17 +148,37 @@ def test_eos_and_stop_strings_end_a_sequence(exported):
 
 
 def test_filters():
-    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
-    assert torch.isinf(top_k_filter(logits, 2)).tolist() == [[True, False, False, True]]
-    probs = torch.softmax(logits, -1)[0]                       # 0.032 0.644 0.237 0.087
-    kept = ~torch.isinf(top_p_filter(logits, 0.7))
+    logits = np.array([[1.0, 3.0, 2.0, 0.0]], np.float32)
+    assert np.isinf(top_k_filter(logits, 2)).tolist() == [[True, False, False, True]]
+    probs = np.exp(logits[0]) / np.exp(logits[0]).sum()       # 0.032 0.644 0.237 0.087
+    kept = ~np.isinf(top_p_filter(logits, 0.7))
     assert kept.tolist() == [[False, True, True, False]]      # 0.644 < 0.7 <= 0.644 + 0.237
-    assert (~torch.isinf(top_p_filter(logits, float(probs[1]) / 2))).sum() == 1
-    seen = torch.tensor([[True, True, False, False]])
-    penalized = apply_repetition_penalty(torch.tensor([[-1.0, 3.0, 2.0, 0.0]]), seen, 2.0)
+    assert (~np.isinf(top_p_filter(logits, float(probs[1]) / 2))).sum() == 1
+    seen = np.array([[True, True, False, False]])
+    penalized = apply_repetition_penalty(np.array([[-1.0, 3.0, 2.0, 0.0]], np.float32), seen,
+                                         2.0)
     assert penalized.tolist() == [[-2.0, 1.5, 2.0, 0.0]]
     cfg = SamplingConfig(greedy=False, temperature=1.0, top_k=1, seed=0)
-    assert next_tokens(logits, cfg, seen & False, torch.Generator()).tolist() == [1]
+    assert next_tokens(logits, cfg, seen & False, np.random.default_rng()).tolist() == [1]
+
+
+def test_sampling_draws_tokens_with_their_probabilities():
+    """20,000 draws from fresh random logits at temperature 0.7: each token's frequency within
+    5 standard errors of its softmax probability; a token at -inf (filtered) is never drawn;
+    the same seed draws the same tokens."""
+    rng = np.random.default_rng()
+    logits = rng.normal(size=(1, 6)).astype(np.float32)
+    logits[0, 2] = -np.inf
+    draws = 20_000
+    cfg = SamplingConfig(greedy=False, temperature=0.7, seed=1)
+    tokens = next_tokens(np.repeat(logits, draws, 0), cfg, None, np.random.default_rng(1))
+    scaled = np.exp((logits[0].astype(np.float64) - logits.max()) / 0.7)
+    probs = scaled / scaled.sum()
+    freq = np.bincount(tokens, minlength=6) / draws
+    assert freq[2] == 0
+    assert (np.abs(freq - probs) <= 5 * np.sqrt(probs * (1 - probs) / draws) + 1e-12).all()
+    again = next_tokens(np.repeat(logits, draws, 0), cfg, None, np.random.default_rng(1))
+    assert np.array_equal(tokens, again)
 
 
 def test_bad_generation_requests(exported):

@@ -1,0 +1,97 @@
+"""The arrays a runner holds: numpy on the host, torch tensors on a GPU.
+
+An exported model runs on the CPU with ONNX Runtime and numpy alone (an install without torch):
+the ONNX Runtime runner keeps its buffers as numpy arrays there. On a GPU the buffers are torch
+tensors (ONNX Runtime's CUDA provider, TensorRT), and the PyTorch runner's are torch anyway.
+What the runners return through the contract is always a host numpy array (`to_host`).
+
+The code that works on either kind (the decoding caches, a row's read and write) takes an
+`ArraySpace` for allocation and strided views, and otherwise uses what numpy arrays and torch
+tensors share: slicing, `reshape`, `swapaxes`, item assignment.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def is_torch(array) -> bool:
+    """Whether `array` is a torch tensor (torch is not imported to find out)."""
+    return type(array).__module__.startswith("torch")
+
+
+def to_host(array) -> np.ndarray:
+    """A numpy array of `array` (itself when it is one; a torch tensor's data, copied off a
+    device; bfloat16, which numpy lacks, as float32)."""
+    if isinstance(array, np.ndarray):
+        return array
+    if is_torch(array):
+        import torch
+
+        tensor = array.detach()
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.float()
+        return tensor.cpu().numpy()
+    return np.asarray(array)
+
+
+def host_logits(logits) -> np.ndarray:
+    """Logits as the runner contract returns them: a float32 numpy array on the host."""
+    array = to_host(logits)
+    return array if array.dtype == np.float32 else array.astype(np.float32)
+
+
+def copy_into(dst, src) -> None:
+    """dst[...] = src, casting to dst's dtype; dst a numpy array or a torch tensor (on any
+    device), src either, or anything numpy takes."""
+    if isinstance(dst, np.ndarray):
+        np.copyto(dst, to_host(src), casting="unsafe")
+        return
+    import torch
+
+    source = src if isinstance(src, torch.Tensor) else torch.as_tensor(np.asarray(src))
+    dst.copy_(source.to(dst.dtype))
+
+
+class ArraySpace:
+    """Allocation and strided views for one kind of array: numpy (`device` "cpu") or torch on
+    `device`. Dtypes are named as numpy names them ("float32", "float16", "int64", "bool")."""
+
+    def __init__(self, device: str = "cpu", use_torch: bool | None = None):
+        self.device = str(device)
+        self.torch = self.device != "cpu" if use_torch is None else use_torch
+        if self.torch:
+            import torch
+
+            self._torch_module = torch
+
+    def zeros(self, shape, dtype: str = "float32"):
+        if self.torch:
+            t = self._torch_module
+            return t.zeros(shape, dtype=getattr(t, dtype), device=self.device)
+        return np.zeros(shape, dtype=dtype)
+
+    def empty(self, shape, dtype: str = "float32"):
+        if self.torch:
+            t = self._torch_module
+            return t.empty(shape, dtype=getattr(t, dtype), device=self.device)
+        return np.empty(shape, dtype=dtype)
+
+    @staticmethod
+    def strided(flat, shape: tuple, strides: tuple):
+        """A view of the flat array `flat` with `shape` and `strides` counted in elements."""
+        if isinstance(flat, np.ndarray):
+            return np.lib.stride_tricks.as_strided(flat, shape,
+                                                   tuple(s * flat.itemsize for s in strides))
+        return flat.as_strided(shape, strides)
+
+
+def address(array) -> int:
+    """The address of an array's first element (what an IO binding is given)."""
+    return int(array.ctypes.data) if isinstance(array, np.ndarray) else int(array.data_ptr())
+
+
+def dtype_name(array) -> str:
+    """'float32', 'float16', 'bfloat16', 'int64', 'bool', ... for a numpy array or a tensor."""
+    if isinstance(array, np.ndarray):
+        return array.dtype.name
+    return str(array.dtype).removeprefix("torch.")
