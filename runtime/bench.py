@@ -48,8 +48,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from infini_trt.export.config import InfiniConfig
 from infini_trt.export.errors import InfiniTrtError, InputError
 
@@ -229,6 +227,8 @@ def _limits(seconds: float, log: Callable[[str], None]) -> dict:
     """The machine's fp32 and bf16 matmul rates and memory read bandwidth, measured now,
     each within `seconds` (with the problem size each probe chose); the bf16 rate is None,
     and "bf16_not_measured" says why, where torch has no bf16 instructions on this CPU."""
+    import torch
+
     fp32 = roofline.matmul_probe(torch.float32, seconds)
     limits = {"matmul_fp32_flops_per_s": fp32.first, "matmul_fp32_n": fp32.size}
     missing = roofline.missing_instructions(torch.bfloat16)
@@ -277,6 +277,8 @@ def run_bench(model: str | Path, subjects: list[str], settings: BenchSettings,
     model = Path(model)
     cfg = model_config(model)
     if settings.threads:
+        import torch
+
         torch.set_num_threads(settings.threads)
     context = context_needed(settings, cfg.segment_len)
     resolved = [resolve(name, model, log, settings.seed, settings.batch, context,

@@ -7,8 +7,9 @@ import threading
 import time
 from typing import NamedTuple
 
+import sys
+
 import numpy as np
-import torch
 
 from .resources import peak_gpu_bytes
 from .session import Session
@@ -29,7 +30,8 @@ class PeakMemory:
             self.mode, self._max = "sampled", 0
             self._stop = threading.Event()
             threading.Thread(target=self._sample, daemon=True).start()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch = sys.modules.get("torch")        # CUDA in use means torch is imported
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
 
     def _sample(self) -> None:
@@ -188,7 +190,7 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
     decode_token_ms, decode_tokens_per_s (over the median)}]}}"""
     from .roofline import matmul_probe
 
-    matmul_rate = matmul_probe(torch.float32, matmul_s)
+    matmul_rate = matmul_probe(None, matmul_s)          # fp32
     pairs = [(name, length) for name in runners for length in sorted(states[name])]
     rng = np.random.default_rng(seed)
     segment_s = {pair: [] for pair in pairs}

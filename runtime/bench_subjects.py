@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from infini_trt.export.config import InfiniConfig
 from infini_trt.export.errors import InfiniTrtError
 from infini_trt.export.quantize import METHODS as QUANTIZE_METHODS
@@ -59,7 +57,9 @@ def open_subject(subject: Subject, cfg: InfiniConfig, threads: int | None = None
     ONNX Runtime [default: all], `seed` for the peers' random weights; `beside_others`: it
     takes turns with other runners (the rounds in alternation), so the idle threads of ONNX
     Runtime's pools (ours and onnxruntime-genai's alike) do not spin."""
-    if threads:
+    if threads and subject.kind not in ("onnxruntime", "genai"):     # the others run torch
+        import torch                            # (an ONNX Runtime worker never imports it)
+
         torch.set_num_threads(threads)
     if subject.kind in ("torch", "onnxruntime", "tensorrt"):
         from .runners import open_runner
@@ -109,7 +109,7 @@ def resolve(name: str, model: Path, log: Callable[[str], None], seed: int = 0,
     export = is_export_dir(model)
     if backend == "torch":
         precision = TORCH_DTYPES.get(variant, "float32")
-        missing = roofline.missing_instructions(getattr(torch, precision))
+        missing = roofline.missing_instructions(precision)
         if missing:
             return Subject(name, "torch", precision=precision, status="skipped",
                            reason=f"{missing}: torch would emulate {variant} matrix products, "

@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from infini_trt.export.config import InfiniConfig
 from infini_trt.export.errors import InfiniTrtError, InputError, MissingDependencyError
@@ -128,6 +127,8 @@ def word_level_tokenizer(vocab_size: int):
 def random_llama(cfg: InfiniConfig, seed: int, max_positions: int):
     """`LlamaForCausalLM` of `cfg`'s shape, float32, initialised by transformers from `seed`
     (the global torch RNG is left as it was)."""
+    import torch
+
     transformers = _require_transformers()
     hf_config = transformers.LlamaConfig(**llama_config(cfg, max_positions))
     with torch.random.fork_rng(devices=[]):

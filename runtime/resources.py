@@ -21,11 +21,9 @@ def peak_rss_bytes() -> int:
 
 
 def peak_gpu_bytes() -> int | None:
-    """torch's peak CUDA allocation, when CUDA is in use."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return None
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    """torch's peak CUDA allocation, when CUDA is in use (torch is not imported to find out:
+    a process that uses CUDA through torch has imported it)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
     return int(torch.cuda.max_memory_allocated())

@@ -31,8 +31,6 @@ import os
 import platform
 import time
 
-import torch
-
 from infini_trt.export.config import InfiniConfig
 
 from .cpu import cpu_features, cpu_summary
@@ -170,10 +168,13 @@ def _doublings(smallest: int, largest: int) -> list[int]:
     return sizes
 
 
-def matmul_probe(dtype: torch.dtype = torch.float32, seconds: float = 1.0,
-                 n_max: int = 2048) -> Probe:
-    """The FLOP/s of an n x n x n matrix product in torch on the CPU, n doubled from 64 up
-    to n_max while it fits in `seconds` (`Probe`); probe.size is n."""
+def matmul_probe(dtype=None, seconds: float = 1.0, n_max: int = 2048) -> Probe:
+    """The FLOP/s of an n x n x n matrix product in torch on the CPU (`dtype`: a torch dtype,
+    float32 by default), n doubled from 64 up to n_max while it fits in `seconds` (`Probe`);
+    probe.size is n. torch is imported here: the probes run where torch is installed."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     gen = torch.Generator().manual_seed(0)
 
     def make(n: int):
@@ -185,7 +186,7 @@ def matmul_probe(dtype: torch.dtype = torch.float32, seconds: float = 1.0,
     return Probe(make, lambda n: 2.0 * n ** 3, _doublings(64, n_max), (4, 8), seconds)
 
 
-def matmul_rate(dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:
+def matmul_rate(dtype=None, seconds: float = 1.0) -> float:
     """Measured FLOP/s of a matrix product in torch on the CPU, within `seconds`."""
     return matmul_probe(dtype, seconds).first
 
@@ -194,6 +195,8 @@ def bandwidth_probe(seconds: float = 1.0, nbytes_max: int = 1 << 28) -> Probe:
     """The read bandwidth in bytes/s: the sum of a float32 array, doubled from 4 MiB up to
     nbytes_max (far larger than the caches) while it fits in `seconds`; probe.size is its
     bytes."""
+    import torch
+
     def make(nbytes: int):
         x = torch.ones(nbytes // 4, dtype=torch.float32)
         return lambda: x.sum()
@@ -207,17 +210,19 @@ def memory_bandwidth(seconds: float = 1.0) -> float:
     return bandwidth_probe(seconds).first
 
 
-_INSTRUCTIONS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_INSTRUCTIONS = {"bfloat16": "bf16", "float16": "fp16"}
 
 
-def missing_instructions(dtype: torch.dtype) -> str:
+def missing_instructions(dtype) -> str:
     """'' where torch has this CPU's instructions for matrix products in `dtype`, else why
     not ('no bf16 instructions on this CPU'). Without them torch emulates bf16 and fp16
     products, tens of times slower than fp32: a figure would describe the emulation, and a
     time estimated from the fp32 rate would be far too short."""
-    name = _INSTRUCTIONS.get(dtype)
+    name = _INSTRUCTIONS.get(str(dtype).removeprefix("torch."))
     if name is None:
         return ""
+    import torch
+
     if not cpu_features()[name]:
         return f"no {name} instructions on this CPU"
     try:                               # oneDNN's own view (ONEDNN_MAX_CPU_ISA can narrow it)
@@ -228,6 +233,15 @@ def missing_instructions(dtype: torch.dtype) -> str:
                             f"(ONEDNN_MAX_CPU_ISA?)")
 
 
+def _torch_threads() -> int | None:
+    """torch's intra-op threads, where torch is installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.get_num_threads()
+
+
 def describe_machine() -> dict:
     """CPU model and instruction sets (`cpu.py`), cores, load average and library versions,
     for the benchmark record."""
@@ -235,7 +249,7 @@ def describe_machine() -> dict:
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"cpu": cpu_features()["model"], "cpu_features": cpu_features(), "cpu_summary": cpu_summary(),
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cores": os.cpu_count(), "torch_threads": _torch_threads(),
             "load_average": list(load) if load else None, "python": platform.python_version(),
             "versions": {name: package_version(name) for name in
                          ("infini-trt", "torch", "onnxruntime", "onnx",

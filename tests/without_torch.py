@@ -1,5 +1,6 @@
 """`infini-trt ARGS` in a Python where torch and onnxscript (the `export` extra) cannot be
-imported, as in an install without them: python tests/without_torch.py run EXPORT_DIR ..."""
+imported, as in an install without them: python tests/without_torch.py run EXPORT_DIR ...
+(`runpy.run_path(this, run_name="x")["block"]()` blocks them in the calling process.)"""
 import sys
 
 BLOCKED = ("torch", "onnxscript")
@@ -14,11 +15,15 @@ class _Missing:
         return None
 
 
-sys.meta_path.insert(0, _Missing())
-for _name in [m for m in sys.modules if m.split(".")[0] in BLOCKED]:
-    del sys.modules[_name]
+def block() -> None:
+    sys.meta_path.insert(0, _Missing())
+    for name in [m for m in sys.modules if m.split(".")[0] in BLOCKED]:
+        del sys.modules[name]
 
-from infini_trt.runtime.cli import main  # noqa: E402  (after the finder)
 
-sys.argv = ["infini-trt", *sys.argv[1:]]
-main()
+if __name__ == "__main__":
+    block()
+    from infini_trt.runtime.cli import main
+
+    sys.argv = ["infini-trt", *sys.argv[1:]]
+    main()

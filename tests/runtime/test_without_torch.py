@@ -24,15 +24,35 @@ def without_torch(*args, env=None, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env=env, **kw)
 
 
+def blocked(code: str) -> subprocess.CompletedProcess:
+    """Python `code` run after torch is blocked."""
+    return subprocess.run([sys.executable, "-c", f"import runpy; runpy.run_path({SCRIPT!r}, "
+                           f"run_name='blocker')['block']()\n{code}"], capture_output=True,
+                          text=True, timeout=300)
+
+
 def test_the_script_blocks_torch():
-    done = subprocess.run([sys.executable, "-c", f"import runpy, sys; sys.argv = ['x', '--help']; "
-                           f"runpy.run_path({SCRIPT!r}, run_name='__main__')"],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    probe = subprocess.run([sys.executable, "-c", "import sys; sys.argv=['x']; "
-                            f"exec(open({SCRIPT!r}).read().split('from infini_trt')[0]); "
-                            "import torch"], capture_output=True, text=True, timeout=60)
+    probe = blocked("import torch")
     assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr
+
+
+def test_a_bench_worker_of_onnxruntime_imports_no_torch(exported):
+    """What `bench` measures of our ONNX Runtime backend (its peak RSS too) is a process
+    without torch, as a deployment is."""
+    _, out = exported(TINY)
+    done = blocked(f"""
+import sys
+from infini_trt.export.manifest import read_manifest
+from infini_trt.runtime.bench import BenchSettings, run_subject
+from infini_trt.runtime.bench_subjects import Subject
+subject, _ = run_subject(Subject("onnxruntime", "onnxruntime", {str(out)!r}),
+                         read_manifest({str(out)!r}).config,
+                         BenchSettings(lengths=[40], decode_tokens=3, threads=1), 1e10,
+                         log=lambda s: None)
+print(subject.status, subject.points[0]["decode_tokens_per_s"] > 0, "torch" in sys.modules)
+""")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ok", "True", "False"]
 
 
 def test_run_score_and_contexts_need_no_torch(exported, tmp_path):
