@@ -58,23 +58,23 @@ class ArraySpace:
 
     def __init__(self, device: str = "cpu", use_torch: bool | None = None):
         self.device = str(device)
-        self.torch = self.device != "cpu" if use_torch is None else use_torch
-        if self.torch:
+        self._torch = None                       # the torch module, for torch arrays
+        if self.device != "cpu" if use_torch is None else use_torch:
             import torch
 
-            self._torch_module = torch
+            self._torch = torch
 
     def zeros(self, shape, dtype: str = "float32"):
-        if self.torch:
-            t = self._torch_module
-            return t.zeros(shape, dtype=getattr(t, dtype), device=self.device)
-        return np.zeros(shape, dtype=dtype)
+        t = self._torch
+        if t is None:
+            return np.zeros(shape, dtype=dtype)
+        return t.zeros(shape, dtype=getattr(t, dtype), device=self.device)
 
     def empty(self, shape, dtype: str = "float32"):
-        if self.torch:
-            t = self._torch_module
-            return t.empty(shape, dtype=getattr(t, dtype), device=self.device)
-        return np.empty(shape, dtype=dtype)
+        t = self._torch
+        if t is None:
+            return np.empty(shape, dtype=dtype)
+        return t.empty(shape, dtype=getattr(t, dtype), device=self.device)
 
     @staticmethod
     def strided(flat, shape: tuple, strides: tuple):

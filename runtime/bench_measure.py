@@ -7,11 +7,9 @@ import threading
 import time
 from typing import NamedTuple
 
-import sys
-
 import numpy as np
 
-from .resources import peak_gpu_bytes
+from .resources import cuda_torch, peak_gpu_bytes
 from .session import Session
 
 
@@ -30,8 +28,8 @@ class PeakMemory:
             self.mode, self._max = "sampled", 0
             self._stop = threading.Event()
             threading.Thread(target=self._sample, daemon=True).start()
-        torch = sys.modules.get("torch")        # CUDA in use means torch is imported
-        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch = cuda_torch()
+        if torch is not None:
             torch.cuda.reset_peak_memory_stats()
 
     def _sample(self) -> None:

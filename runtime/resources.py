@@ -20,10 +20,16 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def peak_gpu_bytes() -> int | None:
-    """torch's peak CUDA allocation, when CUDA is in use (torch is not imported to find out:
-    a process that uses CUDA through torch has imported it)."""
+def cuda_torch():
+    """The torch module when this process uses CUDA through it, else None (torch is not
+    imported to find out: a process that uses CUDA through torch has imported it)."""
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
-    return int(torch.cuda.max_memory_allocated())
+    return torch
+
+
+def peak_gpu_bytes() -> int | None:
+    """torch's peak CUDA allocation, when CUDA is in use."""
+    torch = cuda_torch()
+    return None if torch is None else int(torch.cuda.max_memory_allocated())

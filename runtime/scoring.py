@@ -169,11 +169,10 @@ class _LogitsFile:
         return self
 
     def write(self, start: int, logits: np.ndarray) -> None:
-        block = logits
         if self.squeeze:
-            self.array[start:start + block.shape[1]] = block[0]
+            self.array[start:start + logits.shape[1]] = logits[0]
         else:
-            self.array[:, start:start + block.shape[1]] = block
+            self.array[:, start:start + logits.shape[1]] = logits
 
     def __exit__(self, *exc):
         if self.path is None:

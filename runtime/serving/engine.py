@@ -328,9 +328,9 @@ class Engine:
             self._free(row, "error", Event(error=str(exc), status=400))
             return
         vocab = self.config.vocab_size
-        if cfg.seed is not None or not cfg.greedy:
-            request.generator = np.random.default_rng(cfg.seed)   # its own: fresh entropy
-        if cfg.repetition_penalty != 1.0:                         # when no seed is given
+        if cfg.seed is not None or not cfg.greedy:     # its own (fresh entropy without a seed)
+            request.generator = np.random.default_rng(cfg.seed)
+        if cfg.repetition_penalty != 1.0:
             request.seen = np.zeros((1, vocab), dtype=bool)
             request.seen[0, request.prompt] = True
         if self.tokenizer is not None:
