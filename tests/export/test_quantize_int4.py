@@ -198,7 +198,7 @@ def test_decoding_computes_the_segment_graph_with_the_same_weights(int4_export, 
         for t in range(prompt, tokens.shape[1]):
             got.append(decoding.decode(tokens[:, t]))
         state = runner.state()
-    got = torch.stack(got, dim=1)                            # logits after tokens prompt-1 ..
+    got = np.stack(got, axis=1)                              # logits after tokens prompt-1 ..
     assert_close(torch.from_numpy(want[:, prompt - 1:]), got, 2e-2, what="decoded logits")
     assert_close(torch.from_numpy(memory), state[0], 2e-3, what="memory after two folds")
     assert_close(torch.from_numpy(norm), state[1], 1e-3, what="norm after two folds")
