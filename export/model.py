@@ -29,6 +29,7 @@ from torch import nn
 
 from . import memory_op, reference
 from .config import InfiniConfig
+from .split_attention import QUERY_BLOCKS
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -93,53 +94,34 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     already scaled by 1/sqrt(hd) (`Attention` scales the rotation tables, which spares a
     pass over q), rotated k and v (B, Hkv, S, hd) -> (B, H, S, hd).
 
-    Eager PyTorch runs its fused kernel. While torch.onnx exports, the graph gets the split
-    form below (`split_causal_attention`): the plain-op form that torch.onnx writes for SDPA
-    builds an S x S mask per layer and computes every score above the diagonal too; the split
-    form computes fewer scores, and ran faster in ONNX Runtime than that form, opset 23's
+    Eager PyTorch runs its fused kernel. While torch.onnx exports, it is one custom op
+    (`exported_attention`) that the exporter writes into the graph in blocks of queries
+    (export/split_attention.py): the plain-op form that torch.onnx writes for SDPA builds an
+    S x S mask per layer and computes every score above the diagonal too; the split form
+    computes fewer scores, and ran faster in ONNX Runtime than that form, opset 23's
     `Attention` and com.microsoft GroupQueryAttention
     (docs/design.md#causal-attention-in-blocks-of-queries).
     """
     if torch.onnx.is_in_onnx_export():
-        return split_causal_attention(q, k, v, group)
+        return exported_attention(q, k, v, q.shape[-2], group, QUERY_BLOCKS)
     return F.scaled_dot_product_attention(q, expand_kv(k, group), expand_kv(v, group),
                                           is_causal=True, scale=1.0)
 
 
-# split_causal_attention's blocks of queries: 4 ran faster than 2 (fewer scores computed);
-# 8 do not export (torch.export's symbolic shapes fail on the bounds).
-# docs/design.md#causal-attention-in-blocks-of-queries
-QUERY_BLOCKS = 4
+@torch.library.custom_op("infini_trt::causal_attention", mutates_args=())
+def exported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: int,
+                       group: int, blocks: int) -> torch.Tensor:
+    """eq 6 as one op for torch.export (`causal_attention`'s arguments, and `seq`, the
+    segment length, and the number of query blocks, for the graph): torch.export traces it
+    as one node of q's shape, and export/split_attention.py writes it into ONNX ops. Its
+    eager value is `causal_attention`'s."""
+    return F.scaled_dot_product_attention(q, expand_kv(k, group), expand_kv(v, group),
+                                          is_causal=True, scale=1.0)
 
 
-def split_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           group: int, blocks: int = QUERY_BLOCKS) -> torch.Tensor:
-    """eq 6 in `blocks` blocks of queries: block i (positions ceil(S*i/n) .. ceil(S*(i+1)/n))
-    reads the keys up to its own end, so of the S x S scores only (n+1)/(2n) are computed
-    (5/8 for 4 blocks, against 3/4 for 2). Query heads stay grouped by KV head (no copies of
-    k and v per group); masked scores are the dtype's minimum and the softmax runs in at least
-    float32. The same shapes as `causal_attention`."""
-    b, h, s, hd = q.shape
-    hkv = k.shape[1]
-    q = q.reshape(b, hkv, group, s, hd)
-    k_t = k.transpose(-1, -2)[:, :, None]                    # (B, Hkv, 1, hd, S)
-    v = v[:, :, None]                                        # (B, Hkv, 1, S, hd)
-    bounds = [(s * i + blocks - 1) // blocks for i in range(blocks + 1)]
-    parts = [_attend_causally(q[..., lo:hi, :], k_t[..., :hi], v[..., :hi, :], lo)
-             for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(parts, dim=-2).reshape(b, h, s, hd)
-
-
-def _attend_causally(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor,
-                     first_position) -> torch.Tensor:
-    """Queries at positions first_position.. attend to keys 0.. up to their own position."""
-    rows = torch.arange(q.shape[-2], device=q.device)[:, None] + first_position
-    cols = torch.arange(k_t.shape[-1], device=q.device)[None, :]
-    mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(
-        cols > rows, torch.finfo(q.dtype).min)                      # (rows, cols), added:
-    scores = q @ k_t + mask                  # a broadcast Where over the scores is slower
-    work = torch.promote_types(scores.dtype, torch.float32)   # fp16/bf16 -> fp32
-    return torch.softmax(scores.to(work), dim=-1).to(v.dtype) @ v
+@exported_attention.register_fake
+def _(q, k, v, seq, group, blocks):
+    return torch.empty_like(q)
 
 
 class PartedLinear(nn.Linear):

@@ -30,7 +30,7 @@ import torch
 from infini_trt.plugins.memory_update import contract
 from infini_trt.plugins.memory_update.onnx_function import memory_update_function
 
-from . import memory_op
+from . import memory_op, split_attention
 from .checkpoint import (copy_tokenizer, dtype_from_name, dtype_name, load_checkpoint,
                          read_checkpoint)
 from .errors import InfiniTrtError
@@ -131,7 +131,8 @@ def trace_to_onnx(module: torch.nn.Module, spec: GraphSpec, example: tuple,
         program = torch.onnx.export(
             module, example, dynamo=True, opset_version=opset, optimize=True,
             input_names=spec.input_names, output_names=spec.output_names,
-            dynamic_shapes=_grouped(spec.torch_dynamic_shapes(), module), verbose=False)
+            dynamic_shapes=_grouped(spec.torch_dynamic_shapes(), module), verbose=False,
+            custom_translation_table=split_attention.translation())
     return program.model_proto
 
 

@@ -38,6 +38,7 @@ import torch
 from . import memory_op
 from .checkpoint import dtype_name
 from .config import InfiniConfig
+from .forked import forked
 from .io_spec import EXTEND, FOLD, GraphSpec, TensorSpec, extend_graph, segment_graph
 from .model import InfiniLM
 from .onnx_export import NAME_SCOPES as SCOPES, example_inputs, trace_to_onnx
@@ -187,14 +188,39 @@ def _own_axes(template: str, specs: Iterable[TensorSpec]) -> tuple[TensorSpec, .
                             tuple(axis(d) for d in t.dims)) for t in specs)
 
 
+# traced in a forked child while this process traces the others (export/forked.py): the
+# templates of the decoding step cost about as much to trace as all the others together
+TRACED_APART = (LAYER_EXTEND,)
+
+
 def trace_templates(model: InfiniLM, graphs: Iterable[str], sizes: dict[str, int],
                     opset: int, plugin: bool,
                     log: Callable[[str], None] = lambda s: None) -> dict[str, Template]:
-    """Every template that `graphs` need, traced once, together, by `trace_to_onnx`."""
-    cfg = model.cfg
-    dtype = dtype_name(model.embed.weight.dtype)
+    """Every template that `graphs` need, traced once: those of TRACED_APART by
+    `trace_to_onnx` in a forked child process (on a second core), the others together in
+    this one."""
     names = templates_for(graphs)
     log(f"tracing one of each piece ({', '.join(names)})")
+    apart = [n for n in names if n in TRACED_APART]
+    here = [n for n in names if n not in apart]
+    if not here or not apart:
+        return _trace(model, names, sizes, opset, plugin)
+
+    def trace_apart() -> dict[str, Template]:
+        torch.set_num_threads(1)                # nothing to compute in parallel: a trace
+        return _trace(model, apart, sizes, opset, plugin)
+
+    with forked(trace_apart) as child:
+        templates = _trace(model, here, sizes, opset, plugin)
+        templates.update(child.result())
+    return {name: templates[name] for name in names}
+
+
+def _trace(model: InfiniLM, names: list[str], sizes: dict[str, int], opset: int,
+           plugin: bool) -> dict[str, Template]:
+    """The templates `names`, traced together in one call of `trace_to_onnx`."""
+    cfg = model.cfg
+    dtype = dtype_name(model.embed.weight.dtype)
     params = dict(model.named_parameters())
     per_layer = {TEMPLATES[n][1] for n in names}
     weights = [w for kind in (True, False) if kind in per_layer

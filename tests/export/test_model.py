@@ -138,26 +138,3 @@ def test_low_precision_weights_keep_fp32_state(tiny_cfg, dtype, tol):
     assert_close(want, got, tol, what="logits")
     assert_close(want_m, m, tol, what="memory")
     assert_close(want_z, z, tol, what="norm")
-
-
-@pytest.mark.parametrize("seq", [1, 2, 3, 5, 8, 31])
-@pytest.mark.parametrize("kv_heads,group", [(2, 2), (4, 1), (1, 4)])
-@pytest.mark.parametrize("blocks", [2, 3, 4])
-def test_split_causal_attention_is_causal_softmax_attention(seq, kv_heads, group, blocks):
-    """The form the ONNX graphs get (blocks of queries, grouped heads) against a loop over
-    query positions in float64, on the lengths where the blocks are empty or uneven."""
-    from infini_trt.export.model import split_causal_attention
-
-    gen = torch.Generator().manual_seed(seq * 10 + group)
-    q = torch.randn(2, kv_heads * group, seq, 16, generator=gen, dtype=torch.float64)
-    k, v = (torch.randn(2, kv_heads, seq, 16, generator=gen, dtype=torch.float64)
-            for _ in range(2))
-    want = torch.empty_like(q)
-    for head in range(kv_heads * group):
-        kh, vh = k[:, head // group], v[:, head // group]
-        for t in range(seq):
-            scores = (kh[:, :t + 1] @ q[:, head, t, :, None])[..., 0] / 4.0    # sqrt(16)
-            want[:, head, t] = (torch.softmax(scores, dim=-1)[:, :, None] * vh[:, :t + 1]).sum(1)
-    got = split_causal_attention(q / 4.0, k, v, group, blocks)          # q pre-scaled
-    assert torch.isfinite(got).all()
-    assert_close(want, got, 1e-12)

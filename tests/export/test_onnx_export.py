@@ -6,6 +6,7 @@ import onnx
 import pytest
 import torch
 
+from helpers import assert_close
 from infini_trt.export import preset
 from infini_trt.export.errors import InfiniTrtError
 from infini_trt.export.manifest import read_manifest
@@ -123,3 +124,65 @@ def test_export_refuses_bad_options(tmp_path):
     with pytest.raises(InfiniTrtError, match="no such checkpoint"):
         export_checkpoint(tmp_path / "nope", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+HEAD_LAYOUTS = [(2, 2), (4, 1), (1, 4)]           # (kv heads, query heads per kv head)
+
+
+class _Attentions(torch.nn.Module):
+    """q (2, 4, S, 16) and one k, v (2, Hkv, S, 16) per head layout -> the exported attention
+    of every (layout, number of query blocks)."""
+
+    def forward(self, q, *kv):
+        from infini_trt.export.model import exported_attention
+
+        return tuple(exported_attention(q, kv[2 * i], kv[2 * i + 1], q.shape[-2], group,
+                                        blocks)
+                     for i, (_, group) in enumerate(HEAD_LAYOUTS) for blocks in (2, 3, 4))
+
+
+def test_split_attention_graph_is_causal_softmax_attention():
+    """The attention that the ONNX graphs get (export/split_attention.py: blocks of queries,
+    bounds computed in the graph, grouped heads), in ONNX Runtime in float64, against a loop
+    over query positions, on lengths where the blocks are empty or uneven."""
+    import onnxruntime as ort
+    from torch.export import Dim
+
+    from infini_trt.export import split_attention
+
+    seq, batch = Dim("seq", min=1, max=64), Dim("batch", min=1)
+    example = [torch.zeros(2, 4, 3, 16, dtype=torch.float64)]
+    for kv_heads, _ in HEAD_LAYOUTS:                      # distinct tensors: no aliases
+        example += [torch.zeros(2, kv_heads, 3, 16, dtype=torch.float64) for _ in range(2)]
+    with torch.no_grad():
+        program = torch.onnx.export(
+            _Attentions().eval(), tuple(example), dynamo=True, opset_version=20,
+            dynamic_shapes=({0: batch, 2: seq}, ({0: batch, 2: seq},) * (len(example) - 1)),
+            custom_translation_table=split_attention.translation(), verbose=False)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    for length in (1, 2, 3, 5, 8, 31):
+        gen = torch.Generator().manual_seed(length)
+        q = torch.randn(2, 4, length, 16, generator=gen, dtype=torch.float64)
+        kv = [torch.randn(2, kv_heads, length, 16, generator=gen, dtype=torch.float64)
+              for kv_heads, _ in HEAD_LAYOUTS for _ in range(2)]
+        feeds = dict(zip([i.name for i in session.get_inputs()],
+                         [t.numpy() for t in (q / 4.0, *kv)]))            # q pre-scaled
+        got = iter(session.run(None, feeds))
+        for i, (_, group) in enumerate(HEAD_LAYOUTS):
+            want = _attention_by_position(q, kv[2 * i], kv[2 * i + 1], group)
+            for blocks in (2, 3, 4):
+                assert_close(want, torch.from_numpy(next(got)), 1e-12,
+                             what=f"S={length} group={group} blocks={blocks}")
+
+
+def _attention_by_position(q, k, v, group):
+    """Causal softmax attention, one query position at a time (head h reads KV head
+    h // group), scale 1/sqrt(16)."""
+    want = torch.empty_like(q)
+    for head in range(q.shape[1]):
+        kh, vh = k[:, head // group], v[:, head // group]
+        for t in range(q.shape[2]):
+            scores = (kh[:, :t + 1] @ q[:, head, t, :, None])[..., 0] / 4.0
+            want[:, head, t] = (torch.softmax(scores, dim=-1)[:, :, None] * vh[:, :t + 1]).sum(1)
+    return want
