@@ -12,6 +12,7 @@ process, on `result()`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import pickle
@@ -35,7 +36,15 @@ class Child:
             context = multiprocessing.get_context("fork")
             self._pipe, child_end = context.Pipe(duplex=False)
             self._process = context.Process(target=_run, args=(work, child_end), daemon=True)
-            self._process.start()                       # flushes stdout and stderr first
+            # The child must never collect this process's garbage: a native object's
+            # destructor there can wait forever on a thread that was not forked (an ONNX
+            # Runtime session's thread pool hung a child so). Frozen objects are never
+            # collected; the parent unfreezes them once the child runs.
+            gc.freeze()
+            try:
+                self._process.start()                   # flushes stdout and stderr first
+            finally:
+                gc.unfreeze()
             child_end.close()
 
     def result(self) -> Any:
