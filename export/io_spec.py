@@ -133,8 +133,11 @@ def prefill_graph(cfg: InfiniConfig) -> GraphSpec:
 
 def extend_graph(cfg: InfiniConfig, dtype: str) -> GraphSpec:
     """Decoding: continue the current segment from the caches (`InfiniLM.extend`):
-    (input_ids, start, memory, norm, k_cache_0 .. k_cache_{L-1}, v_cache_0 .. v_cache_{L-1})
-    -> (logits, k_new, v_new). Every layer's cache is its own input, so a runner binds the
+    (input_ids, start, logit_rows, memory, norm, k_cache_0 .. k_cache_{L-1},
+    v_cache_0 .. v_cache_{L-1}) -> (logits, k_new, v_new). `logit_rows` names the tokens
+    whose logits are computed: every token for scoring, each sequence's last one for a prompt
+    (the LM head on the others would cost as much as the layers at a 32K vocabulary), the one
+    token when decoding. Every layer's cache is its own input, so a runner binds the
     slices of its one cache buffer and nothing is copied; the graph only reads them and
     returns the new tokens' rows, which the runner writes in place (`write_cache`). The
     caches hold the first `window` slots of the segment (at least the largest `start`: the
@@ -148,13 +151,16 @@ def extend_graph(cfg: InfiniConfig, dtype: str) -> GraphSpec:
         inputs=(TensorSpec("input_ids", "int64", ("batch", "seq"),
                            "tokens at segment positions start .. start+seq-1"),
                 TensorSpec("start", "int64", ("batch",), "segment position of the first token"),
+                TensorSpec("logit_rows", "int64", ("batch", "rows"),
+                           "the tokens (0 .. seq-1) whose logits are returned"),
                 TensorSpec(*memory), TensorSpec(*norm),
                 *(k for k, _ in caches), *(v for _, v in caches)),
-        outputs=(TensorSpec("logits", "float32", ("batch", "seq", cfg.vocab_size),
-                            "next-token logits"),
+        outputs=(TensorSpec("logits", "float32", ("batch", "rows", cfg.vocab_size),
+                            "next-token logits after each token of logit_rows"),
                  TensorSpec("k_new", dtype, rows, "the new tokens' keys, rotated"),
                  TensorSpec("v_new", dtype, rows, "the new tokens' values")),
-        axes={"batch": (1, None), "seq": (1, cfg.segment_len), "window": (1, cfg.segment_len)},
+        axes={"batch": (1, None), "seq": (1, cfg.segment_len), "rows": (1, cfg.segment_len),
+              "window": (1, cfg.segment_len)},
     )
 
 

@@ -19,7 +19,7 @@ from .files import inside
 from .io_spec import GraphSpec
 
 MANIFEST_FILE = "manifest.json"
-FORMAT, FORMAT_VERSION = "infini-trt-export", 2
+FORMAT, FORMAT_VERSION = "infini-trt-export", 3    # 3: extend takes logit_rows
 CONTENT_HASH = "content_sha256"
 UNHASHED = ("engines", CONTENT_HASH)             # written after the export, or the hash itself
 

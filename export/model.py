@@ -224,9 +224,13 @@ class Attention(nn.Module):
         old = torch.arange(n, device=x.device)[None, :] < start[:, None]    # (B, N)
         new_token = torch.arange(s, device=x.device)
         causal = (new_token[None, :] <= new_token[:, None]).repeat(group, 1)   # (G*S, S)
+        # masks added to the scores (0 or the dtype's minimum), made at their own small
+        # shapes: a Where over the scores is much slower for a prompt's many tokens
+        # (docs/design.md#causal-attention-in-blocks-of-queries)
+        zero = torch.zeros((), dtype=q_rot.dtype, device=x.device)
         neg = torch.finfo(q_rot.dtype).min
-        scores_old = (q_rot @ k_cache).masked_fill(~old[:, None, None, :], neg)
-        scores_new = (q_rot @ k_new.transpose(-1, -2)).masked_fill(~causal, neg)
+        scores_old = q_rot @ k_cache + zero.masked_fill(~old[:, None, None, :], neg)
+        scores_new = q_rot @ k_new.transpose(-1, -2) + zero.masked_fill(~causal, neg)
         weights = torch.softmax(torch.cat((scores_old, scores_new), dim=-1).float(), dim=-1)
         weights = weights.to(v.dtype)
         a_dot = weights[..., :n] @ v_cache + weights[..., n:] @ v          # (B, Hkv, G*S, hd)
@@ -345,11 +349,14 @@ class InfiniLM(nn.Module):
         return (torch.where(mask[:, None, None, None], memory_new, memory),
                 torch.where(mask[:, None, None], norm_new, norm))
 
-    def head_logits(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def head_logits(self, x: torch.Tensor, last_only: bool = False,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
         """The final norm and LM head: x (B, S, d) -> logits (B, S, V), or (B, V) of the last
-        token with last_only."""
+        token with last_only, or (B, R, V) of the tokens rows (B, R) (indices into S)."""
         if last_only:
             x = x[:, -1]
+        elif rows is not None:
+            x = torch.gather(x, 1, rows[:, :, None].expand(-1, -1, x.shape[-1]))
         return self.lm_head(self.final_norm(x))
 
     def step(self, input_ids: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
@@ -369,7 +376,7 @@ class InfiniLM(nn.Module):
 
     # ------------------------------------------------------------------------- decoding
     def extend(self, input_ids: torch.Tensor, start: torch.Tensor, memory: torch.Tensor,
-               norm: torch.Tensor, k_caches, v_caches):
+               norm: torch.Tensor, k_caches, v_caches, logit_rows: torch.Tensor | None = None):
         """Continue the current segment of each sequence from its caches (decoding).
 
         input_ids (B, S): tokens at segment positions start[b] .. start[b]+S-1 (start + S may
@@ -378,6 +385,7 @@ class InfiniLM(nn.Module):
         the first W slots of the segment, max(start) <= W <= N (runtime/kv_cache.py: `cache_window`).
         -> (logits (B, S, V), k_new, v_new (L, B, Hkv, S, hd)): the new tokens' rotated keys
         and values, which the caller puts into its caches (`write_cache`). Decoding is S = 1.
+        logit_rows (B, R): the logits of those tokens only (indices into S), (B, R, V).
         """
         x = self.embed(input_ids)
         rope = self.rope(self.cfg.segment_len, x.dtype, x.device)
@@ -387,7 +395,8 @@ class InfiniLM(nn.Module):
                                         v_caches[i], start)
             k_out.append(k)
             v_out.append(v)
-        return self.head_logits(x), torch.stack(k_out), torch.stack(v_out)
+        return (self.head_logits(x, rows=logit_rows), torch.stack(k_out),
+                torch.stack(v_out))
 
     def fold_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, memory: torch.Tensor,
                    norm: torch.Tensor, fold: torch.Tensor):

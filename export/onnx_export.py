@@ -71,12 +71,12 @@ class PrefillStep(SegmentStep):
 class ExtendStep(SegmentStep):
     """forward = InfiniLM.extend (decoding), one cache input per layer, logits in float32."""
 
-    fixed_args = 4            # input_ids, start, memory, norm; then *caches (varargs)
+    fixed_args = 5            # input_ids, start, logit_rows, memory, norm; then *caches
 
-    def forward(self, input_ids, start, memory, norm, *caches):
+    def forward(self, input_ids, start, logit_rows, memory, norm, *caches):
         layers = self.model.cfg.n_layers
         logits, k_new, v_new = self.model.extend(input_ids, start, memory, norm,
-                                                 caches[:layers], caches[layers:])
+                                                 caches[:layers], caches[layers:], logit_rows)
         return logits.float(), k_new, v_new
 
 
@@ -336,7 +336,7 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
         raise InfiniTrtError("segment_len must be at least 2 to export")
     specs = [spec for spec in (segment_graph(cfg), prefill_graph(cfg), extend_graph(cfg, dtype),
                                fold_graph(cfg, dtype)) if spec.name in graphs]
-    sizes = {"batch": 2, "seq": min(3, cfg.segment_len), "window": cfg.segment_len}
+    sizes = {"batch": 2, "seq": min(3, cfg.segment_len), "rows": 2, "window": cfg.segment_len}
     graphs = {}
     sources = (*inputs, *([tokenizer] if tokenizer is not None else []))
     check_output(output, "dir", force, inputs=sources)

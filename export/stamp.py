@@ -59,9 +59,11 @@ def _head(model: InfiniLM, input_ids):
     return x, cos, sin
 
 
-def _tail(model: InfiniLM, x):
-    """The LM head: the last layer's x -> (logits, last_logits), in float32."""
-    return model.head_logits(x).float(), model.head_logits(x, last_only=True).float()
+def _tail(model: InfiniLM, x, logit_rows):
+    """The LM head: the last layer's x -> (logits, last_logits, the logits of logit_rows), in
+    float32."""
+    return (model.head_logits(x).float(), model.head_logits(x, last_only=True).float(),
+            model.head_logits(x, rows=logit_rows).float())
 
 
 def _layer_step(model: InfiniLM, x, memory, norm, cos, sin):
@@ -102,8 +104,10 @@ def _activations(name: str, cfg: InfiniConfig, dtype: str):
     if name == HEAD:
         return (TensorSpec("input_ids", "int64", ("batch", "seq")),), (x, *rope)
     if name == TAIL:
-        return (x,), (TensorSpec("logits", "float32", ("batch", "seq", cfg.vocab_size)),
-                      TensorSpec("last_logits", "float32", ("batch", cfg.vocab_size)))
+        return ((x, TensorSpec("logit_rows", "int64", ("batch", "rows"))),
+                (TensorSpec("logits", "float32", ("batch", "seq", cfg.vocab_size)),
+                 TensorSpec("last_logits", "float32", ("batch", cfg.vocab_size)),
+                 TensorSpec("row_logits", "float32", ("batch", "rows", cfg.vocab_size))))
     if name == LAYER_STEP:
         return (x, memory, norm, *rope), (x_out, memory_out, norm_out)
     if name == LAYER_EXTEND:
@@ -532,8 +536,12 @@ def assemble(spec: GraphSpec, templates: dict[str, Template],
         for values, name in zip(states, carried):
             values.append(out[name])
         log(f"  {spec.name}: layer {i + 1}/{layers} stamped")
-    logits = spec.outputs[0].name                   # logits, or last_logits for prefill
-    graph.stamp(templates[TAIL], {"x": x}, {logits: logits}, "tail/")
+    if spec.name == EXTEND:                         # the logits of the tokens asked for
+        graph.stamp(templates[TAIL], {"x": x, "logit_rows": "logit_rows"},
+                    {"row_logits": "logits"}, "tail/")
+    else:                                           # logits, or last_logits for prefill
+        logits = spec.outputs[0].name
+        graph.stamp(templates[TAIL], {"x": x}, {logits: logits}, "tail/")
     for values, output in zip(states, spec.output_names[1:]):
         graph.stack(values, output)
     return graph.model(spec, layer_template.ir_version)

@@ -23,7 +23,7 @@ from infini_trt.export.config import InfiniConfig
 from infini_trt.export.errors import InputError, MissingDependencyError
 from infini_trt.export.model import InfiniLM, apply_rope, rope_tables
 
-from .runners.base import Runner
+from .runners.base import Runner, select_rows
 
 
 def _equal_lengths(ids: np.ndarray, length: np.ndarray, who: str) -> None:
@@ -94,9 +94,10 @@ class FullAttentionRunner(Runner):
     def _advance(self, ids: np.ndarray) -> torch.Tensor:
         return self._forward(ids, last_only=True)
 
-    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
+    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray,
+                rows: np.ndarray) -> torch.Tensor:
         _equal_lengths(ids, length, "full-attention")
-        return self._forward(ids)
+        return select_rows(self._forward(ids), rows)
 
     def _fold(self, mask: np.ndarray) -> None:
         """Nothing to fold: the cache keeps every token."""
@@ -146,7 +147,8 @@ class LucidrainsRunner(Runner):
         return logits.float()
 
     @torch.inference_mode()
-    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
+    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray,
+                rows: np.ndarray) -> torch.Tensor:
         _equal_lengths(ids, length, "infini-transformer-pytorch")
         if self.cached_kv is not None and ids.shape[1] != 1:
             raise InputError("infini-transformer-pytorch continues a cache one token at a time")
@@ -158,7 +160,7 @@ class LucidrainsRunner(Runner):
             self.pending, self.cached_kv = memories, None
         else:
             self.cached_kv = cached_kv
-        return logits.float()
+        return select_rows(logits.float(), rows)
 
     def _fold(self, mask: np.ndarray) -> None:
         if not mask.all() or self.pending is None:

@@ -59,9 +59,9 @@ class Timed:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def _time(self, fn, *args) -> np.ndarray:
+    def _time(self, fn, *args, **options) -> np.ndarray:
         t = time.perf_counter()
-        out = fn(*args)                  # host logits: the device's work is done
+        out = fn(*args, **options)       # host logits: the device's work is done
         self.seconds.append(time.perf_counter() - t)
         self.tokens.append(int(np.asarray(args[0]).size))
         return out
@@ -72,8 +72,8 @@ class Timed:
     def advance(self, ids):
         return self._time(self.runner.advance, ids)
 
-    def extend(self, ids, start, length):
-        return self._time(self.runner.extend, ids, start, length)
+    def extend(self, ids, start, length, last_only: bool = False):
+        return self._time(self.runner.extend, ids, start, length, last_only=last_only)
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:

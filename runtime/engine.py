@@ -38,7 +38,8 @@ INSTALL = {
                 "index), or build ahead of time with --backend tensorrt-rtx",
     "tensorrt-rtx": "pip install tensorrt-rtx (or pip install 'infini-trt[tensorrt-rtx]')",
 }
-OPT_HINTS = {EXTEND: {"seq": 1}}      # axis sizes to tune for, where not the max (decode: 1)
+# axis sizes to tune for, where not the max (decode: one token, its logits)
+OPT_HINTS = {EXTEND: {"seq": 1, "rows": 1}}
 
 
 class EngineError(InfiniTrtError):

@@ -410,12 +410,13 @@ class GenaiRunner(Runner):
     def _advance(self, ids: np.ndarray) -> np.ndarray:
         return self._append(ids)
 
-    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
+    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray,
+                rows: np.ndarray) -> np.ndarray:
         if not (length == ids.shape[1]).all():
             raise InputError("the onnxruntime-genai peer takes equal-length batches only")
         last = self._append(ids)
-        # only the last token's logits are computed: every position reads them (a view)
-        return np.broadcast_to(last[:, None, :], (self.batch, ids.shape[1], last.shape[-1]))
+        # only the last token's logits are computed: every row asked for reads them (a view)
+        return np.broadcast_to(last[:, None, :], (*rows.shape, last.shape[-1]))
 
     def _fold(self, mask: np.ndarray) -> None:
         """Nothing to fold: the cache keeps every token."""

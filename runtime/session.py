@@ -151,11 +151,14 @@ class Session:
         ids = np.zeros((self.batch, int(take.max())), dtype=np.int64)
         for b, (t, d, k) in enumerate(zip(tokens, done, take)):
             ids[b, :k] = t[d:d + k]
-        logits = self.runner.extend(ids, self.position, take)
-        if on_logits is not None:
+        if on_logits is None:                  # the LM head on each row's last token only
+            last = self.runner.extend(ids, self.position, take, last_only=True)
+        else:
+            logits = self.runner.extend(ids, self.position, take)
             on_logits(int(done[0]), logits)
+            last = logits[np.arange(self.batch), np.maximum(take - 1, 0)]
         for b in np.flatnonzero(take):
-            self.last[b] = logits[b, take[b] - 1]
+            self.last[b] = last[b]
         self.position += take
         self.seen += take
         full = self.position == self.config.segment_len

@@ -4,7 +4,7 @@ import torch
 
 from infini_trt.export import InfiniLM, init_weights
 from infini_trt.runtime.metrics import errors
-from infini_trt.runtime.runners.base import Runner
+from infini_trt.runtime.runners.base import Runner, select_rows
 
 
 def random_model(cfg, seed=0, dtype=torch.float64, gate_spread=2.0):
@@ -87,8 +87,8 @@ class Wrapping(Runner):
     def _step(self, ids):
         return self.inner.step(ids)
 
-    def _extend(self, ids, start, length):
-        return self.inner.extend(ids, start, length)
+    def _extend(self, ids, start, length, rows):
+        return select_rows(self.inner.extend(ids, start, length), rows)
 
     def _fold(self, mask):
         self.inner.fold(mask)

@@ -88,13 +88,15 @@ class Runner:
         ids = self.check_ids(input_ids)
         return host_logits(self._advance(ids))
 
-    def extend(self, input_ids, start, length) -> np.ndarray:
+    def extend(self, input_ids, start, length, last_only: bool = False) -> np.ndarray:
         """Decoding: continue each sequence's current segment from its K/V cache.
 
         input_ids (B, S) are tokens at segment positions start[b] .. start[b]+S-1, of which the
         first length[b] are real (the rest padding: their logits mean nothing and they are not
-        written); start + length <= segment_len. -> float32 logits (B, S, V). The caches live
-        in the runner; `reset` empties them; memory and norm are read, not changed."""
+        written); start + length <= segment_len. -> float32 logits (B, S, V); with last_only,
+        those after each sequence's last real token only, (B, V) (the LM head skips the
+        others; a row of length 0 gets its first token's, which mean nothing). The caches
+        live in the runner; `reset` empties them; memory and norm are read, not changed."""
         ids = self.check_ids(input_ids)
         start = self._check_positions("start", start)
         length = self._check_positions("length", length)
@@ -103,7 +105,11 @@ class Runner:
                              f"{self.config.segment_len}")
         if (length > ids.shape[1]).any():
             raise InputError("length must not exceed the number of tokens given")
-        return host_logits(self._extend(ids, start, length))
+        b, s = ids.shape
+        rows = (np.maximum(length - 1, 0)[:, None] if last_only else
+                np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)))
+        logits = host_logits(self._extend(ids, start, length, np.ascontiguousarray(rows)))
+        return logits[:, 0] if last_only else logits
 
     def fold(self, mask) -> None:
         """Decoding: write the full segment in the caches into memory for the sequences where
@@ -178,7 +184,8 @@ class Runner:
     def _advance(self, ids: np.ndarray):
         return self._step(ids)[:, -1]
 
-    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray):
+    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray,
+                rows: np.ndarray):
         raise NotImplementedError(f"the {self.backend} runner does not decode")
 
     def _fold(self, mask: np.ndarray) -> None:
@@ -220,3 +227,15 @@ class Runner:
                                  ("norm", norm, cfg.norm_shape(b))):
             if tuple(arr.shape) != tuple(shape):
                 raise InputError(f"{name} must have shape {tuple(shape)}, got {tuple(arr.shape)}")
+
+
+def select_rows(logits, rows: np.ndarray):
+    """logits (B, S, V) of every token -> those of the tokens `rows` (B, R): (B, R, V), for a
+    runner whose `_extend` computes them all (numpy arrays or torch tensors)."""
+    batch = np.arange(rows.shape[0])[:, None]
+    if isinstance(logits, np.ndarray):
+        return logits[batch, rows]
+    import torch
+
+    return logits[torch.from_numpy(batch).to(logits.device),
+                  torch.from_numpy(rows).to(logits.device)]

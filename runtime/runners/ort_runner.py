@@ -186,6 +186,7 @@ class OrtRunner(Runner):
         self.current = 0
         self.caches = None            # decoding: allocated on first extend
         self.ids = space.zeros(batch * cfg.segment_len, "int64")
+        self.logit_rows = space.zeros(batch * cfg.segment_len, "int64")
         self.start = space.zeros(batch, "int64")
         self.fold_mask = space.zeros(batch, "bool")
 
@@ -229,18 +230,24 @@ class OrtRunner(Runner):
         self.current = nxt
         return logits
 
-    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray):
+    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray,
+                rows: np.ndarray):
         """Each layer's cache slice is bound as its own input (no copy); the graph returns the
-        new rows, written into the caches here."""
-        caches = self._caches().fit(int((start + length).max()))
-        rows = self.caches.new_rows(ids.shape[1])
-        logits = self._logits(ids.shape)
+        new tokens' keys and values, written into the caches here, and the logits of the
+        tokens `rows`."""
+        # the window holds the slots the tokens read (those before each start): a prompt
+        # read from a segment's start reads none; it grows to the new rows after the call
+        caches = self._caches().fit(int(start.max()))
+        new = self.caches.new_rows(ids.shape[1])
+        logits = self._logits(rows.shape)
         self._run(EXTEND,
                   {"input_ids": self._load(self.ids, ids), "start": self._load(self.start, start),
+                   "logit_rows": self._load(self.logit_rows, rows),
                    "memory": self.memory[self.current], "norm": self.norm[self.current],
                    **caches},
-                  {"logits": logits, **rows})
-        self.caches.write(rows, start, length)
+                  {"logits": logits, **new})
+        self.caches.fit(int((start + length).max()))
+        self.caches.write(new, start, length)
         return logits
 
     def _fold(self, mask: np.ndarray) -> None:

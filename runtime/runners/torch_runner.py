@@ -41,13 +41,15 @@ class TorchRunner(Runner):
         self.k_cache = self.v_cache = None
 
     @torch.inference_mode()
-    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
+    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray,
+                rows: np.ndarray) -> torch.Tensor:
         self._cache_tensors(0)
-        tokens, begin = (torch.from_numpy(a).to(self.device) for a in (ids, start))
-        window = cache_window(int((start + length).max()), self.config.segment_len)
+        tokens, begin, picked = (torch.from_numpy(a).to(self.device) for a in (ids, start, rows))
+        window = cache_window(int(start.max()), self.config.segment_len)   # the slots read
         logits, k_new, v_new = self.model.extend(tokens, begin, self.memory, self.norm,
                                                  self.k_cache[..., :window],    # as the graph
-                                                 self.v_cache[:, :, :, :window])  # runners do
+                                                 self.v_cache[:, :, :, :window],  # runners do
+                                                 picked)
         write_cache(self.k_cache, self.v_cache, k_new, v_new, start, length)
         return logits.float()
 

@@ -193,6 +193,7 @@ class TrtRunner(Runner):
         for engine in self.engines.values():
             engine.graphs.clear()                     # old buffers' addresses
         self.ids = self._buffer(batch * n, torch.int64)           # bound once: views of these
+        self.logit_rows = self._buffer(batch * n, torch.int64)
         self.logits = self._buffer(batch * n * cfg.vocab_size)
         self.memory = [self._buffer(cfg.memory_shape(batch)) for _ in "ab"]  # ping-pong
         self.norm = [self._buffer(cfg.norm_shape(batch)) for _ in "ab"]
@@ -262,20 +263,30 @@ class TrtRunner(Runner):
         self.current = nxt
         return out
 
-    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
+    def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray,
+                rows: np.ndarray) -> torch.Tensor:
         """Each layer's cache slice is bound as its own input (no copy); the engine returns the
-        new rows, written into the caches here, on the engine's stream."""
+        new tokens' keys and values, written into the caches here, on the engine's stream,
+        and the logits of the tokens `rows`."""
         with self._on_stream():
             self._cache_tensors(0)
-            caches = self.caches.fit(int((start + length).max()))
-            rows = self.caches.new_rows(ids.shape[1])
-            tokens, logits = self._tokens(ids)
+            # the window holds the slots the tokens read (those before each start): a prompt
+            # read from a segment's start reads none; it grows to the new rows after the call
+            caches = self.caches.fit(int(start.max()))
+            new = self.caches.new_rows(ids.shape[1])
+            tokens, _ = self._tokens(ids)
+            picked = self.logit_rows[:rows.size].view(rows.shape)
+            picked.copy_(torch.from_numpy(rows))
+            shape = (*rows.shape, self.config.vocab_size)
+            logits = self.logits[:int(np.prod(shape))].view(shape)
             self.start.copy_(torch.from_numpy(start))
             self.graph_engine(EXTEND).run(
-                {"input_ids": tokens, "start": self.start, "memory": self.memory[self.current],
-                 "norm": self.norm[self.current], **caches},
-                {"logits": logits, **rows})
-            self.caches.write(rows, start, length)
+                {"input_ids": tokens, "start": self.start, "logit_rows": picked,
+                 "memory": self.memory[self.current], "norm": self.norm[self.current],
+                 **caches},
+                {"logits": logits, **new})
+            self.caches.fit(int((start + length).max()))
+            self.caches.write(new, start, length)
             out = logits.clone()
         return out
 

@@ -46,7 +46,8 @@ def variant(tmp_path_factory):
 def random_inputs(cfg, graph, seed):
     """Fresh inputs of `graph` (numpy, by name): random tokens and caches, a random state in
     row 0 and an empty one (M = z = 0) in row 1, a segment of 13 tokens (uneven query
-    blocks), decoding 3 tokens at positions 5 and 17 from a window of 20 cache slots."""
+    blocks), decoding 3 tokens at positions 5 and 17 from a window of 20 cache slots, the
+    logits of 2 of them (random, repeats allowed) per row."""
     rng = np.random.default_rng(seed)
     batch, seq, window, n = 2, 13, 20, cfg.segment_len
     memory = rng.standard_normal(cfg.memory_shape(batch)).astype(np.float32)
@@ -62,7 +63,8 @@ def random_inputs(cfg, graph, seed):
         caches.update({f"v_cache_{i}": rng.standard_normal((batch, h, window, hd)) for i in
                        range(layers)})
         return {"input_ids": rng.integers(0, cfg.vocab_size, (batch, 3)),
-                "start": np.array([5, 17]), "memory": memory, "norm": norm,
+                "start": np.array([5, 17]), "logit_rows": rng.integers(0, 3, (batch, 2)),
+                "memory": memory, "norm": norm,
                 **{k: v.astype(np.float32) for k, v in caches.items()}}
     return {"k_cache": rng.standard_normal((layers, batch, h, hd, n)).astype(np.float32),
             "v_cache": rng.standard_normal((layers, batch, h, n, hd)).astype(np.float32),
@@ -80,7 +82,8 @@ def model_outputs(model, graph, feeds):
             layers = range(model.cfg.n_layers)
             return model.extend(t["input_ids"], t["start"], *state,
                                 [t[f"k_cache_{i}"].double() for i in layers],
-                                [t[f"v_cache_{i}"].double() for i in layers])
+                                [t[f"v_cache_{i}"].double() for i in layers],
+                                t["logit_rows"])
         return model.fold_cache(t["k_cache"].double(), t["v_cache"].double(), *state, t["fold"])
 
 

@@ -212,3 +212,36 @@ def test_onnxruntime_segment_of_any_length_from_a_carried_state(exported, seq):
     assert_close(want[:, -1], last, 1e-5, what="prefill logits")
     assert_close(want_memory, got_memory, 1e-5, what="memory")
     assert_close(want_norm, got_norm, 1e-5, what="norm")
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_extend_last_only_gives_each_rows_last_logits(exported, backend):
+    """extend(last_only=True), which a prompt shorter than a segment goes through: the logits
+    after each row's last real token (rows of unequal lengths, one of them idle in the second
+    call), equal to every token's logits at that token and to the float64 reference."""
+    ckpt, out = exported(TINY, graphs=("segment", "extend", "fold"))
+    rng = np.random.default_rng()
+    tokens = rng.integers(0, 256, (3, N))
+    calls = [(np.array([0, 0, 0]), np.array([19, 5, 12])),      # (start, length) per row
+             (np.array([19, 5, 12]), np.array([9, 0, 20]))]     # row 2 ends the segment
+    with open_runner(out, backend) as runner:
+        runner.reset(3)
+        got_last, got_all = [], []
+        for start, length in calls:
+            ids = np.zeros((3, int(length.max())), np.int64)
+            for b in range(3):
+                ids[b, :length[b]] = tokens[b, start[b]:start[b] + length[b]]
+            got_last.append(runner.extend(ids, start, length, last_only=True))
+        runner.reset(3)
+        for start, length in calls:
+            ids = np.zeros((3, int(length.max())), np.int64)
+            for b in range(3):
+                ids[b, :length[b]] = tokens[b, start[b]:start[b] + length[b]]
+            got_all.append(runner.extend(ids, start, length))
+    want = reference(ckpt, tokens)[0]
+    for (start, length), last, every in zip(calls, got_last, got_all):
+        assert last.shape == (3, TINY.vocab_size)
+        for b in np.flatnonzero(length):
+            end = int(start[b] + length[b])
+            assert_close(want[b, end - 1], last[b], 1e-5, what=f"row {b} last logits")
+            np.testing.assert_allclose(last[b], every[b, length[b] - 1], rtol=0, atol=1e-5)

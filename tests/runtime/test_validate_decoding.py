@@ -48,9 +48,9 @@ def test_plan_refusals():
 class ShiftedCache(Wrapping):
     """Writes each token one K/V slot too far (as a wrong position input would)."""
 
-    def _extend(self, ids, start, length):
+    def _extend(self, ids, start, length, rows):
         shifted = np.where(start + length < self.config.segment_len, start + 1, start)
-        return self.inner.extend(ids, shifted, length)
+        return super()._extend(ids, shifted, length, rows)
 
 
 class MissedFold(Wrapping):
@@ -78,9 +78,9 @@ class NaNOnce(Wrapping):
         super()._reset(batch)
         self.calls = getattr(self, "calls", 0)
 
-    def _extend(self, ids, start, length):
+    def _extend(self, ids, start, length, rows):
         self.calls += 1
-        logits = super()._extend(ids, start, length)
+        logits = super()._extend(ids, start, length, rows)
         return logits * float("nan") if self.calls == 5 else logits
 
 
