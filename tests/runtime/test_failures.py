@@ -454,7 +454,7 @@ def test_an_onnxruntime_failure_is_one_line():
 
         bind_output = bind_input
 
-        def run_with_iobinding(self, io):
+        def run_with_iobinding(self, io, options=None):
             raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid "
                                "dimensions for input: memory\n more detail")
 

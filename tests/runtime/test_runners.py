@@ -245,3 +245,27 @@ def test_extend_last_only_gives_each_rows_last_logits(exported, backend):
             end = int(start[b] + length[b])
             assert_close(want[b, end - 1], last[b], 1e-5, what=f"row {b} last logits")
             np.testing.assert_allclose(last[b], every[b, length[b] - 1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_short_prompt_from_a_segment_start_then_decoding(exported, backend):
+    """A prompt shorter than a segment, of one length in every row, from a segment's start
+    (the LM head on its last token only), then tokens decoded after it past the segment's
+    end: every logit against the float64 reference."""
+    ckpt, out = exported(TINY, graphs=("segment", "prefill", "extend", "fold"))
+    rng = np.random.default_rng()
+    prompt, decoded = 21, N - 21 + 4                   # the decoding crosses a fold
+    tokens = rng.integers(0, 256, (2, prompt + decoded))
+    want = reference(ckpt, tokens)[0]
+    from infini_trt.runtime.session import Session
+
+    with open_runner(out, backend) as runner:
+        session = Session(runner, 2)
+        got = [session.feed(list(tokens[:, :prompt]), progress=False)]
+        for t in range(prompt, prompt + decoded - 1):
+            got.append(session.decode(tokens[:, t]))
+        memory = runner.state()[0]
+    for i, logits in enumerate(got):
+        assert_close(want[:, prompt - 1 + i], logits, 1e-5, what=f"logits after token "
+                                                               f"{prompt - 1 + i}")
+    assert np.isfinite(memory).all() and np.abs(memory).max() > 0      # one fold happened
