@@ -39,6 +39,9 @@ def export(checkpoint: str, output: str, dtype: str | None, memory_op: str, opse
     files = ", ".join(f for g in manifest.graphs.values() for f in g["files"])
     click.echo(f"wrote {output}: {files}, manifest.json ({manifest.precision}, "
                f"memory op: {memory_op}, opset {opset})")
+    from infini_trt.runtime.cli import end_now
+
+    end_now()                      # all is written and closed: skip the interpreter's teardown
 
 
 COMMANDS = [export]

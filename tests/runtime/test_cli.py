@@ -56,3 +56,21 @@ def test_truncated_weights_one_line_error(tmp_path):
 def test_missing_checkpoint_exit_code(tmp_path):
     result = invoke("inspect", tmp_path / "absent")
     assert result.exit_code == 1 and "no such checkpoint" in result.output
+
+
+def test_export_in_its_own_process_ends_early_with_everything_written(tmp_path):
+    """`infini-trt export` (here `python -m infini_trt.runtime.cli`) ends its process as soon
+    as the export is written (no interpreter teardown): exit code 0, its last line printed,
+    an export that loads and verifies; under CliRunner (every other test) it returns."""
+    from infini_trt.export.manifest import read_manifest
+    from infini_trt.runtime.artifacts import verify_export
+
+    assert invoke("init", "--preset", "tiny", "-o", tmp_path / "m").exit_code == 0
+    done = subprocess.run([sys.executable, "-m", "infini_trt.runtime.cli", "export",
+                           str(tmp_path / "m"), "-o", str(tmp_path / "onnx")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith(f"wrote {tmp_path / 'onnx'}: ")
+    verify_export(read_manifest(tmp_path / "onnx"))
+    result = invoke("export", tmp_path / "m", "-o", tmp_path / "again")
+    assert result.exit_code == 0 and "wrote" in result.output          # this process goes on
