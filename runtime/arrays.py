@@ -52,6 +52,14 @@ def copy_into(dst, src) -> None:
     dst.copy_(source.to(dst.dtype))
 
 
+def load_into(buffer, array: np.ndarray):
+    """Copy `array` into the start of the flat `buffer` (numpy or torch) -> a view of the
+    array's shape, at the same address every call (so that a bound input stays bound)."""
+    view = buffer[:array.size].reshape(array.shape)
+    copy_into(view, array)
+    return view
+
+
 class ArraySpace:
     """Allocation and strided views for one kind of array: numpy (`device` "cpu") or torch on
     `device`. Dtypes are named as numpy names them ("float32", "float16", "int64", "bool")."""

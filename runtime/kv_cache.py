@@ -119,6 +119,12 @@ class DecodeCaches:
                     copy_into(new, moving)
         return self.inputs
 
+    def reading(self, start: np.ndarray) -> dict:
+        """The extend graph's cache inputs for tokens from segment positions `start`: the
+        window holds the slots they read (those before each start; a prompt from a segment's
+        start reads none). `write` grows it to the new rows after the call."""
+        return self.fit(int(start.max()))
+
     def slots(self, end: int) -> tuple:
         """(k, v) holding at least slots 0 .. end-1, the window never made smaller here (a
         sequence's rows beyond `end` stay)."""
@@ -135,4 +141,7 @@ class DecodeCaches:
 
     def write(self, rows: dict, start: np.ndarray,
               length: np.ndarray) -> None:
+        """Put the new rows (`new_rows`) into the caches, the window grown (never made
+        smaller) to hold them."""
+        self.slots(int((start + length).max()))
         write_cache(self.k, self.v, rows["k_new"], rows["v_new"], start, length)

@@ -27,7 +27,7 @@ from infini_trt.export.errors import InfiniTrtError, InputError, MissingDependen
 from infini_trt.export.io_spec import EXTEND, FOLD, PREFILL, SEGMENT
 from infini_trt.export.manifest import read_manifest
 
-from ..arrays import ArraySpace, address, copy_into, dtype_name, to_host
+from ..arrays import ArraySpace, address, copy_into, dtype_name, load_into, to_host
 from ..artifacts import verify_export
 from ..kv_cache import DecodeCaches
 from .base import Runner
@@ -110,7 +110,7 @@ class Binding:
                                  ) from None
 
 
-_SHARED_ARENA: list = []              # the process's one CPU arena, once registered
+_SHARED_ARENA = False                 # the process's one CPU arena is registered
 
 
 def share_cpu_arena(ort) -> None:
@@ -118,6 +118,7 @@ def share_cpu_arena(ort) -> None:
     the graphs run one at a time, so that their activations can live in one arena (the
     largest graph's) instead of one arena per session, each grown to its own largest call.
     It grows by what is asked (not to the next power of two)."""
+    global _SHARED_ARENA
     if _SHARED_ARENA:
         return
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
@@ -126,7 +127,7 @@ def share_cpu_arena(ort) -> None:
         ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
     except Exception:      # onnxruntime's own error: one is registered already (the caller's)
         pass
-    _SHARED_ARENA.append(info)
+    _SHARED_ARENA = True
 
 
 class OrtRunner(Runner):
@@ -144,6 +145,9 @@ class OrtRunner(Runner):
         self.dtype = self.manifest.dtype
         self.weights_sha256 = self.manifest.source.get("weights_sha256")
         self.providers, self.device = providers_for(self._ort, device)
+        self._release = self._ort.RunOptions()          # a run that shrinks the arena after
+        self._release.add_run_config_entry("memory.enable_memory_arena_shrinkage",
+                                           f"{self.device}:0")
         self.threads, self.spinning = threads, spinning
         if self.dtype == "bfloat16" and self.device == "cpu":
             raise InfiniTrtError("onnxruntime's CPU provider has no bfloat16 kernels; export "
@@ -195,23 +199,6 @@ class OrtRunner(Runner):
             self.bindings[graph] = Binding(self.session(graph), self.device, graph)
         self.bindings[graph].run(inputs, outputs, self._release if release else None)
 
-    @property
-    def _release(self):
-        """RunOptions that shrink the arena after the call."""
-        if getattr(self, "_release_options", None) is None:
-            options = self._ort.RunOptions()
-            options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
-                                         f"{self.device}:0")
-            self._release_options = options
-        return self._release_options
-
-    def _load(self, buffer, array: np.ndarray):
-        """Copy `array` into the start of the flat `buffer` -> a view of the array's shape
-        (the same address every call, so the binding stays)."""
-        view = buffer[:array.size].reshape(array.shape)
-        copy_into(view, array)
-        return view
-
     def _logits(self, shape: tuple):
         """A fresh logits array: the caller keeps it (prefill holds some across calls)."""
         return self.space.empty((*shape, self.config.vocab_size))
@@ -262,7 +249,7 @@ class OrtRunner(Runner):
         """One segment through `graph` (segment or prefill), state ping-ponged."""
         cur, nxt = self.current, 1 - self.current
         self._run(graph,
-                  {"input_ids": self._load(self.ids, ids), "memory": self.memory[cur],
+                  {"input_ids": load_into(self.ids, ids), "memory": self.memory[cur],
                    "norm": self.norm[cur]},
                   {name: logits, "memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
         self.current = nxt
@@ -273,18 +260,15 @@ class OrtRunner(Runner):
         """Each layer's cache slice is bound as its own input (no copy); the graph returns the
         new tokens' keys and values, written into the caches here, and the logits of the
         tokens `rows`."""
-        # the window holds the slots the tokens read (those before each start): a prompt
-        # read from a segment's start reads none; it grows to the new rows after the call
-        caches = self._caches().fit(int(start.max()))
+        caches = self._caches().reading(start)
         new = self.caches.new_rows(ids.shape[1])
         logits = self._logits(rows.shape)
         self._run(EXTEND,
-                  {"input_ids": self._load(self.ids, ids), "start": self._load(self.start, start),
-                   "logit_rows": self._load(self.logit_rows, rows),
+                  {"input_ids": load_into(self.ids, ids), "start": load_into(self.start, start),
+                   "logit_rows": load_into(self.logit_rows, rows),
                    "memory": self.memory[self.current], "norm": self.norm[self.current],
                    **caches},
                   {"logits": logits, **new}, release=ids.shape[1] > 1)
-        self.caches.fit(int((start + length).max()))
         self.caches.write(new, start, length)
         return logits
 
@@ -295,6 +279,6 @@ class OrtRunner(Runner):
         cur, nxt = self.current, 1 - self.current
         self._run(FOLD,
                   {"k_cache": self.caches.k, "v_cache": self.caches.v, "memory": self.memory[cur],
-                   "norm": self.norm[cur], "fold": self._load(self.fold_mask, mask)},
+                   "norm": self.norm[cur], "fold": load_into(self.fold_mask, mask)},
                   {"memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
         self.current = nxt

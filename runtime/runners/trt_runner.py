@@ -23,7 +23,7 @@ from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.export.io_spec import EXTEND, FOLD, PREFILL, SEGMENT, GraphSpec
 from infini_trt.export.manifest import read_manifest
 
-from ..arrays import ArraySpace
+from ..arrays import ArraySpace, load_into
 from ..artifacts import file_sha256, verify_export
 from ..kv_cache import DecodeCaches
 from .base import Runner
@@ -230,15 +230,10 @@ class TrtRunner(Runner):
             self.memory[self.current].copy_(torch.as_tensor(memory, dtype=torch.float32))
             self.norm[self.current].copy_(torch.as_tensor(norm, dtype=torch.float32))
 
-    def _tokens(self, ids: np.ndarray, last_only: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids view, logits view: (B, S, V), or (B, V) if last_only) at the fixed buffers'
-        addresses, ids copied in."""
-        b, s = ids.shape
-        view = self.ids[:b * s].view(b, s)
-        view.copy_(torch.from_numpy(ids), non_blocking=False)
-        shape = (b, self.config.vocab_size) if last_only else (b, s, self.config.vocab_size)
-        return view, self.logits[:int(np.prod(shape))].view(shape)
+    def _logits_view(self, lead: tuple) -> torch.Tensor:
+        """A (*lead, V) view of the fixed logits buffer."""
+        shape = (*lead, self.config.vocab_size)
+        return self.logits[:int(np.prod(shape))].view(shape)
 
     # graphs ----------------------------------------------------------------------------------
     def _step(self, ids: np.ndarray) -> torch.Tensor:
@@ -254,7 +249,8 @@ class TrtRunner(Runner):
         token's), state ping-ponged."""
         cur, nxt = self.current, 1 - self.current
         with self._on_stream():
-            tokens, logits = self._tokens(ids, last_only=graph == PREFILL)
+            tokens = load_into(self.ids, ids)
+            logits = self._logits_view(ids.shape[:1] if graph == PREFILL else ids.shape)
             name = "last_logits" if graph == PREFILL else "logits"
             self.graph_engine(graph).run(
                 {"input_ids": tokens, "memory": self.memory[cur], "norm": self.norm[cur]},
@@ -270,22 +266,16 @@ class TrtRunner(Runner):
         and the logits of the tokens `rows`."""
         with self._on_stream():
             self._cache_tensors(0)
-            # the window holds the slots the tokens read (those before each start): a prompt
-            # read from a segment's start reads none; it grows to the new rows after the call
-            caches = self.caches.fit(int(start.max()))
+            caches = self.caches.reading(start)
             new = self.caches.new_rows(ids.shape[1])
-            tokens, _ = self._tokens(ids)
-            picked = self.logit_rows[:rows.size].view(rows.shape)
-            picked.copy_(torch.from_numpy(rows))
-            shape = (*rows.shape, self.config.vocab_size)
-            logits = self.logits[:int(np.prod(shape))].view(shape)
+            logits = self._logits_view(rows.shape)
             self.start.copy_(torch.from_numpy(start))
             self.graph_engine(EXTEND).run(
-                {"input_ids": tokens, "start": self.start, "logit_rows": picked,
+                {"input_ids": load_into(self.ids, ids), "start": self.start,
+                 "logit_rows": load_into(self.logit_rows, rows),
                  "memory": self.memory[self.current], "norm": self.norm[self.current],
                  **caches},
                 {"logits": logits, **new})
-            self.caches.fit(int((start + length).max()))
             self.caches.write(new, start, length)
             out = logits.clone()
         return out

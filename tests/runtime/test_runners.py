@@ -224,20 +224,19 @@ def test_extend_last_only_gives_each_rows_last_logits(exported, backend):
     tokens = rng.integers(0, 256, (3, N))
     calls = [(np.array([0, 0, 0]), np.array([19, 5, 12])),      # (start, length) per row
              (np.array([19, 5, 12]), np.array([9, 0, 20]))]     # row 2 ends the segment
+
+    def run_calls(runner, last_only):
+        runner.reset(3)
+        got = []
+        for start, length in calls:
+            ids = np.zeros((3, int(length.max())), np.int64)        # padded after each row
+            for b in range(3):
+                ids[b, :length[b]] = tokens[b, start[b]:start[b] + length[b]]
+            got.append(runner.extend(ids, start, length, last_only=last_only))
+        return got
+
     with open_runner(out, backend) as runner:
-        runner.reset(3)
-        got_last, got_all = [], []
-        for start, length in calls:
-            ids = np.zeros((3, int(length.max())), np.int64)
-            for b in range(3):
-                ids[b, :length[b]] = tokens[b, start[b]:start[b] + length[b]]
-            got_last.append(runner.extend(ids, start, length, last_only=True))
-        runner.reset(3)
-        for start, length in calls:
-            ids = np.zeros((3, int(length.max())), np.int64)
-            for b in range(3):
-                ids[b, :length[b]] = tokens[b, start[b]:start[b] + length[b]]
-            got_all.append(runner.extend(ids, start, length))
+        got_last, got_all = run_calls(runner, True), run_calls(runner, False)
     want = reference(ckpt, tokens)[0]
     for (start, length), last, every in zip(calls, got_last, got_all):
         assert last.shape == (3, TINY.vocab_size)
