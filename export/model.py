@@ -353,9 +353,10 @@ class InfiniLM(nn.Module):
                     rows: torch.Tensor | None = None) -> torch.Tensor:
         """The final norm and LM head: x (B, S, d) -> logits (B, S, V), or (B, V) of the last
         token with last_only, or (B, R, V) of the tokens rows (B, R) (indices into S)."""
-        if last_only:
-            x = x[:, -1]
-        elif rows is not None:
+        if last_only:      # kept 3-D: the LM head is then the MatMul of the other graphs, on
+            # the same transposed weight (one copy in the export's weights file), not a Gemm
+            return self.lm_head(self.final_norm(x[:, -1:]))[:, 0]
+        if rows is not None:
             x = torch.gather(x, 1, rows[:, :, None].expand(-1, -1, x.shape[-1]))
         return self.lm_head(self.final_norm(x))
 

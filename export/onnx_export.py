@@ -40,6 +40,7 @@ from .io_spec import (EXTEND, FOLD, PREFILL, SEGMENT, GraphSpec, extend_graph, f
 from .manifest import Manifest, package_version
 from .model import InfiniLM
 from .quantize import check_method as check_quantize, quantization_record, quantize_graphs
+from .weights_file import INLINE_BYTES, WeightsFile
 
 MEMORY_OPS = ("plugin", "portable")
 EXPORT_METHODS = ("stamp", "trace")        # export_model(method=...); see export/stamp.py
@@ -171,13 +172,17 @@ def _drop_trace_records(node: onnx.NodeProto) -> None:
             del node.metadata_props[index]
 
 
-def fold_weight_parts(graph: onnx.GraphProto, opset: int) -> None:
+def fold_weight_parts(graph: onnx.GraphProto, opset: int,
+                      weights: WeightsFile | None = None) -> None:
     """Compute, in place, the nodes that read initializers only into initializers: the Split
     and Transpose nodes of a `PartedLinear` weight (its parts, transposed for MatMul), which
     torch.onnx's constant folding leaves alone at this size, and in a stamped graph
     (export/stamp.py) what a template computes from its weights alone (the gate's
     sigmoid(beta)). ONNX Runtime's int8 quantizer and TensorRT's weight handling want a
-    MatMul's weight to be an initializer, and nothing is computed on weights at run time."""
+    MatMul's weight to be an initializer, and nothing is computed on weights at run time.
+    With `weights` (the export's weights file), a node that reads pending references
+    (export/weights_file.py) reads their arrays and its results are kept there, keyed by
+    what computed them: a node that an earlier graph folded is not computed again."""
     from onnx import numpy_helper
 
     values = {t.name: t for t in graph.initializer}
@@ -186,16 +191,56 @@ def fold_weight_parts(graph: onnx.GraphProto, opset: int) -> None:
         if not node.input or node.domain not in ("", "ai.onnx") or \
                 not all(i in values for i in node.input if i):
             continue
-        inputs = [numpy_helper.to_array(values[i]) if i else None for i in node.input]
-        for name, part in zip(node.output, _evaluate(node, inputs, opset)):
-            tensor = values[name] = graph.initializer.add()      # one copy of the data
-            tensor.name, tensor.data_type = name, onnx.helper.np_dtype_to_tensor_dtype(part.dtype)
-            tensor.dims.extend(part.shape)
-            tensor.raw_data = part.tobytes()
+        if weights is None or not any(weights.key(values[i]) for i in node.input if i):
+            inputs = [numpy_helper.to_array(values[i]) if i else None for i in node.input]
+            for name, part in zip(node.output, _evaluate(node, inputs, opset)):
+                tensor = values[name] = graph.initializer.add()      # one copy of the data
+                tensor.name = name
+                tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(part.dtype)
+                tensor.dims.extend(part.shape)
+                tensor.raw_data = part.tobytes()
+        else:
+            computed = [f"{_fold_key(node, values, weights)}/{i}"
+                        for i in range(len(node.output))]
+            if not all(c in weights.derived for c in computed):
+                inputs = [None if not i else weights.array(values[i])
+                          if weights.key(values[i]) else numpy_helper.to_array(values[i])
+                          for i in node.input]
+                for c, part in zip(computed, _evaluate(node, inputs, opset)):
+                    data_type = onnx.helper.np_dtype_to_tensor_dtype(part.dtype)
+                    weights.derived[c] = (weights.keep(part, data_type), part.shape)
+            for name, c in zip(node.output, computed):
+                key, shape = weights.derived[c]
+                part = weights.arrays[key].reshape(shape)
+                tensor = weights.tensor(name, key, part, weights.types[key]) \
+                    if part.nbytes > INLINE_BYTES else numpy_helper.from_array(part, name)
+                values[name] = tensor
+                graph.initializer.append(tensor)
         folded.append(index)
     for index in reversed(folded):
         del graph.node[index]
     drop_unused_initializers(graph)
+
+
+def _fold_key(node: onnx.NodeProto, values: dict[str, onnx.TensorProto],
+              weights: WeightsFile) -> str:
+    """What a node on constants computes, as a digest: its op and attributes, and for each
+    input the key of its pending reference (or the content of an inline tensor)."""
+    digest = hashlib.sha256(f"{node.domain}/{node.op_type}/{len(node.output)}".encode())
+    for attribute in node.attribute:
+        digest.update(attribute.SerializeToString())
+    for name in node.input:
+        key = weights.key(values[name]) if name else None
+        if key is not None:
+            digest.update(b"ref:" + key.encode())
+        elif not name:
+            digest.update(b"none")
+        else:
+            unnamed = onnx.TensorProto()
+            unnamed.CopyFrom(values[name])
+            unnamed.name = ""
+            digest.update(hashlib.sha256(unnamed.SerializeToString()).digest())
+    return digest.hexdigest()
 
 
 def _evaluate(node: onnx.NodeProto, inputs: list, opset: int) -> list[np.ndarray]:
@@ -225,10 +270,10 @@ def drop_unused_initializers(graph: onnx.GraphProto) -> None:
 
 
 def finalize(proto: onnx.ModelProto, spec: GraphSpec, rule: str | None, opset: int,
-             doc: str) -> onnx.ModelProto:
+             doc: str, weights: WeightsFile | None = None) -> onnx.ModelProto:
     """Path-style node names, the weight parts as initializers (`fold_weight_parts`), the
     memory-update function, and checks of the I/O table."""
-    fold_weight_parts(proto.graph, opset)
+    fold_weight_parts(proto.graph, opset, weights)
     seen: dict[str, int] = {}
     for node in proto.graph.node:
         name = _path_name(node)
@@ -250,19 +295,36 @@ def finalize(proto: onnx.ModelProto, spec: GraphSpec, rule: str | None, opset: i
     return proto
 
 
-def save_onnx(proto: onnx.ModelProto, path: Path) -> dict[str, str]:
-    """Save (external data when large), check (`check_onnx`), return {file: sha256}."""
-    size = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if size > EXTERNAL_DATA_BYTES:
+def save_onnx(proto: onnx.ModelProto, path: Path, weights: WeightsFile | None = None,
+              check: bool = True) -> dict[str, str | None]:
+    """Save, check (`check_onnx`, unless not `check`), return {file: sha256}. With `weights`
+    (the export's weights file) the pending references go there (`WeightsFile.place`), and
+    the file is listed with None until `WeightsFile.finish` gives its sha256. Inline
+    initializers stay in the graph file, or go to <file>.data beside it when they are too
+    many for one protobuf."""
+    files = {}
+    if weights is not None and weights.place(proto.graph):
+        files[weights.path.name] = None
+    if sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES:
         onnx.save_model(proto, str(path), save_as_external_data=True,
                         location=path.name + ".data")
-        check_onnx(proto, path.parent)
-        files = [path, path.with_name(path.name + ".data")]
-        return {f.name: sha256_file(f) for f in files}
+        if check:
+            check_onnx(proto, path.parent)
+        return {**{f.name: sha256_file(f) for f in (path, path.with_name(path.name + ".data"))},
+                **files}
     data = proto.SerializeToString()            # once: written and hashed
     path.write_bytes(data)
-    check_onnx(proto, path.parent)
-    return {path.name: hashlib.sha256(data).hexdigest()}
+    if check:
+        check_onnx(proto, path.parent)
+    return {path.name: hashlib.sha256(data).hexdigest(), **files}
+
+
+def hash_weights_file(graphs: dict[str, dict], weights: WeightsFile) -> None:
+    """Finish the weights file and record its sha256 in the graphs that list it."""
+    digest = weights.finish()
+    for graph in graphs.values():
+        if weights.path.name in graph["files"]:
+            graph["files"][weights.path.name] = digest
 
 
 CHECKED_APART_BYTES = 1 << 16    # initializers this large are checked apart from the graph
@@ -342,13 +404,14 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
     check_output(output, "dir", force, inputs=sources)
     with atomic_dir(output, force=force, inputs=sources) as tmp:
         model = model.eval()
+        weights_file = WeightsFile(tmp)
         if method == "stamp":
             from . import stamp
 
             log(f"exporting {cfg.n_layers} layers, {dtype}, opset {opset}")
             templates = stamp.trace_templates(model, [s.name for s in specs], sizes, opset,
                                               plugin, log)
-            weights = stamp.weight_tensors(model)
+            weights = stamp.weight_tensors(model, weights_file)
         for spec in specs:
             wrapper, file, doc = GRAPHS[spec.name]
             if method == "stamp":
@@ -361,9 +424,10 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
                                       opset, plugin)
             has_update = spec.name != EXTEND
             proto = finalize(proto, spec, cfg.update_rule if plugin and has_update else None,
-                             opset, doc=f"infini-trt {doc}")
-            files = save_onnx(proto, tmp / file)
+                             opset, doc=f"infini-trt {doc}", weights=weights_file)
+            files = save_onnx(proto, tmp / file, weights_file)
             graphs[spec.name] = {"file": file, "files": files, "io": spec.to_dict()}
+        hash_weights_file(graphs, weights_file)
         if quantize is not None:
             quantize_graphs(tmp, graphs, quantize, log)
         tokenizer_name = copy_tokenizer(tokenizer, tmp) if tokenizer is not None else None

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import InfiniTrtError, MissingDependencyError
-from .files import atomic_dir, check_output, sha256_file
+from .files import atomic_dir, check_output
 from .io_spec import EXTEND, FOLD, PREFILL, SEGMENT
 
 METHODS = ("int8", "int8-rows", "int4")
@@ -156,12 +156,14 @@ def row_gemms(method: str, graph: str) -> bool:
 
 def quantize_graph(path: Path, method: str = "int8", graph: str = "segment") -> dict[str, str]:
     """Quantize one ONNX graph file (the export's graph `graph`) in place -> {file name:
-    sha256} of what it now is."""
+    sha256} of what it now is. Its weights, wherever they were (the export's weights file,
+    <file>.data), are then the graph's own (`onnx_export.save_onnx`): the weights file is
+    left as it is, for the other graphs."""
     import onnx
 
+    from .onnx_export import save_onnx
+
     check_method(method, "float32")
-    data = path.with_name(path.name + ".data")
-    external = data.exists()
     model = onnx.load(str(path))
     if row_gemms(method, graph):
         from .quantize_rows import quantize_rows
@@ -169,11 +171,13 @@ def quantize_graph(path: Path, method: str = "int8", graph: str = "segment") -> 
         quantize_rows(model)
     else:
         model = _matmul_nbits(model, blocks(method))
-    if external:
+    data = path.with_name(path.name + ".data")
+    if data.exists():
         data.unlink()
-    onnx.save_model(model, str(path), save_as_external_data=external,
-                    location=data.name if external else None)
-    return {f.name: sha256_file(f) for f in ([path, data] if external else [path])}
+    # unchecked, as before: ORT's quantizers raise the model's opset to 21 and leave the
+    # memory-update function's import at the export's (20), which the checker refuses and
+    # ONNX Runtime runs
+    return save_onnx(model, path, check=False)
 
 
 def _matmul_nbits(model, nbits: Blocks):
@@ -196,11 +200,16 @@ def _matmul_nbits(model, nbits: Blocks):
 def quantize_graphs(directory: Path, graphs: dict[str, dict], method: str,
                     log: Callable[[str], None]) -> None:
     """Quantize, in `directory`, the graphs that carry weights (all but fold), updating each
-    manifest entry's file hashes ({name: {"file", "files", ...}})."""
+    manifest entry's file hashes ({name: {"file", "files", ...}}); a file that no graph
+    lists any more (the float weights file) is removed."""
+    before = {file for graph in graphs.values() for file in graph["files"]}
     for name, graph in graphs.items():
         if name != FOLD:
             log(f"quantizing the {name} graph ({method})")
             graph["files"] = quantize_graph(directory / graph["file"], method, name)
+    after = {file for graph in graphs.values() for file in graph["files"]}
+    for file in before - after:
+        (directory / file).unlink(missing_ok=True)
 
 
 def quantize_export(source: str | Path, output: str | Path, method: str = "int8",
@@ -218,9 +227,8 @@ def quantize_export(source: str | Path, output: str | Path, method: str = "int8"
         raise InfiniTrtError(f"{source} is already quantized ({manifest.quantization['method']})")
     check_method(method, manifest.dtype)
     with atomic_dir(output, force=force, inputs=(source,)) as tmp:
-        for graph in manifest.graphs.values():
-            for file in graph["files"]:
-                shutil.copyfile(manifest.path / file, tmp / file)
+        for file in {file for graph in manifest.graphs.values() for file in graph["files"]}:
+            shutil.copyfile(manifest.path / file, tmp / file)
         quantize_graphs(tmp, manifest.graphs, method, log)
         if manifest.tokenizer:
             manifest.tokenizer = copy_tokenizer(manifest.tokenizer_path, tmp)

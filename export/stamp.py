@@ -1,7 +1,7 @@
 """Export by stamping: each distinct piece of the graphs is traced once and repeated per layer.
 
     templates = trace_templates(model, ("segment", "extend"), sizes, opset=20, plugin=True)
-    weights = weight_tensors(model)
+    weights = weight_tensors(model, WeightsFile(directory))     # export/weights_file.py
     proto = assemble(segment_graph(cfg), templates, weights, cfg)    # then `finalize`
 
 The layers of an `InfiniLM` are identical in structure, and tracing a whole graph with
@@ -22,7 +22,8 @@ values (the shape and mask arithmetic on the rotary tables) are merged.
 The copies keep the exporter's metadata with the layer's index put in (its name scopes, the
 memory-update node's `LAYER_METADATA`), so that `finalize` names their nodes as it names a
 whole trace's (`/layers.3/attn/qkv_proj/MatMul`, `/layers.3/memory_update`) and computes the
-nodes that read weights only (`fold_weight_parts`) into initializers.
+nodes that read weights only (`fold_weight_parts`) into initializers. The weights are pending
+references into the export's one weights file, written once for all the graphs.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from .forked import forked
 from .io_spec import EXTEND, FOLD, GraphSpec, TensorSpec, extend_graph, segment_graph
 from .model import InfiniLM
 from .onnx_export import NAME_SCOPES as SCOPES, example_inputs, trace_to_onnx
+from .weights_file import INLINE_BYTES, WeightsFile
 
 HEAD, TAIL = "head", "tail"
 LAYER_STEP, LAYER_EXTEND, LAYER_FOLD = "layer_step", "layer_extend", "layer_fold"
@@ -283,15 +285,23 @@ def _cut(proto: onnx.ModelProto, name: str, cfg: InfiniConfig, dtype: str,
                     tuple(weights), TEMPLATES[name][1])
 
 
-def weight_tensors(model: InfiniLM) -> dict[str, onnx.TensorProto]:
-    """Every parameter as an ONNX initializer named `model.<parameter>` (tied ones once),
-    converted once and shared by every graph."""
+def weight_tensors(model: InfiniLM, weights: WeightsFile) -> dict[str, onnx.TensorProto]:
+    """Every parameter as an initializer named `model.<parameter>` (tied ones once), shared
+    by every graph: a pending reference into the export's weights file (the parameter's
+    memory itself, not a copy) for those above INLINE_BYTES, inline for the others."""
+    from onnx import helper
+
     out = {}
     for name, p in model.named_parameters():
         t = p.detach().cpu().contiguous()
-        out[name] = onnx.TensorProto(
-            name=f"model.{name}", dims=list(t.shape), data_type=ONNX_TYPES[dtype_name(t.dtype)],
-            raw_data=t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        data_type = ONNX_TYPES[dtype_name(t.dtype)]
+        array = t.reshape(-1).view(torch.uint8).numpy().view(
+            helper.tensor_dtype_to_np_dtype(data_type)).reshape(tuple(t.shape))
+        if array.nbytes > INLINE_BYTES:
+            out[name] = weights.tensor(f"model.{name}", f"model.{name}", array, data_type)
+        else:
+            out[name] = onnx.TensorProto(name=f"model.{name}", dims=list(t.shape),
+                                         data_type=data_type, raw_data=array.tobytes())
     return out
 
 

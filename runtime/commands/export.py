@@ -36,7 +36,7 @@ def export(checkpoint: str, output: str, dtype: str | None, memory_op: str, opse
 
     manifest = export_checkpoint(checkpoint, output, dtype=dtype, memory_op_mode=memory_op,
                                  opset=opset, force=force, log=click.echo, quantize=quantize)
-    files = ", ".join(f for g in manifest.graphs.values() for f in g["files"])
+    files = ", ".join(dict.fromkeys(f for g in manifest.graphs.values() for f in g["files"]))
     click.echo(f"wrote {output}: {files}, manifest.json ({manifest.precision}, "
                f"memory op: {memory_op}, opset {opset})")
     from infini_trt.runtime.cli import end_now

@@ -157,6 +157,7 @@ class SharedWeights:
                                  if device != "cpu" else "ONNX's raw data is little-endian")
         self.policies: dict[str, str] = {}           # graph -> the policy its session got
         self.entries: dict[tuple, Entry] = {}
+        self._at: dict[tuple, Entry] = {}            # (file, offset, length, type) -> entry
 
     def session_source(self, graph: str, path: str | Path, options) -> str | bytes:
         """What to make `graph`'s InferenceSession from: the model's bytes, the shared weights
@@ -214,21 +215,27 @@ class SharedWeights:
 
     def _entry(self, graph: str, parsed: GraphFile, weight: Weight, dtype) -> Entry:
         """The entry of `weight`'s content: its bytes read once, into an aligned array that
-        is kept only when no entry has that content yet."""
+        is kept only when no entry has that content yet. A weight at a place in a file that
+        was read already (the export's weights file, which the graphs share) is not read
+        again."""
         from onnxruntime import OrtValue
 
         count = int(np.prod(weight.dims, dtype=np.int64))
         if count * dtype.itemsize != weight.length:
             raise InfiniTrtError(f"initializer {weight.name!r}: {weight.length} bytes for "
                                  f"shape {list(weight.dims)} of {dtype}")
-        raw = _aligned_empty(weight.length)
-        with open(self._file(parsed, weight), "rb") as f:
-            self._read(f, weight, memoryview(raw))
-        key = (weight.data_type, weight.dims, hashlib.sha256(raw).hexdigest())
-        if key not in self.entries:
-            array = raw.view(dtype).reshape(weight.dims)
-            self.entries[key] = Entry(array, OrtValue.ortvalue_from_numpy(array))
-        entry = self.entries[key]
+        file = self._file(parsed, weight)
+        place = (file, weight.offset, weight.length, weight.data_type)
+        entry = self._at.get(place)
+        if entry is None or entry.array.shape != tuple(weight.dims):
+            raw = _aligned_empty(weight.length)
+            with open(file, "rb") as f:
+                self._read(f, weight, memoryview(raw))
+            key = (weight.data_type, weight.dims, hashlib.sha256(raw).hexdigest())
+            if key not in self.entries:
+                array = raw.view(dtype).reshape(weight.dims)
+                self.entries[key] = Entry(array, OrtValue.ortvalue_from_numpy(array))
+            entry = self._at[place] = self.entries[key]
         entry.names.add(f"{graph}:{weight.name}")
         return entry
 
