@@ -16,10 +16,11 @@ while written.
 
 Keys: a parameter's key is its name (given once per export by `stamp.weight_tensors`); a
 tensor computed from pending ones (`export/onnx_export.fold_weight_parts`: a weight's
-transposed parts) is keyed by its content's sha256 (`keep`). What a folded node computed is remembered by a digest of the node and its inputs
-(`derived`), so that a later graph with the same node finds it without computing it again;
-equal results of different nodes (the LM head's transposed weight, in the graphs that end
-in all logits and in the prefill graph that ends in the last token's) are stored once.
+transposed parts) is keyed by its content's type and sha256 (`keep`), so that equal results
+of different nodes (the same weight transposed by the segment's and the decoding's layer
+template) are stored once. What a folded node computed is remembered by a digest of the
+node and its inputs (`derived`): a later graph with the same node finds it without
+computing it again.
 """
 from __future__ import annotations
 
