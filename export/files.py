@@ -173,3 +173,28 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    """$INFINI_TRT_CACHE, else ~/.cache/infini-trt (refused when it is not a directory)."""
+    root = os.environ.get("INFINI_TRT_CACHE")
+    path = Path(root) if root else Path.home() / ".cache" / "infini-trt"
+    if path.exists() and not path.is_dir():
+        origin = f"INFINI_TRT_CACHE={root}" if root else str(path)
+        raise InfiniTrtError(f"the export cache {origin} is not a directory; point "
+                             f"INFINI_TRT_CACHE at a directory")
+    return path
+
+
+def exporter_code_hash() -> str:
+    """sha256 of the exporter's own source (export/ and plugins/): an export made by other
+    code is another export, even at the same version number."""
+    import infini_trt.export
+    import infini_trt.plugins
+
+    digest = hashlib.sha256()
+    for package in (infini_trt.export, infini_trt.plugins):
+        for root in package.__path__:
+            for path in sorted(Path(root).rglob("*.py")):
+                digest.update(path.read_bytes())
+    return digest.hexdigest()

@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 import onnx
 import torch
 
-from . import memory_op
+from . import memory_op, template_cache
 from .checkpoint import dtype_name
 from .config import InfiniConfig
 from .forked import forked
@@ -204,22 +204,36 @@ def trace_templates(model: InfiniLM, graphs: Iterable[str], sizes: dict[str, int
                     log: Callable[[str], None] = lambda s: None) -> dict[str, Template]:
     """Every template that `graphs` need, traced once: those of TRACED_APART by
     `trace_to_onnx` in a forked child process (on a second core), the others together in
-    this one."""
+    this one; or taken from the template cache, where an export of this shape traced them
+    before (export/template_cache.py)."""
     names = templates_for(graphs)
+    entry = None
+    if template_cache.enabled():
+        entry = template_cache.key({
+            "config": model.cfg.to_dict(), "dtype": dtype_name(model.embed.weight.dtype),
+            "templates": names, "sizes": sizes, "opset": opset, "plugin": plugin})
+        cached = template_cache.load(entry, names, Template)
+        if cached is not None:
+            log(f"the pieces ({', '.join(names)}) as traced before for this shape "
+                f"(export/template_cache.py)")
+            return cached
     log(f"tracing one of each piece ({', '.join(names)})")
     apart = [n for n in names if n in TRACED_APART]
     here = [n for n in names if n not in apart]
     if not here or not apart:
-        return _trace(model, names, sizes, opset, plugin)
+        templates = _trace(model, names, sizes, opset, plugin)
+    else:
+        def trace_apart() -> dict[str, Template]:
+            torch.set_num_threads(1)                # nothing to compute in parallel: a trace
+            return _trace(model, apart, sizes, opset, plugin)
 
-    def trace_apart() -> dict[str, Template]:
-        torch.set_num_threads(1)                # nothing to compute in parallel: a trace
-        return _trace(model, apart, sizes, opset, plugin)
-
-    with forked(trace_apart) as child:
-        templates = _trace(model, here, sizes, opset, plugin)
-        templates.update(child.result())
-    return {name: templates[name] for name in names}
+        with forked(trace_apart) as child:
+            templates = _trace(model, here, sizes, opset, plugin)
+            templates.update(child.result())
+    templates = {name: templates[name] for name in names}
+    if entry is not None:
+        template_cache.store(entry, templates)
+    return templates
 
 
 def _trace(model: InfiniLM, names: list[str], sizes: dict[str, int], opset: int,
