@@ -98,10 +98,7 @@ class WeightsFile:
         key = _key_of(tensor)
         return None if key is None else self.arrays[key]
 
-    @staticmethod
-    def key(tensor: onnx.TensorProto) -> str | None:
-        """The key of a pending reference (None for any other tensor)."""
-        return _key_of(tensor)
+    key = staticmethod(_key_of)     # the key of a pending reference (None for any other)
 
     # ---------------------------------------------------------------- writing
     def place(self, graph: onnx.GraphProto) -> bool:
@@ -143,6 +140,5 @@ class WeightsFile:
         if self._file is None:
             return None
         self._file.close()
-        self.derived: dict[str, tuple[str, tuple]] = {}   # a computation -> (key, shape)
         self._file = None
         return self._digest.hexdigest()
