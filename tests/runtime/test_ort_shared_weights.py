@@ -2,6 +2,8 @@
 the same outputs as sessions with their own, one buffer per distinct content that ORT really
 computes from, and never a constant shared with one of different content or one that ORT's
 optimizers rewrite."""
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -272,3 +274,39 @@ def test_bad_policy_and_other_devices():
     on_gpu = SharedWeights("all", device="cuda")
     assert on_gpu.policy == "none" and "CPU only" in on_gpu.reasons["*"]
     assert on_gpu.prepare("prefill", "unused.onnx") is None
+
+
+def test_weights_in_the_weights_file_are_mapped_not_read(exported):
+    """An initializer at an aligned offset of the export's weights file is that file's pages
+    (a copy-on-write map: only what the kernels touch becomes resident), byte for byte, and
+    each place is mapped once for every graph that names it."""
+    out = tiny_export(exported)
+    with OrtRunner(out, threads=1, share_weights="all") as runner:
+        for graph in GRAPHS:
+            runner.session(graph)
+        places = {}
+        for graph in GRAPHS:
+            for w in read_graph(runner.manifest.graph_file(graph)).weights:
+                if w.file == "weights.bin":
+                    places.setdefault((w.offset, w.length), set()).add(f"{graph}:{w.name}")
+        data = (Path(out) / "weights.bin").read_bytes()
+        checked = 0
+        for entry in runner.weights.entries.values():
+            at = [p for p, names in places.items() if entry.names <= names]
+            if not at:                             # (inline in a graph: read, not mapped)
+                assert _mapped_file(entry.array) is None
+                continue
+            assert Path(_mapped_file(entry.array)) == (Path(out) / "weights.bin").resolve()
+            (offset, length), = at
+            assert entry.array.tobytes() == data[offset:offset + length]
+            checked += 1
+        assert checked >= 2 * TINY.n_layers      # the embedding, the norms, the projections
+
+
+def _mapped_file(array):
+    """The file that `array` is a view of a memory map of, or None."""
+    while array is not None:
+        if isinstance(array, np.memmap):
+            return array.filename
+        array = array.base if isinstance(array, np.ndarray) else None
+    return None
