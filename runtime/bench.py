@@ -74,6 +74,7 @@ class BenchSettings:
     rounds_min_s: float = 10.0        # more rounds while they take less time than this
     peer_source: str | None = None    # the Hugging Face checkpoint MODEL was converted from:
                                       # the onnxruntime-genai peers run it (else random weights)
+    prompt_graph: str = "prefill"     # how the onnxruntime subjects read whole prompt segments
 
     def __post_init__(self):
         """InputError for a setting that cannot be measured, before anything is."""
@@ -137,7 +138,8 @@ def run_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings,
 
     states = {}
     try:
-        runner = open_subject(subject, cfg, settings.threads, settings.seed)
+        runner = open_subject(subject, cfg, settings.threads, settings.seed,
+                              prompt_graph=settings.prompt_graph)
     except (InfiniTrtError, ImportError) as exc:
         subject.status, subject.reason = "skipped", str(exc).splitlines()[0]
         log(f"{subject.name}: skipped: {subject.reason}")
@@ -193,7 +195,8 @@ def alternate(subjects: list[Subject], states: dict, cfg: InfiniConfig,
     try:
         for subject in subjects:
             runner = runners[subject.name] = open_subject(subject, cfg, settings.threads,
-                                                          settings.seed, beside_others=True)
+                                                          settings.seed, beside_others=True,
+                                                          prompt_graph=settings.prompt_graph)
             warm_up(runner, settings.batch)
             if not subject.resumable:
                 continue

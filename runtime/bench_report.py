@@ -153,7 +153,8 @@ def table(report: dict) -> str:
             else f"- ({limits.get('bf16_not_measured', 'not measured')})")
     lines = [f"model {report['model']}: {report['parameters']:,} parameters, segment "
              f"{report['config']['segment_len']}, batch {s['batch']}, "
-             f"{s['decode_tokens']} decoded tokens per sequence",
+             f"{s['decode_tokens']} decoded tokens per sequence; onnxruntime reads whole prompt "
+             f"segments through its {s.get('prompt_graph', 'prefill')} graph",
              f"CPU: {machine.get('cpu_summary', machine['cpu'])}",
              f"machine: {machine['cores']} cores, load average "
              f"{_load(machine.get('load_average'))} -> {_load(machine.get('load_average_end'))}; "

@@ -52,11 +52,12 @@ class Subject:
 
 
 def open_subject(subject: Subject, cfg: InfiniConfig, threads: int | None = None,
-                 seed: int = 0, beside_others: bool = False):
+                 seed: int = 0, beside_others: bool = False, prompt_graph: str = "prefill"):
     """The runner of one subject (in the worker process): `threads` CPU threads for torch and
     ONNX Runtime [default: all], `seed` for the peers' random weights; `beside_others`: it
     takes turns with other runners (the rounds in alternation), so the idle threads of ONNX
-    Runtime's pools (ours and onnxruntime-genai's alike) do not spin."""
+    Runtime's pools (ours and onnxruntime-genai's alike) do not spin; `prompt_graph`: how
+    our onnxruntime subjects read whole prompt segments (OrtRunner)."""
     if threads and subject.kind not in ("onnxruntime", "genai"):     # the others run torch
         import torch                            # (an ONNX Runtime worker never imports it)
 
@@ -64,8 +65,8 @@ def open_subject(subject: Subject, cfg: InfiniConfig, threads: int | None = None
     if subject.kind in ("torch", "onnxruntime", "tensorrt"):
         from .runners import open_runner
 
-        options = {"threads": threads, "spinning": not beside_others} \
-            if subject.kind == "onnxruntime" else {}
+        options = {"threads": threads, "spinning": not beside_others,
+                   "prompt_graph": prompt_graph} if subject.kind == "onnxruntime" else {}
         dtype = subject.precision if subject.kind == "torch" else None
         return open_runner(subject.path, subject.kind, dtype=dtype, **options)
     if subject.kind == "lucidrains":

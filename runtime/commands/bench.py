@@ -8,7 +8,7 @@ import click
 from infini_trt.export.quantize import METHODS as QUANTIZE_METHODS
 
 from ..backends import bench_backends
-from .options import OUTPUT_FILE
+from .options import OUTPUT_FILE, prompt_graph_option
 
 
 def _names(text: str) -> list[str]:
@@ -66,11 +66,12 @@ def _names(text: str) -> list[str]:
               help="Write every figure as JSON.")
 @click.option("--plot", "plot_file", type=OUTPUT_FILE, default=None,
               help="Write a PNG: throughput and memory against length (log x).")
+@prompt_graph_option
 def bench(model: str, backends: str, peers: str, peer_source: str | None, lengths: str,
           batch: int, decode_tokens: int,
           threads: int | None, budget: float, seed: int, calibrate: float, rounds: int,
           round_segments: int, round_decode_tokens: int, isolate: bool, json_file: str | None,
-          plot_file: str | None) -> None:
+          plot_file: str | None, prompt_graph: str | None) -> None:
     """Prefill tokens/s, segment latency p50/p95/p99, time to first token, decode tokens/s
     and peak RSS of MODEL on each backend and of its peers, against context length.
 
@@ -85,7 +86,8 @@ def bench(model: str, backends: str, peers: str, peer_source: str | None, length
 
     settings = BenchSettings(tuple(parse_lengths(lengths)), batch, decode_tokens, seed,
                              threads, budget, isolate, calibrate, rounds, round_segments,
-                             round_decode_tokens, peer_source=peer_source)
+                             round_decode_tokens, peer_source=peer_source,
+                             prompt_graph=prompt_graph or "prefill")
     report = run_bench(model, _names(backends) + _names(peers), settings, log=click.echo)
     click.echo(table(report))
     if json_file:

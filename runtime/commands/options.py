@@ -51,12 +51,29 @@ def engine_options(command):
                         )(command)
 
 
-def runner_options(backend: str, engine: str | None, cuda_graphs: bool) -> dict:
-    """The open_runner keyword arguments of the engine options (tensorrt only)."""
+PROMPT_GRAPH_HELP = ("onnxruntime: how whole prompt segments are read. prefill: the "
+                     "prompt-reading graph (the fastest; its session holds a second copy of "
+                     "the pre-packed weights); extend: the decoding graph, in chunks of 256 "
+                     "tokens, then a fold (one session holds the weights: the least memory, "
+                     "prompts slower; docs/benchmarks.md).  [default: prefill]")
+
+
+def prompt_graph_option(command):
+    """--prompt-graph, for commands that read prompts with the onnxruntime backend."""
+    return click.option("--prompt-graph", type=click.Choice(["prefill", "extend"]),
+                        default=None, help=PROMPT_GRAPH_HELP)(command)
+
+
+def runner_options(backend: str, engine: str | None, cuda_graphs: bool,
+                   prompt_graph: str | None = None) -> dict:
+    """The open_runner keyword arguments of the engine options (tensorrt only) and of
+    --prompt-graph (onnxruntime only)."""
+    if prompt_graph and backend != "onnxruntime":
+        raise click.UsageError("--prompt-graph goes with --backend onnxruntime")
     if backend != "tensorrt":
         if engine or cuda_graphs:
             raise click.UsageError("--engine and --cuda-graphs go with --backend tensorrt")
-        return {}
+        return {"prompt_graph": prompt_graph} if prompt_graph else {}
     return {"engine": engine, "cuda_graphs": cuda_graphs}
 
 

@@ -7,7 +7,7 @@ import sys
 import click
 
 from .options import (BACKEND_CHOICE, DEVICE_CHOICE, OUTPUT_FILE, engine_options,
-                      runner_options, state_option, stop_strings)
+                      prompt_graph_option, runner_options, state_option, stop_strings)
 
 TEXT_TAIL = 8              # generated ids a saved context keeps for decoding what follows
 
@@ -42,12 +42,13 @@ TEXT_TAIL = 8              # generated ids a saved context keeps for decoding wh
               help="Write the context after the answer (the prompt and the answer in it): a "
                    "later `run --state` goes on from there, a conversation.")
 @engine_options
+@prompt_graph_option
 def run(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...], backend: str,
         device: str | None, max_new_tokens: int, greedy: bool, temperature: float | None,
         top_k: int | None, top_p: float | None, repetition_penalty: float, seed: int | None,
         stops: tuple[str, ...], eos: bool, as_json: bool, progress: bool | None,
         state: str | None, save_state: str | None, engine: str | None,
-        cuda_graphs: bool) -> None:
+        cuda_graphs: bool, prompt_graph: str | None) -> None:
     """Generate text after a prompt of any length, at constant memory.
 
     MODEL is a native checkpoint or an export directory. The prompt is prefilled segment by
@@ -65,7 +66,7 @@ def run(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...], bac
     from infini_trt.runtime.session import Session, read_context
 
     sample = not greedy and any(v is not None for v in (temperature, top_k, top_p))
-    options = runner_options(backend, engine, cuda_graphs)
+    options = runner_options(backend, engine, cuda_graphs, prompt_graph)
     tokenizer, token_lists, sources = read_prompts(model, prompts, prompt_files,
                                                    allow_empty=state is not None)
     context = read_context(state, model) if state else None       # before any work

@@ -5,7 +5,8 @@ import re
 
 import click
 
-from .options import BACKEND_CHOICE, DEVICE_CHOICE, engine_options, runner_options
+from .options import (BACKEND_CHOICE, DEVICE_CHOICE, engine_options, prompt_graph_option,
+                      runner_options)
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -62,6 +63,7 @@ class ByteSize(click.ParamType):
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info",
                                                 "debug"]), default="info")
 @engine_options
+@prompt_graph_option
 @click.option("--ray", "on_ray", is_flag=True,
               help="Serve as a Ray Serve application: --replicas engines behind Ray's proxy "
                    "(needs the ray extra: pip install \"infini-trt[ray]\").")
@@ -74,7 +76,7 @@ def serve(model: str | None, host: str, port: int, backend: str, device: str | N
           max_batch: int, max_queue: int, max_prompt_tokens: int | None, max_new_tokens: int,
           context_store: str | None, context_store_bytes: int, prefix_cache_bytes: int,
           log_level: str,
-          engine: str | None, cuda_graphs: bool,
+          engine: str | None, cuda_graphs: bool, prompt_graph: str | None,
           on_ray: bool, replicas: int, address: str | None) -> None:
     """Serve a model over the OpenAI HTTP API, many clients at once.
 
@@ -101,7 +103,7 @@ def serve(model: str | None, host: str, port: int, backend: str, device: str | N
     install "infini-trt[serve]"."""
     from infini_trt.runtime.serving import serve as run_server
 
-    options = runner_options(backend, engine, cuda_graphs)
+    options = runner_options(backend, engine, cuda_graphs, prompt_graph)
     start = run_server
     if on_ray:
         from infini_trt.runtime.serving import require_extra

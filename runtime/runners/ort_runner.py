@@ -16,6 +16,13 @@ so that the arena holds one set of activations. A call of the extend graph with 
 tokens gives back what it grew the arena by (a 1,023-token tail needs several times what a
 decoded token does): `bench`'s peak RSS of `small` at 1K went from 870 to 609 MiB after its
 warm-up read such a tail (Zen 3, 2026-12-03); the next prompt grows the arena again.
+
+Whole prompt segments go through the prefill graph (`prompt_graph="prefill"`, the fastest),
+whose session holds its own pre-packed copy of the MatMul weights (ORT pre-packs per session;
+its Python API has no container to share them), or through the extend graph in chunks, then a
+fold (`prompt_graph="extend"`): then one session holds the weights (`small` at 1K, Xeon
+AVX-512, 2026-12-06, `bench`: peak RSS 415 MiB against 595, prompts 0.74x as fast in its
+rounds; docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -35,6 +42,11 @@ from .ort_weights import SharedWeights
 
 
 DEFAULT_SHARING = "unpacked"     # ort_weights.POLICIES: shared where it costs no speed
+# how whole prompt segments are read (`prompt_graph`): "prefill", the prompt-reading graph (the
+# fastest, a second session holding its own pre-packed weights), or "extend", the decoding
+# graph in chunks of PROMPT_CHUNK tokens then a fold (one session holds the weights)
+PROMPT_GRAPHS = (PREFILL, EXTEND)
+PROMPT_CHUNK = 256                # tokens per extend call of a whole prompt segment
 
 
 def import_onnxruntime():
@@ -135,10 +147,13 @@ class OrtRunner(Runner):
 
     def __init__(self, export_dir: str | Path, device: str | None = None,
                  threads: int | None = None, share_weights: str = DEFAULT_SHARING,
-                 spinning: bool = True):
+                 spinning: bool = True, prompt_graph: str = "prefill"):
         """`share_weights`: which weights the graphs' sessions share (ort_weights.POLICIES:
         "all", "unpacked" or "none"); `self.weights` says what each session got and why.
-        `spinning`: see `session_options`."""
+        `spinning`: see `session_options`. `prompt_graph`: PROMPT_GRAPHS."""
+        if prompt_graph not in PROMPT_GRAPHS:
+            raise InfiniTrtError(f"prompt_graph must be one of {', '.join(PROMPT_GRAPHS)}, "
+                                 f"got {prompt_graph!r}")
         self._ort = import_onnxruntime()
         self.manifest = read_manifest(export_dir)
         self.config = self.manifest.config
@@ -149,6 +164,9 @@ class OrtRunner(Runner):
         self._release.add_run_config_entry("memory.enable_memory_arena_shrinkage",
                                            f"{self.device}:0")
         self.threads, self.spinning = threads, spinning
+        # an export from before prefill (or decoding) graphs reads prompts as it can
+        usable = [g for g in (prompt_graph, *PROMPT_GRAPHS) if g in self.manifest.graphs]
+        self.prompt_graph = usable[0] if usable else SEGMENT
         if self.dtype == "bfloat16" and self.device == "cpu":
             raise InfiniTrtError("onnxruntime's CPU provider has no bfloat16 kernels; export "
                                  "with --dtype fp32 or fp16 for onnxruntime on the CPU, or run "
@@ -167,7 +185,7 @@ class OrtRunner(Runner):
         return f"onnxruntime-{self.device} ({self.manifest.precision})"
 
     def load_graphs(self) -> None:
-        for graph in (PREFILL, EXTEND, FOLD):
+        for graph in ((PREFILL,) if self.prompt_graph == PREFILL else ()) + (EXTEND, FOLD):
             if graph in self.manifest.graphs:
                 self.session(graph)
 
@@ -241,9 +259,29 @@ class OrtRunner(Runner):
         return self._segment(SEGMENT, ids, "logits", self._logits(ids.shape))
 
     def _advance(self, ids: np.ndarray):
-        if PREFILL not in self.manifest.graphs:          # an export from before prefill graphs
-            return super()._advance(ids)
-        return self._segment(PREFILL, ids, "last_logits", self._logits(ids.shape[:1]))
+        if self.prompt_graph == EXTEND and ids.shape[1] == self.config.segment_len:
+            return self._advance_by_extend(ids)
+        if PREFILL in self.manifest.graphs:              # (a shorter segment: fold takes N)
+            return self._segment(PREFILL, ids, "last_logits", self._logits(ids.shape[:1]))
+        return super()._advance(ids)
+
+    def _advance_by_extend(self, ids: np.ndarray):
+        """A whole segment (every row from position 0) through the decoding graph, in chunks
+        of PROMPT_CHUNK tokens, then folded into the state: what the prefill graph computes,
+        without its session and its copy of the weights. Each chunk attends to the cache that
+        the chunks before it wrote and causally to itself, as the prefill graph's blocks of
+        queries do (export/split_attention.py), and the arena holds one chunk's activations
+        (given back after the last)."""
+        batch, n = ids.shape
+        last = None
+        for begin in range(0, n, PROMPT_CHUNK):
+            chunk = ids[:, begin:begin + PROMPT_CHUNK]
+            take = np.full(batch, chunk.shape[1], np.int64)
+            rows = np.full((batch, 1), chunk.shape[1] - 1, np.int64)
+            last = self._extend(chunk, np.full(batch, begin, np.int64), take, rows,
+                                release=begin + PROMPT_CHUNK >= n)
+        self._fold(np.ones(batch, bool))
+        return last[:, 0]
 
     def _segment(self, graph: str, ids: np.ndarray, name: str, logits):
         """One segment through `graph` (segment or prefill), state ping-ponged."""
@@ -256,10 +294,11 @@ class OrtRunner(Runner):
         return logits
 
     def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray,
-                rows: np.ndarray):
+                rows: np.ndarray, release: bool | None = None):
         """Each layer's cache slice is bound as its own input (no copy); the graph returns the
         new tokens' keys and values, written into the caches here, and the logits of the
-        tokens `rows`."""
+        tokens `rows`. `release`: shrink the arena after the call (default: for more than one
+        token)."""
         caches = self._caches().reading(start)
         new = self.caches.new_rows(ids.shape[1])
         logits = self._logits(rows.shape)
@@ -268,7 +307,8 @@ class OrtRunner(Runner):
                    "logit_rows": load_into(self.logit_rows, rows),
                    "memory": self.memory[self.current], "norm": self.norm[self.current],
                    **caches},
-                  {"logits": logits, **new}, release=ids.shape[1] > 1)
+                  {"logits": logits, **new},
+                  release=ids.shape[1] > 1 if release is None else release)
         self.caches.write(new, start, length)
         return logits
 

@@ -87,13 +87,16 @@ def test_decode_through_cache_windows_equals_the_sequence_forward(exported, back
         assert_close(want, g, 1e-5, what=f"prompt of {p} tokens")
 
 
-def test_greedy_run_equals_argmax_of_score_logits(exported, tmp_path):
+@pytest.mark.parametrize("prompt_graph", [[], ["--prompt-graph", "extend"]],
+                         ids=["prefill", "extend"])
+def test_greedy_run_equals_argmax_of_score_logits(exported, tmp_path, prompt_graph):
     """`run --json` greedy tokens are the argmax of `score` logits at every generated
-    position (same model, same backend)."""
+    position (same model, same backend), the prompt's 3 full segments read by either
+    graph."""
     _, out = exported(TINY)
     prompt = "The pass key is 12345. Remember it. " * 3
     result = CliRunner().invoke(main, ["run", str(out), "--prompt", prompt, "--max-new-tokens",
-                                       "40", "--json", "--no-progress"])
+                                       "40", "--json", "--no-progress", *prompt_graph])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     generated = data["sequences"][0]["token_ids"]
@@ -110,6 +113,14 @@ def test_greedy_run_equals_argmax_of_score_logits(exported, tmp_path):
     timings = data["timings"]
     assert timings["prefill_tokens_per_s"] > 0 and timings["decode_tokens_per_s"] > 0
     assert data["peak_rss_mb"] > 0
+
+
+def test_prompt_graph_goes_with_onnxruntime_only(exported):
+    _, out = exported(TINY)
+    result = CliRunner().invoke(main, ["run", str(out), "--backend", "torch", "--prompt",
+                                       "hi", "--prompt-graph", "extend"])
+    assert result.exit_code == 2
+    assert "--prompt-graph goes with --backend onnxruntime" in result.output
 
 
 def test_sampling_is_reproducible_with_a_seed(exported):

@@ -77,6 +77,57 @@ def test_advance_reads_a_prompt_like_step(exported, backend, rule):
     assert_close(want_norm, norm, 1e-5, what="norm")
 
 
+@pytest.mark.parametrize("rule,batch,chunk", [("linear", 2, 8), ("delta", 1, 12)])
+def test_advance_through_the_extend_graph(exported, monkeypatch, rule, batch, chunk):
+    """prompt_graph="extend": whole segments through the decoding graph in chunks (8: four
+    per segment; 12: the last one shorter), then a fold, on one weights session: the last
+    logits of each segment and the state against the float64 reference, over 3 segments; a
+    shorter segment still goes through the prefill graph (a fold takes a whole one), and
+    decoding after it continues the stream."""
+    from infini_trt.runtime.runners import ort_runner
+
+    monkeypatch.setattr(ort_runner, "PROMPT_CHUNK", chunk)
+    cfg = TINY.replace(update_rule=rule)
+    ckpt, out = exported(cfg)
+    tokens = np.random.default_rng(11).integers(0, 256, (batch, 3 * N + 5))
+    want_logits = reference(ckpt, tokens)[0]
+    _, want_memory, want_norm = reference(ckpt, tokens[:, :3 * N])    # after 3 segments
+    calls = []
+    with open_runner(out, "onnxruntime", prompt_graph="extend") as runner:
+        real = runner._extend
+        runner._extend = lambda ids, *rest, **kw: calls.append(ids.shape[1]) or real(
+            ids, *rest, **kw)
+        runner.reset(batch)
+        for start in range(0, 3 * N, N):
+            last = runner.advance(tokens[:, start:start + N])
+            assert_close(want_logits[:, start + N - 1], last, 1e-5,
+                         what=f"last logits of the segment at {start}")
+        assert set(runner.sessions) == {"extend", "fold"}      # no prefill session
+        assert calls == [min(chunk, N - b) for b in range(0, N, chunk)] * 3
+        memory, norm = runner.state()
+        assert_close(want_memory, memory, 1e-5, what="memory")
+        assert_close(want_norm, norm, 1e-5, what="norm")
+        for i in range(3 * N, 3 * N + 5):                      # decoding from there
+            got = runner.extend(tokens[:, i:i + 1], np.full(batch, i - 3 * N),
+                                np.ones(batch, np.int64), last_only=True)
+            assert_close(want_logits[:, i], got, 1e-5, what=f"decoded token {i}")
+        runner.reset(batch)
+        short = runner.advance(tokens[:, :N - 3])
+        assert "prefill" in runner.sessions
+    assert_close(reference(ckpt, tokens[:, :N - 3])[0][:, -1], short, 1e-5, what="short")
+
+
+def test_prompt_graph_is_checked_and_falls_back_on_old_exports(exported):
+    from infini_trt.runtime.runners.ort_runner import OrtRunner
+
+    _, out = exported(TINY, seed=7, graphs=("segment",))
+    with pytest.raises(InfiniTrtError, match="prompt_graph must be one of prefill, extend"):
+        OrtRunner(out, prompt_graph="decode")
+    assert OrtRunner(out, prompt_graph="extend").prompt_graph == "segment"
+    _, out = exported(TINY, seed=8, graphs=("segment", "prefill"))
+    assert OrtRunner(out, prompt_graph="extend").prompt_graph == "prefill"
+
+
 def test_advance_falls_back_to_step_without_a_prefill_graph(exported):
     from infini_trt.export.manifest import read_manifest
 
