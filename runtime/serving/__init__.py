@@ -119,7 +119,11 @@ def open_service(model: str | Path | None = None, backend: str = "onnxruntime",
     settings = Settings(model_name=model.resolve().name, max_prompt_tokens=max_prompt_tokens,
                         max_new_tokens=max_new_tokens)
     prepared = prepare(model, backend, log=log)
-    with open_runner(prepared, backend, device=device, **options) as runner, \
+    # the decoding runner is never given a whole segment (the reader reads those), so on ONNX
+    # Runtime it needs no prefill session: the process holds one pre-packed copy of the
+    # weights fewer
+    decoding = {**options, "prompt_graph": "extend"} if backend == "onnxruntime" else options
+    with open_runner(prepared, backend, device=device, **decoding) as runner, \
             open_runner(prepared, backend, device=device, **options) as reader:
         runner.load_graphs()
         reader.load_graphs()

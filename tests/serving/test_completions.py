@@ -158,3 +158,12 @@ def test_models_health_docs(server):
     assert server.metric("infini_trt_context_hits_total") == 0
     assert server.metric("infini_trt_generation_tokens_total") > 0
     assert server.metric("infini_trt_time_to_first_token_seconds_count") > 0
+
+
+def test_only_the_reader_holds_a_prefill_session(server):
+    """Whole prompt segments go to the reader; the decoding runner reads the rest through
+    the extend graph, so its process does not hold a second pre-packed copy of the weights
+    for a prefill session it would never use (small: 766 -> 600 MiB at start, Xeon)."""
+    runner, reader = server.engine.runner, server.engine.reader.runner
+    assert runner.prompt_graph == "extend" and "prefill" not in runner.sessions
+    assert reader.prompt_graph == "prefill" and "prefill" in reader.sessions
