@@ -17,6 +17,10 @@ from typing import Iterable, Iterator
 
 from .errors import InfiniTrtError
 
+# an export's one file of large weights (export/weights_file.py), named here so that the
+# runtime can know it without importing onnx
+EXPORT_WEIGHTS_FILE = "weights.bin"
+
 
 def _umask() -> int:
     mask = os.umask(0)

@@ -48,9 +48,9 @@ from pathlib import Path
 import numpy as np
 
 from infini_trt.export.errors import InfiniTrtError
-from infini_trt.export.weights_file import WEIGHTS_FILE
+from infini_trt.export.files import EXPORT_WEIGHTS_FILE
 
-from .onnx_file import GraphFile, Weight, read_graph
+from .onnx_file import GraphFile, Weight, consumers, read_graph
 
 POLICIES = ("all", "unpacked", "none")
 ALIGNMENT = 64                         # bytes: MLAS's vector loads, a cache line
@@ -98,26 +98,6 @@ class Prepared:
     disable_prepacking: bool
 
 
-def consumers(model: bytes) -> dict[str, set[tuple[str, int]]]:
-    """{value name: {(op type, input index)}} over the graph's nodes and their subgraphs."""
-    import onnx
-
-    proto = onnx.ModelProto.FromString(model)
-    found: dict[str, set[tuple[str, int]]] = {}
-
-    def walk(graph) -> None:
-        for node in graph.node:
-            for i, name in enumerate(node.input):
-                found.setdefault(name, set()).add((node.op_type, i))
-            for attribute in node.attribute:
-                for sub in ([attribute.g] if attribute.HasField("g") else []) + list(
-                        attribute.graphs):
-                    walk(sub)
-
-    walk(proto.graph)
-    return found
-
-
 def shareable(uses: set[tuple[str, int]]) -> bool:
     """Whether every use of a constant leaves it as it is (SHAREABLE_INPUTS)."""
     return bool(uses) and all(i in SHAREABLE_INPUTS.get(op, ()) for op, i in uses)
@@ -128,15 +108,17 @@ def prepacked(uses: set[tuple[str, int]]) -> bool:
     return bool(uses) and all(i in PREPACKED_INPUTS.get(op, ()) for op, i in uses)
 
 
+# numpy dtypes of the ONNX tensor types (TensorProto.DataType) that have one: bfloat16, the
+# float8 and 4-bit types have none (their initializers stay with their session)
+_NUMPY_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32",
+                 7: "int64", 9: "bool", 10: "float16", 11: "float64", 12: "uint32",
+                 13: "uint64", 14: "complex64", 15: "complex128"}
+
+
 def _numpy_dtype(data_type: int):
     """The numpy dtype of an ONNX type, or None (bfloat16, float8, int4: no numpy array)."""
-    from onnx import helper
-
-    try:
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
-    except (KeyError, TypeError, ValueError):
-        return None
-    return None if dtype.kind == "V" else dtype
+    name = _NUMPY_DTYPES.get(data_type)
+    return None if name is None else np.dtype(name)
 
 
 def _aligned_empty(nbytes: int) -> np.ndarray:
@@ -187,7 +169,7 @@ class SharedWeights:
         if self.policy == "none":
             return None
         parsed = read_graph(path)
-        uses = consumers(parsed.model)
+        uses = consumers(parsed.model, str(path))
         policy = self.policy
         slow = sorted({op for op, _ in set().union(*uses.values())} & set(NEEDS_PREPACKING))
         if policy == "all" and slow:
@@ -237,7 +219,7 @@ class SharedWeights:
         place = (file, weight.offset, weight.length, weight.data_type)
         entry = self._at.get(place)
         if entry is None or entry.array.shape != tuple(weight.dims):
-            if file.name == WEIGHTS_FILE and weight.offset % ALIGNMENT == 0:
+            if file.name == EXPORT_WEIGHTS_FILE and weight.offset % ALIGNMENT == 0:
                 key = ("mapped", *place, weight.dims)
                 if key not in self.entries:
                     mapped = self._mapped(file)

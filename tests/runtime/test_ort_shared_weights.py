@@ -310,3 +310,62 @@ def _mapped_file(array):
             return array.filename
         array = array.base if isinstance(array, np.ndarray) else None
     return None
+
+
+def _consumers_by_onnx(model: bytes) -> dict:
+    found = {}
+
+    def walk(graph):
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                found.setdefault(name, set()).add((node.op_type, i))
+            for attribute in node.attribute:
+                for sub in ([attribute.g] if attribute.HasField("g") else []) + list(
+                        attribute.graphs):
+                    walk(sub)
+
+    walk(onnx.ModelProto.FromString(model).graph)
+    return found
+
+
+def test_consumers_read_from_the_wire_match_onnx(exported, tmp_path):
+    """onnx_file.consumers (the wire format, no onnx import) finds the uses that onnx's own
+    parse does, in every graph of an export and of its int4 export, and in an If's branches;
+    the dtype table agrees with onnx's wherever numpy itself has the type."""
+    from onnx import helper
+
+    from infini_trt.runtime.runners.onnx_file import consumers
+    from infini_trt.runtime.runners.ort_weights import _numpy_dtype
+
+    out = tiny_export(exported)
+    int4 = tmp_path / "int4"
+    quantize_export(out, int4, "int4")
+    for folder in (out, int4):
+        for graph in GRAPHS:
+            path = Path(folder) / f"{'model' if graph == 'segment' else graph}.onnx"
+            if path.exists():
+                model = read_graph(path).model
+                assert consumers(model) == _consumers_by_onnx(model), path
+    branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y_then"])], "then", [],
+        [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, None)])
+    other = helper.make_graph(
+        [helper.make_node("Gather", ["w", "i"], ["y_else"])], "else", [],
+        [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, None)])
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)], "g",
+        [helper.make_tensor_value_info(n, t, None) for n, t in
+         (("c", TensorProto.BOOL), ("x", TensorProto.FLOAT), ("i", TensorProto.INT64))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones((2, 2), np.float32), "w")])).SerializeToString()
+    assert consumers(model) == _consumers_by_onnx(model)
+    assert consumers(model)["w"] == {("MatMul", 1), ("Gather", 0)}
+    for data_type in range(1, 24):
+        try:
+            want = np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+        except (KeyError, TypeError, ValueError):
+            want = None
+        # (onnx gives bfloat16, float8 and 4-bit types as ml_dtypes' extension types)
+        standard = want is not None and want.type.__module__ == "numpy"
+        want = want if standard and data_type != 8 else None
+        assert _numpy_dtype(data_type) == want, data_type
