@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .files import EXPORT_WEIGHTS_FILE
+from .files import EXPORT_WEIGHTS_FILE as WEIGHTS_FILE
 
-WEIGHTS_FILE = EXPORT_WEIGHTS_FILE
 ALIGNMENT = 4096            # bytes: a page, so that a reader may map each tensor by itself
 INLINE_BYTES = 1024         # initializers up to this size stay in the graph (ONNX's default)
 PENDING = "\0pending:"      # the location of a reference not yet written (never a file name)

@@ -220,35 +220,33 @@ class SharedWeights:
         entry = self._at.get(place)
         if entry is None or entry.array.shape != tuple(weight.dims):
             if file.name == EXPORT_WEIGHTS_FILE and weight.offset % ALIGNMENT == 0:
-                key = ("mapped", *place, weight.dims)
-                if key not in self.entries:
-                    mapped = self._mapped(file)
-                    if weight.offset + weight.length > mapped.size:
-                        raise InfiniTrtError(f"{file} ends inside initializer {weight.name!r}")
-                    array = mapped[weight.offset:weight.offset + weight.length]
-                    array = array.view(dtype).reshape(weight.dims)
-                    self.entries[key] = Entry(array, OrtValue.ortvalue_from_numpy(array))
+                key, raw = ("mapped", *place, weight.dims), None      # mapped if new
             else:
                 raw = _aligned_empty(weight.length)
                 with open(file, "rb") as f:
                     self._read(f, weight, memoryview(raw))
                 key = (weight.data_type, weight.dims, hashlib.sha256(raw).hexdigest())
-                if key not in self.entries:
-                    array = raw.view(dtype).reshape(weight.dims)
-                    self.entries[key] = Entry(array, OrtValue.ortvalue_from_numpy(array))
+            if key not in self.entries:
+                raw = self._mapped(file, weight) if raw is None else raw
+                array = raw.view(dtype).reshape(weight.dims)
+                self.entries[key] = Entry(array, OrtValue.ortvalue_from_numpy(array))
             entry = self._at[place] = self.entries[key]
         entry.names.add(f"{graph}:{weight.name}")
         return entry
 
-    def _mapped(self, file: Path) -> np.ndarray:
-        """The whole of `file` as bytes, mapped copy-on-write (ORT never writes to a shared
-        initializer, SHAREABLE_INPUTS; were it to, the write would stay in this process)."""
+    def _mapped(self, file: Path, weight: Weight) -> np.ndarray:
+        """`weight`'s bytes in `file`, which is mapped once, whole and copy-on-write (ORT
+        never writes to a shared initializer, SHAREABLE_INPUTS; were it to, the write would
+        stay in this process)."""
         if file not in self._maps:
             size = file.stat().st_size
             if size == 0:
                 raise InfiniTrtError(f"{file} is empty")
             self._maps[file] = np.memmap(file, dtype=np.uint8, mode="c", shape=(size,))
-        return self._maps[file]
+        mapped = self._maps[file]
+        if weight.offset + weight.length > mapped.size:
+            raise InfiniTrtError(f"{file} ends inside initializer {weight.name!r}")
+        return mapped[weight.offset:weight.offset + weight.length]
 
     @staticmethod
     def _read(f, weight: Weight, into: memoryview) -> None:
