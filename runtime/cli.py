@@ -71,15 +71,39 @@ class Group(click.Group):
                 "torch --index-url https://download.pytorch.org/whl/cpu); an export directory "
                 "runs and serves without it on onnxruntime")
             raise click.ClickException(str(missing)) from None
-        except Terminated:
-            click.echo("infini-trt: terminated (SIGTERM); no partial output was left", err=True)
-            ctx.exit(143)
-        except KeyboardInterrupt:
-            click.echo("\ninfini-trt: interrupted; no partial output was left", err=True)
-            ctx.exit(130)
+        except (Terminated, KeyboardInterrupt) as exc:
+            _stopped(ctx, exc)
+        except Exception as exc:
+            # Python 3.11 wraps what a descriptor's __set_name__ raises in a RuntimeError: a
+            # signal that comes while a class is made (a dataclass of a module being
+            # imported, as torch.onnx's are on the first export) arrives as its cause
+            stop = _signal_cause(exc)
+            if stop is None:
+                raise
+            _stopped(ctx, stop)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+
+def _signal_cause(exc: BaseException) -> BaseException | None:
+    """The Terminated or KeyboardInterrupt that `exc` was raised from, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (Terminated, KeyboardInterrupt)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _stopped(ctx: click.Context, exc: BaseException) -> None:
+    """One line and exit code 143 (SIGTERM) or 130 (Ctrl-C)."""
+    if isinstance(exc, Terminated):
+        click.echo("infini-trt: terminated (SIGTERM); no partial output was left", err=True)
+        ctx.exit(143)
+    click.echo("\ninfini-trt: interrupted; no partial output was left", err=True)
+    ctx.exit(130)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"],

@@ -462,3 +462,30 @@ def test_an_onnxruntime_failure_is_one_line():
     with pytest.raises(InfiniTrtError, match=r"^onnxruntime failed running the extend graph: "
                                              r"\[ONNXRuntimeError\].*memory$"):
         Binding(Session(), "cpu", "extend").run({}, {})
+
+
+def test_sigterm_while_a_class_is_made_still_exits_143():
+    """A signal that comes while a class body's descriptors are set up (`__set_name__`, as a
+    module's dataclasses are on import) is wrapped by Python 3.11 in a RuntimeError; the CLI
+    still ends it as SIGTERM: one line, exit code 143, no traceback."""
+    import click
+    from click.testing import CliRunner
+
+    from infini_trt.runtime.cli import Group, Terminated
+
+    class Field:
+        def __set_name__(self, owner, name):
+            raise Terminated()
+
+    @click.group(cls=Group)
+    def group():
+        pass
+
+    @group.command()
+    def make():
+        type("Made", (), {"field": Field()})
+
+    result = CliRunner().invoke(group, ["make"])
+    assert result.exit_code == 143, result.output
+    assert "terminated (SIGTERM); no partial output was left" in result.output
+    assert "Traceback" not in result.output
