@@ -138,7 +138,7 @@ class _Attentions(torch.nn.Module):
 
         return tuple(exported_attention(q, kv[2 * i], kv[2 * i + 1], q.shape[-2], group,
                                         blocks)
-                     for i, (_, group) in enumerate(HEAD_LAYOUTS) for blocks in (2, 3, 4))
+                     for i, (_, group) in enumerate(HEAD_LAYOUTS) for blocks in (2, 3, 4, 8))
 
 
 def test_split_attention_graph_is_causal_softmax_attention():
@@ -171,7 +171,7 @@ def test_split_attention_graph_is_causal_softmax_attention():
         got = iter(session.run(None, feeds))
         for i, (_, group) in enumerate(HEAD_LAYOUTS):
             want = _attention_by_position(q, kv[2 * i], kv[2 * i + 1], group)
-            for blocks in (2, 3, 4):
+            for blocks in (2, 3, 4, 8):
                 assert_close(want, torch.from_numpy(next(got)), 1e-12,
                              what=f"S={length} group={group} blocks={blocks}")
 
