@@ -52,7 +52,7 @@ from infini_trt.export.config import InfiniConfig
 from infini_trt.export.errors import InfiniTrtError, InputError
 
 from . import roofline
-from .bench_measure import interleaved, measure, replay_prompt, warm_up
+from .bench_measure import empty_context, interleaved, measure, replay_prompt, warm_up
 from .bench_report import gflops
 from .bench_subjects import GENAI_PEERS, Subject, check_name, open_subject, resolve
 from .isolate import run_isolated
@@ -186,8 +186,9 @@ def rounds_lengths(subject: Subject, segment_len: int) -> list[int]:
 def alternate(subjects: list[Subject], states: dict, cfg: InfiniConfig,
               settings: BenchSettings) -> dict:
     """`interleaved` over the given subjects (all open at once, in this process) from the
-    states their prompts left; a context-keeping peer reads its prompts again here first
-    (untimed; a length whose K/V cache would not fit in memory is left out, "left_out")."""
+    states their prompts left, and from an empty context (length 0: `empty_context`); a
+    context-keeping peer reads its prompts again here first (untimed; a length whose K/V
+    cache would not fit in memory is left out, "left_out")."""
     import psutil
 
     runners, states, left_out = {}, dict(states), []
@@ -198,9 +199,11 @@ def alternate(subjects: list[Subject], states: dict, cfg: InfiniConfig,
                                                           settings.seed, beside_others=True,
                                                           prompt_graph=settings.prompt_graph)
             warm_up(runner, settings.batch)
+            states[subject.name] = {0: empty_context(runner, settings.batch, settings.seed,
+                                                     room),
+                                    **states.get(subject.name, {})}
             if not subject.resumable:
                 continue
-            states[subject.name] = {}
             limit = getattr(runner, "context_limit", None)
             for length in rounds_lengths(subject, cfg.segment_len):
                 need = cache_bytes(subject, cfg, length + room, settings.batch)

@@ -169,7 +169,10 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
     visits every (runner, length) pair in a new random order, restores its state, runs one
     segment untimed (the runner's weights back in the caches after the others'), restores the
     state again and times `segments` full segments through the prefill graph (the next
-    segments of a longer prompt) and `decode_tokens` decoded tokens (after a reset to the same
+    segments of a longer prompt; from length 0, the empty context of `empty_context`, each
+    segment is read from the restored empty context: a one-segment prompt, the first
+    segment of every prompt, where a peer's attention is shortest) and `decode_tokens`
+    decoded tokens (after a reset to the same
     state, from the round's segment position: 0 in the first round, then spread over the
     segment by the golden ratio, the same for every pair of the round; the tokens before it
     are put into the cache untimed by one extend call). A token reads the cache slots before
@@ -212,6 +215,8 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
             runner.advance(rng.integers(0, runner.config.vocab_size, (batch, n)))   # warm
             kept.restore(runner)
             for _ in range(segments):
+                if length == 0:
+                    kept.restore(runner)                  # each the first segment
                 ids = rng.integers(0, runner.config.vocab_size, (batch, n))
                 t = time.perf_counter()
                 runner.advance(ids)
@@ -236,6 +241,18 @@ def interleaved(runners: dict, states: dict, rounds: int, segments: int, decode_
             "matmul_fp32_flops_per_s": float(np.median(rates)) if rates else None,
             "matmul_n": matmul_rate.size,
             "points": points}
+
+
+def empty_context(runner, batch: int, seed: int, room: int):
+    """The state of an empty context (nothing read yet) and a random first token, kept as
+    `measure` keeps a prompt's state (a context-keeping peer: its cache made for `room`
+    tokens) -> `interleaved`'s length 0."""
+    token = np.random.default_rng(seed).integers(0, runner.config.vocab_size, batch)
+    runner.reset(batch)
+    if hasattr(runner, "keep"):
+        runner.capacity = room
+        return runner.keep(token)
+    return KeptState(*(np.array(a) for a in runner.state()), token)
 
 
 def replay_prompt(runner, length: int, batch: int, seed: int, room: int):

@@ -14,7 +14,8 @@ Derived per point (subject x length):
     interleaved[].vs_first, .vs_torch, .prefill_efficiency
                          prefill and decode tokens/s measured in alternation
                          (bench_measure.interleaved) over the same subject's at the first
-                         length and over PyTorch eager's at the same length; a segment's
+                         length (0, the empty context, where the rounds have it) and over
+                         PyTorch eager's at the same length; a segment's
                          model FLOPs per second over the matmul rate measured in the rounds;
                          .vs_genai: prefill and decode ours/onnxruntime-genai's in the rounds
 """
@@ -222,8 +223,9 @@ def interleaved_table(report: dict) -> list[str]:
     rate, n = r.get("matmul_fp32_flops_per_s"), r.get("matmul_n")
     lines = [f"in alternation ({r['rounds']} rounds; per subject, length and round "
              f"{r['segments']} segments and {r['decode_tokens']} decoded tokens from the "
-             f"state the prompt left, and an fp32 matmul{f' (n={n})' if n else ''}: "
-             f"{gflops(rate or 0)} GFLOP/s; medians):",
+             f"state the prompt left (length 0: each segment read from an empty context, a "
+             f"one-segment prompt, and tokens decoded inside it), and an fp32 matmul"
+             f"{f' (n={n})' if n else ''}: {gflops(rate or 0)} GFLOP/s; medians):",
              f"{'length':>6s}  {'subject':28s} {'segment ms':>10s} {'prefill tok/s':>13s} "
              f"{'vs torch':>8s} {'vs first':>8s} {'eff':>5s} {'token ms':>9s} "
              f"{'decode tok/s':>12s} {'vs torch':>8s} {'vs first':>8s}"]
@@ -235,7 +237,7 @@ def interleaved_table(report: dict) -> list[str]:
                 continue
             eff = p.get("prefill_efficiency")
             lines.append(
-                f"{length_label(length):>6s}  {sub['name']:28s} "
+                f"{_round_length(length):>6s}  {sub['name']:28s} "
                 f"{p['segment_ms']['p50']:>10,.2f} {p['prefill_tokens_per_s']:>13,.0f} "
                 f"{_ratio(p, 'prefill'):>8s} {p['vs_first']['prefill']:>7.2f}x "
                 f"{f'{eff:.0%}' if eff else '-':>5s} "
@@ -247,10 +249,15 @@ def interleaved_table(report: dict) -> list[str]:
         lines.append("in alternation against onnxruntime-genai (tok/s ours/theirs, > 1: ours "
                      "faster):")
         for length, name, peer, ratio in sorted(against, key=lambda row: row[0]):
-            lines.append(f"{length_label(length):>6s}  {name:28s} {peer:24s} prefill "
+            lines.append(f"{_round_length(length):>6s}  {name:28s} {peer:24s} prefill "
                          f"{_times(ratio['prefill']):>7s} decode {_times(ratio['decode']):>7s}")
     lines += [f"left out of the rounds: {why}" for why in r.get("left_out", [])]
     return lines
+
+
+def _round_length(length: int) -> str:
+    """A length of the rounds: 0 is the empty context (bench_measure.empty_context)."""
+    return length_label(length) if length else "0"
 
 
 def _load(load) -> str:

@@ -392,16 +392,22 @@ class GenaiRunner(Runner):
                              "a prompt in one call at batch > 1)")
         self.generator = None              # made on first use, for `capacity` tokens
 
-    def _append(self, ids: np.ndarray) -> np.ndarray:
-        """Feed ids (1, S) -> the last token's logits (1, V)."""
+    def _sequence(self):
+        """The current sequence's Generator, made on first use (its cache for `capacity`
+        tokens)."""
         if self.generator is None:
             params = self.og.GeneratorParams(self.model)
             params.set_search_options(max_length=self.capacity, batch_size=self.batch)
             self.generator = self.og.Generator(self.model, params)
-        if self.generator.token_count() + ids.shape[1] > self.capacity:
+        return self.generator
+
+    def _append(self, ids: np.ndarray) -> np.ndarray:
+        """Feed ids (1, S) -> the last token's logits (1, V)."""
+        generator = self._sequence()
+        if generator.token_count() + ids.shape[1] > self.capacity:
             raise InputError(f"the onnxruntime-genai K/V cache holds {self.capacity} tokens")
-        self.generator.append_tokens(ids.astype(np.int32))
-        logits = self.generator.get_logits()
+        generator.append_tokens(ids.astype(np.int32))
+        logits = generator.get_logits()
         return np.ascontiguousarray(logits, dtype=np.float32).reshape(self.batch, -1)
 
     def _step(self, ids: np.ndarray) -> np.ndarray:
@@ -423,10 +429,11 @@ class GenaiRunner(Runner):
 
     # kept contexts (bench_measure.interleaved) ---------------------------------------------
     def keep(self, token: np.ndarray) -> KeptContext:
-        """Keep the current sequence's context (its generator) under its length; the next
-        `reset` starts a new one."""
-        key = self.generator.token_count()
-        self.kept[key], self.generator = self.generator, None
+        """Keep the current sequence's context (its generator; an empty one after a reset)
+        under its length; the next `reset` starts a new one."""
+        generator = self._sequence()
+        key = generator.token_count()
+        self.kept[key], self.generator = generator, None
         return KeptContext(key, token)
 
     def resume(self, key: int) -> None:

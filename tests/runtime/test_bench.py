@@ -292,10 +292,42 @@ def test_measure_keeps_the_state_its_prompt_left(exported):
     assert (token == logits[:, -1].argmax(-1)).all()
 
 
+def test_rounds_read_length_0_from_an_empty_context(exported):
+    """Length 0 of the rounds (bench_measure.empty_context): each segment it reads, the warm
+    one and the timed ones, starts from the empty context (z = 0: nothing read), while a
+    prompt's length continues from the state that prompt left."""
+    from infini_trt.runtime.bench_measure import empty_context, interleaved, measure
+    from infini_trt.runtime.runners import open_runner
+
+    _, out = exported(TINY)
+    with open_runner(out, "onnxruntime") as runner:
+        states = {}
+        measure(runner, N, 1, 1, seed=1, states=states)
+        states[0] = empty_context(runner, 1, seed=2, room=0)
+        assert not states[0].norm.any() and not states[0].memory.any()
+        advance, starts = runner.advance, []
+
+        def recording(ids):
+            starts.append(bool(runner.state()[1].any()))           # z: anything read?
+            return advance(ids)
+
+        runner.advance = recording
+        result = interleaved({"ort": runner}, {"ort": states}, rounds=2, segments=3,
+                             decode_tokens=2, seed=0, min_seconds=0.0, matmul_s=0.01)
+    visits = [starts[i:i + 4] for i in range(0, len(starts), 4)]   # a warm + 3 timed each
+    assert len(starts) == 2 * 2 * 4
+    assert sorted(visits) == [[False] * 4] * 2 + [[True] * 4] * 2
+    points = result["points"]["ort"]
+    assert [p["length"] for p in points] == [0, N]
+    assert all(p["segment_ms"]["count"] == 2 * 3 and p["decode_token_ms"]["count"] == 2 * 2
+               for p in points)
+
+
 def test_bench_rounds_in_alternation(exported):
-    """Every (subject, length) whose prompt ended on a segment boundary is measured in each
-    round: the segments and decoded tokens asked for (a fold among them), decoding from a
-    position that changes with the round, ratios to the first length and to torch; the peers have no restorable state and are left out."""
+    """Every (subject, length) whose prompt ended on a segment boundary, and the empty
+    context (length 0), is measured in each round: the segments and decoded tokens asked for
+    (a fold among them), decoding from a position that changes with the round, ratios to the
+    first length and to torch; the peers have no restorable state and are left out."""
     ckpt, out = exported(TINY)
     settings = BenchSettings(lengths=(N, 2 * N, 3 * N + 1), batch=2, decode_tokens=2,
                              isolate=False, threads=1, calibrate_s=0.1, rounds=3,
@@ -311,7 +343,7 @@ def test_bench_rounds_in_alternation(exported):
     torch_rounds, ort_rounds, full = (s["interleaved"] for s in report["subjects"])
     assert full is None
     for rounds in (torch_rounds, ort_rounds):
-        assert [p["length"] for p in rounds] == [N, 2 * N]
+        assert [p["length"] for p in rounds] == [0, N, 2 * N]
         for p in rounds:
             assert p["segment_ms"]["count"] == 3 * 2
             assert p["decode_token_ms"]["count"] == 3 * (N + 2)

@@ -115,10 +115,11 @@ def test_bench_measures_the_peer(genai, exported, in_cache):
     assert ratios["prefill"] == pytest.approx(ours["points"][0]["prefill_tokens_per_s"]
                                               / p["prefill_tokens_per_s"])
     assert ratios["peak"] == pytest.approx(p["peak_rss_mb"] / ours["points"][0]["peak_rss_mb"])
-    (r,) = peer["interleaved"]                                   # in the rounds, like ours
-    assert r["length"] == 2 * N and r["segment_ms"]["count"] == 1
-    assert r["decode_token_ms"]["count"] == 4 and r["decode_tokens_per_s"] > 0
-    assert ours["interleaved"][0]["vs_genai"]["onnxruntime-genai"]["decode"] > 0
+    assert [r["length"] for r in peer["interleaved"]] == [0, 2 * N]   # like ours
+    for r in peer["interleaved"]:
+        assert r["segment_ms"]["count"] == 1
+        assert r["decode_token_ms"]["count"] == 4 and r["decode_tokens_per_s"] > 0
+    assert all(p["vs_genai"]["onnxruntime-genai"]["decode"] > 0 for p in ours["interleaved"])
     text = table(report)
     assert "against onnxruntime-genai" in text and "in alternation against" in text
     # the peer's weights: transformers' init from the seed, reproducible
