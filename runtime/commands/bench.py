@@ -53,7 +53,8 @@ def _names(text: str) -> list[str]:
                    "peers (open together) and the lengths, each with an fp32 matmul of the "
                    "machine: per backend and length --round-segments segments and "
                    "--round-decode-tokens tokens from the state its prompt left (the peers: "
-                   "their prompts read again, then rewound to), so that drift of a busy "
+                   "their prompts read again, then rewound to), and from an empty context "
+                   "(length 0: each segment a one-segment prompt), so that drift of a busy "
                    "machine hits every backend and length alike (0: none).")
 @click.option("--round-segments", default=4, type=click.IntRange(1),
               help="Segments prefilled per length in each round.")
