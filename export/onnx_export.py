@@ -30,7 +30,7 @@ import torch
 from infini_trt.plugins.memory_update import contract
 from infini_trt.plugins.memory_update.onnx_function import memory_update_function
 
-from . import memory_op, split_attention
+from . import memory_op, rotary, split_attention
 from .checkpoint import (copy_tokenizer, dtype_from_name, dtype_name, load_checkpoint,
                          read_checkpoint)
 from .errors import InfiniTrtError
@@ -128,12 +128,13 @@ def trace_to_onnx(module: torch.nn.Module, spec: GraphSpec, example: tuple,
                   opset: int, plugin: bool) -> onnx.ModelProto:
     """torch.onnx (dynamo) export of `module` under the I/O names and dynamic axes of `spec`."""
     context = memory_op.plugin_nodes() if plugin else contextlib.nullcontext()
-    with _quiet_exporter(), context, torch.no_grad():
+    with _quiet_exporter(), context, rotary.rotation_nodes(opset), torch.no_grad():
         program = torch.onnx.export(
             module, example, dynamo=True, opset_version=opset, optimize=True,
             input_names=spec.input_names, output_names=spec.output_names,
             dynamic_shapes=_grouped(spec.torch_dynamic_shapes(), module), verbose=False,
-            custom_translation_table=split_attention.translation())
+            custom_translation_table={**split_attention.translation(),
+                                      **rotary.translation()})
     return program.model_proto
 
 
