@@ -62,6 +62,18 @@ def run_isolated(fn, *args):
         raise
     finally:
         pool.shutdown(wait=not interrupted, cancel_futures=True)
+        if interrupted:
+            _join_manager(pool)
+
+
+def _join_manager(pool, timeout: float = 2.0) -> None:
+    """Wait, briefly, for the pool's manager thread to end once its workers are killed. As it
+    ends it closes a wake-up pipe that concurrent.futures' exit hook writes to; the two raced
+    at the interpreter's exit after a Ctrl-C, which printed "OSError: [Errno 9] Bad file
+    descriptor" with a traceback (once in a ci-local run, Python 3.11.7)."""
+    thread = getattr(pool, "_executor_manager_thread", None)
+    if thread is not None:
+        thread.join(timeout)
 
 
 def _kill_workers(pool) -> None:

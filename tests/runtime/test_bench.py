@@ -260,6 +260,36 @@ def test_isolated_worker_dies_with_its_parent():
     assert _isolated(death_signal) == signal.SIGTERM
 
 
+def _sleep(seconds):
+    import time
+
+    time.sleep(seconds)
+
+
+def test_interrupted_isolated_run_leaves_no_pool_thread():
+    """Ctrl-C while the worker runs: the worker is killed and the pool's manager thread has
+    ended before run_isolated re-raises, so the interpreter's exit hook finds no pipe being
+    closed under it (the race printed a traceback after a Ctrl-C of bench)."""
+    import signal
+    import threading
+
+    from infini_trt.runtime.isolate import run_isolated as _isolated
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 3.0)           # the worker is running by then
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _isolated(_sleep, 60)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    managers = [t for t in threading.enumerate() if "ExecutorManager" in type(t).__name__]
+    assert not managers, managers
+
+
 def test_bench_isolated_subject(exported):
     """Each subject in its own process: the report comes back the same way."""
     ckpt, _ = exported(TINY)
