@@ -61,19 +61,15 @@ def run_isolated(fn, *args):
         _kill_workers(pool)
         raise
     finally:
+        manager = getattr(pool, "_executor_manager_thread", None)   # shutdown forgets it
         pool.shutdown(wait=not interrupted, cancel_futures=True)
-        if interrupted:
-            _join_manager(pool)
-
-
-def _join_manager(pool, timeout: float = 2.0) -> None:
-    """Wait, briefly, for the pool's manager thread to end once its workers are killed. As it
-    ends it closes a wake-up pipe that concurrent.futures' exit hook writes to; the two raced
-    at the interpreter's exit after a Ctrl-C, which printed "OSError: [Errno 9] Bad file
-    descriptor" with a traceback (once in a ci-local run, Python 3.11.7)."""
-    thread = getattr(pool, "_executor_manager_thread", None)
-    if thread is not None:
-        thread.join(timeout)
+        if interrupted and manager is not None:
+            # Wait, briefly, for the pool's manager thread to end now that its worker is
+            # killed. As it ends it closes a wake-up pipe that concurrent.futures' exit hook
+            # writes to; the two raced at the interpreter's exit after a Ctrl-C, which printed
+            # "OSError: [Errno 9] Bad file descriptor" with a traceback (once in a ci-local
+            # run, Python 3.11.7).
+            manager.join(2.0)
 
 
 def _kill_workers(pool) -> None:

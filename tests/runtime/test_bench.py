@@ -278,6 +278,10 @@ def test_interrupted_isolated_run_leaves_no_pool_thread():
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
+    def managers():                         # other tests' pools may be alive: only new ones
+        return {t for t in threading.enumerate() if "ExecutorManager" in type(t).__name__}
+
+    before = managers()
     previous = signal.signal(signal.SIGALRM, interrupt)
     signal.setitimer(signal.ITIMER_REAL, 3.0)           # the worker is running by then
     try:
@@ -286,8 +290,8 @@ def test_interrupted_isolated_run_leaves_no_pool_thread():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    managers = [t for t in threading.enumerate() if "ExecutorManager" in type(t).__name__]
-    assert not managers, managers
+    left = managers() - before
+    assert not left, left
 
 
 def test_bench_isolated_subject(exported):
