@@ -80,17 +80,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
     return x * cos + rotated * sin
 
 
-def rotate_at(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-              style: str, scale: float = 1.0) -> torch.Tensor:
+def rotate_at(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str,
+              scale: float = 1.0, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate x (B, H, S, hd) to `positions` (B, S), rows of the tables cos, sin (P, hd), and
-    scale it. One RotaryEmbedding node in a graph exported at opset 23 or later
-    (export/rotary.py)."""
+    scale it; without `positions` the tables' rows are positions 0 .. S-1. One
+    RotaryEmbedding node in a graph exported at opset 23 or later (export/rotary.py)."""
     if rotary.emitting():
-        return rotary.rotary(x, cos * scale, sin * scale, positions, style != "half")
-    cos_at, sin_at = cos[positions][:, None], sin[positions][:, None]     # (B, 1, S, hd)
+        if positions is None:
+            b, _, s, _ = x.shape
+            positions = torch.arange(s, device=x.device)[None].expand(b, s)
+        cos, sin = (cos * scale, sin * scale) if scale != 1.0 else (cos, sin)
+        return rotary.rotary(x, cos, sin, positions, style != "half")
+    if positions is not None:
+        cos, sin = cos[positions][:, None], sin[positions][:, None]       # (B, 1, S, hd)
     if scale != 1.0:
-        cos_at, sin_at = cos_at * scale, sin_at * scale
-    return apply_rope(x, cos_at, sin_at, style)
+        cos, sin = cos * scale, sin * scale
+    return apply_rope(x, cos, sin, style)
 
 
 def expand_kv(t: torch.Tensor, group: int) -> torch.Tensor:
@@ -199,14 +204,8 @@ class Attention(nn.Module):
         q, k, v = self.project(x)
         cos, sin = rope
         scale = self.cfg.head_dim ** -0.5                 # in the tables: no pass over q
-        if rotary.emitting():
-            b, _, s, _ = q.shape
-            positions = torch.arange(s, device=x.device)[None].expand(b, s)
-            q_rot = rotate_at(q, cos, sin, positions, style, scale)
-            k_rot = rotate_at(k, cos, sin, positions, style)
-        else:
-            q_rot = apply_rope(q, cos * scale, sin * scale, style)
-            k_rot = apply_rope(k, cos, sin, style)
+        q_rot = rotate_at(q, cos, sin, style, scale)
+        k_rot = rotate_at(k, cos, sin, style)
         a_dot = causal_attention(q_rot, k_rot, v, group)                     # eq 6
         return self.combine(q, a_dot, memory, norm), k, v
 
@@ -232,12 +231,12 @@ class Attention(nn.Module):
         cos, sin = rope
         positions = (start[:, None] + torch.arange(s, device=x.device)).clamp(
             max=cfg.segment_len - 1)
-        k_new = rotate_at(k, cos, sin, positions, style)                    # (B, Hkv, S, hd)
+        k_new = rotate_at(k, cos, sin, style, positions=positions)          # (B, Hkv, S, hd)
         # scaled in the tables: with a Mul on q, ONNX Runtime fuses the scale into the matmul
         # over the cached keys (com.microsoft FusedMatMul), which reads the caches slower than
         # a plain MatMul with one query row per head
         # (docs/design.md#the-query-scale-in-the-rotation-tables)
-        q_rot = rotate_at(q, cos, sin, positions, style, hd ** -0.5)
+        q_rot = rotate_at(q, cos, sin, style, hd ** -0.5, positions)
         q_rot = q_rot.reshape(b, hkv, group * s, hd)                       # grouped by KV head
         old = torch.arange(n, device=x.device)[None, :] < start[:, None]    # (B, N)
         new_token = torch.arange(s, device=x.device)

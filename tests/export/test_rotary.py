@@ -26,7 +26,7 @@ class _Rotations(torch.nn.Module):
         out = []
         for style in ("half", "interleaved"):
             cos, sin = rope_tables(0, 64, x.shape[-1], 10000.0, style, x.dtype, x.device)
-            out.append(rotate_at(x, cos, sin, positions, style, 0.25))
+            out.append(rotate_at(x, cos, sin, style, 0.25, positions))
         return tuple(out)
 
 
