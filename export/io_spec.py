@@ -13,6 +13,11 @@ from typing import Any
 from .config import InfiniConfig
 
 SEGMENT, PREFILL, EXTEND, FOLD = "segment", "prefill", "extend", "fold"
+# how the decoding graphs attend to the caches (`export --decode-attention`): "portable", plain
+# ONNX ops over caches the runner writes (every runtime); "gqa", one com.microsoft
+# GroupQueryAttention per layer over caches it writes in place (ONNX Runtime only;
+# export/cached_attention.py)
+DECODE_ATTENTIONS = ("portable", "gqa")
 
 
 @dataclass(frozen=True)
@@ -90,17 +95,24 @@ def _state(cfg: InfiniConfig):
 
 
 def _cache(cfg: InfiniConfig, dtype: str, layer: int | None = None,
-           slots: int | str | None = None):
+           slots: int | str | None = None, attention: str = "portable", out: str = ""):
     """The decoding caches (`empty_caches` of runtime/kv_cache.py): all layers, or one layer's
-    slice; `slots` of them (default: the whole segment)."""
+    slice; `slots` of them (default: the whole segment). With the "gqa" decode attention the
+    keys are in the values' layout (one row per slot), and `out` suffixes the names (the
+    graph's outputs of the same caches, written in place)."""
     lead = (cfg.n_layers, "batch") if layer is None else ("batch",)
     suffix = "" if layer is None else f"_{layer}"
     n, hd = cfg.segment_len if slots is None else slots, cfg.head_dim
-    return (TensorSpec(f"k_cache{suffix}", dtype, (*lead, cfg.n_kv_heads, hd, n),
-                       "keys of the current segment, rotated at their position (RoPE), "
-                       "transposed: one column per slot"),
-            TensorSpec(f"v_cache{suffix}", dtype, (*lead, cfg.n_kv_heads, n, hd),
-                       "values of the current segment, one row per slot"))
+    if attention == "gqa":
+        key = TensorSpec(f"k_cache{out}{suffix}", dtype, (*lead, cfg.n_kv_heads, n, hd),
+                         "keys of the current segment, rotated at their position (RoPE), "
+                         "one row per slot")
+    else:
+        key = TensorSpec(f"k_cache{out}{suffix}", dtype, (*lead, cfg.n_kv_heads, hd, n),
+                         "keys of the current segment, rotated at their position (RoPE), "
+                         "transposed: one column per slot")
+    return (key, TensorSpec(f"v_cache{out}{suffix}", dtype, (*lead, cfg.n_kv_heads, n, hd),
+                            "values of the current segment, one row per slot"))
 
 
 def segment_graph(cfg: InfiniConfig) -> GraphSpec:
@@ -131,7 +143,7 @@ def prefill_graph(cfg: InfiniConfig) -> GraphSpec:
         axes=segment.axes, state=segment.state)
 
 
-def extend_graph(cfg: InfiniConfig, dtype: str) -> GraphSpec:
+def extend_graph(cfg: InfiniConfig, dtype: str, attention: str = "portable") -> GraphSpec:
     """Decoding: continue the current segment from the caches (`InfiniLM.extend`):
     (input_ids, start, logit_rows, memory, norm, k_cache_0 .. k_cache_{L-1},
     v_cache_0 .. v_cache_{L-1}) -> (logits, k_new, v_new). `logit_rows` names the tokens
@@ -142,33 +154,57 @@ def extend_graph(cfg: InfiniConfig, dtype: str) -> GraphSpec:
     returns the new tokens' rows, which the runner writes in place (`write_cache`). The
     caches hold the first `window` slots of the segment (at least the largest `start`: the
     slots the tokens read), so that a token early in a segment does not read the whole
-    segment's cache. They are in the graph's compute `dtype`; memory and norm are only read."""
+    segment's cache. They are in the graph's compute `dtype`; memory and norm are only read.
+
+    attention="gqa" (`InfiniLM.extend_in_place`, ONNX Runtime only): (input_ids, start,
+    length, logit_rows, memory_i.., norm_i.., k_cache_i.., v_cache_i..) -> (logits,
+    k_cache_out_i.., v_cache_out_i..): each layer's memory and norm are inputs of their own;
+    the caches hold the whole segment, keys and values (batch, Hkv, N, hd), and each layer's
+    outputs are its caches with the first `length` tokens written, which a runner binds to
+    the buffers of the inputs (the kernel writes them in place)."""
     memory, norm = _state(cfg)
-    caches = [_cache(cfg, dtype, i, slots="window") for i in range(cfg.n_layers)]
-    rows = (cfg.n_layers, "batch", cfg.n_kv_heads, "seq", cfg.head_dim)
+    fused = attention == "gqa"
+    slots = cfg.segment_len if fused else "window"
+    state = (TensorSpec(*memory), TensorSpec(*norm))
+    if fused:          # each layer's its own input: a runner binds slices (a Split copies them)
+        state = (*(TensorSpec(f"{memory[0]}_{i}", "float32", memory[2][1:],
+                              f"{memory[3]} {i}") for i in range(cfg.n_layers)),
+                 *(TensorSpec(f"{norm[0]}_{i}", "float32", norm[2][1:], f"{norm[3]} {i}")
+                   for i in range(cfg.n_layers)))
+    caches = [_cache(cfg, dtype, i, slots, attention) for i in range(cfg.n_layers)]
+    if fused:
+        outs = [_cache(cfg, dtype, i, slots, attention, "_out") for i in range(cfg.n_layers)]
+        written = (*(k for k, _ in outs), *(v for _, v in outs))
+        length = (TensorSpec("length", "int64", ("batch",),
+                             "how many of the tokens are real (the rest: padding)"),)
+    else:
+        rows = (cfg.n_layers, "batch", cfg.n_kv_heads, "seq", cfg.head_dim)
+        written = (TensorSpec("k_new", dtype, rows, "the new tokens' keys, rotated"),
+                   TensorSpec("v_new", dtype, rows, "the new tokens' values"))
+        length = ()
+    axes = {"batch": (1, None), "seq": (1, cfg.segment_len), "rows": (1, cfg.segment_len)}
     return GraphSpec(
         name=EXTEND,
         inputs=(TensorSpec("input_ids", "int64", ("batch", "seq"),
                            "tokens at segment positions start .. start+seq-1"),
                 TensorSpec("start", "int64", ("batch",), "segment position of the first token"),
+                *length,
                 TensorSpec("logit_rows", "int64", ("batch", "rows"),
                            "the tokens (0 .. seq-1) whose logits are returned"),
-                TensorSpec(*memory), TensorSpec(*norm),
-                *(k for k, _ in caches), *(v for _, v in caches)),
+                *state, *(k for k, _ in caches), *(v for _, v in caches)),
         outputs=(TensorSpec("logits", "float32", ("batch", "rows", cfg.vocab_size),
                             "next-token logits after each token of logit_rows"),
-                 TensorSpec("k_new", dtype, rows, "the new tokens' keys, rotated"),
-                 TensorSpec("v_new", dtype, rows, "the new tokens' values")),
-        axes={"batch": (1, None), "seq": (1, cfg.segment_len), "rows": (1, cfg.segment_len),
-              "window": (1, cfg.segment_len)},
+                 *written),
+        axes=axes if fused else {**axes, "window": (1, cfg.segment_len)},
     )
 
 
-def fold_graph(cfg: InfiniConfig, dtype: str) -> GraphSpec:
+def fold_graph(cfg: InfiniConfig, dtype: str, attention: str = "portable") -> GraphSpec:
     """Decoding: write the full segments held in the caches into memory where `fold` is true
-    (`InfiniLM.fold_cache`): (k_cache, v_cache, memory, norm, fold) -> (memory_out, norm_out)."""
+    (`InfiniLM.fold_cache`): (k_cache, v_cache, memory, norm, fold) -> (memory_out, norm_out).
+    The caches are in the layout of `attention`'s decoding graph (`extend_graph`)."""
     memory, norm = _state(cfg)
-    k_cache, v_cache = _cache(cfg, dtype)
+    k_cache, v_cache = _cache(cfg, dtype, attention=attention)
     return GraphSpec(
         name=FOLD,
         inputs=(k_cache, v_cache, TensorSpec(*memory), TensorSpec(*norm),

@@ -47,6 +47,7 @@ class Manifest:
     versions: dict[str, Any] = field(default_factory=dict)
     engines: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None   # export/quantize.py: int8 weights (ORT only)
+    decode_attention: str = "portable"           # io_spec.DECODE_ATTENTIONS ("gqa": ORT only)
 
     @property
     def precision(self) -> str:
@@ -83,7 +84,8 @@ class Manifest:
                 "config": self.config.to_dict(), "dtype": self.dtype,
                 "memory_op": self.memory_op, "opset": self.opset, "plugin": self.plugin,
                 "tokenizer": self.tokenizer, "source": self.source, "graphs": self.graphs,
-                "engines": self.engines, "quantization": self.quantization}
+                "engines": self.engines, "quantization": self.quantization,
+                "decode_attention": self.decode_attention}
         return {**data, CONTENT_HASH: content_hash(data)}
 
     def write(self, directory: Path | None = None) -> Path:
@@ -140,7 +142,8 @@ def read_manifest(path: str | Path) -> Manifest:
                             opset=data["opset"], graphs=data["graphs"], plugin=data["plugin"],
                             tokenizer=data.get("tokenizer"), source=data.get("source", {}),
                             versions=data.get("versions", {}), engines=data.get("engines", {}),
-                            quantization=data.get("quantization"))
+                            quantization=data.get("quantization"),
+                            decode_attention=data.get("decode_attention", "portable"))
     except KeyError as exc:
         raise InfiniTrtError(f"{file}: missing field {exc}") from None
     except InfiniTrtError as exc:

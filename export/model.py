@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import memory_op, reference, rotary
+from .cached_attention import cached_attention
 from .config import InfiniConfig
 from .split_attention import QUERY_BLOCKS
 
@@ -254,6 +255,28 @@ class Attention(nn.Module):
         a_dot = a_dot.reshape(b, h, s, hd)
         return self.combine(q, a_dot, memory, norm), k_new, v
 
+    def extend_in_place(self, x: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
+                        rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, start: torch.Tensor, length: torch.Tensor):
+        """`extend` for the ONNX Runtime-only decoding graph (export/cached_attention.py):
+        k_cache and v_cache (B, Hkv, N, hd), the rotated keys and values of slots < start;
+        of the tokens x (B, S, d), the first length[b] are real. The local attention is one
+        op that writes the real tokens' rows into the caches and reads them there.
+
+        Returns (out (B, S, d), k_cache_out, v_cache_out): the caches with the rows written."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        q, k, v = self.qkv_proj(x)                                   # (B, S, H*hd), ...
+        cos, sin = rope
+        positions = (start[:, None] + torch.arange(s, device=x.device)).clamp(
+            max=cfg.segment_len - 1)
+        a_dot, k_cache, v_cache = cached_attention(
+            q, k, v, k_cache, v_cache, start, length, positions, cos, sin, cfg.n_heads,
+            cfg.n_kv_heads, cfg.rope_style == "interleaved", cfg.head_dim ** -0.5)
+        a_dot = a_dot.view(b, s, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        q = q.view(b, s, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        return self.combine(q, a_dot, memory, norm), k_cache, v_cache
+
 
 class MLP(nn.Module):
     """Gated feed-forward: down(act(gate(x)) * up(x))."""
@@ -293,6 +316,14 @@ class Block(nn.Module):
                                            v_cache, start)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), k_new, v_new
+
+    def extend_in_place(self, x, memory, norm, rope, k_cache, v_cache, start, length):
+        """Continue a segment from caches that the attention writes -> (x, k_cache_out,
+        v_cache_out); see `Attention.extend_in_place`."""
+        a, k_cache, v_cache = self.attn.extend_in_place(self.attn_norm(x), memory, norm, rope,
+                                                        k_cache, v_cache, start, length)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
 
 
 class InfiniLM(nn.Module):
@@ -350,6 +381,15 @@ class InfiniLM(nn.Module):
                      v_cache: torch.Tensor, start: torch.Tensor):
         """Layer i continuing a segment from its caches -> (x, k_new, v_new); see `extend`."""
         return self.layers[i].extend(x, memory, norm, rope, k_cache, v_cache, start)
+
+    def layer_extend_in_place(self, i: int, x: torch.Tensor, memory: torch.Tensor,
+                              norm: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                              k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
+                              length: torch.Tensor):
+        """Layer i continuing a segment from caches it writes -> (x, k_cache_out,
+        v_cache_out); see `extend_in_place`."""
+        return self.layers[i].extend_in_place(x, memory, norm, rope, k_cache, v_cache, start,
+                                              length)
 
     def layer_fold(self, i: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    memory: torch.Tensor, norm: torch.Tensor, fold: torch.Tensor,
@@ -415,6 +455,24 @@ class InfiniLM(nn.Module):
             v_out.append(v)
         return (self.head_logits(x, rows=logit_rows), torch.stack(k_out),
                 torch.stack(v_out))
+
+    def extend_in_place(self, input_ids: torch.Tensor, start: torch.Tensor,
+                        length: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
+                        k_caches, v_caches, logit_rows: torch.Tensor | None = None):
+        """`extend` as the ONNX Runtime-only decoding graph computes it
+        (export/cached_attention.py): k_caches and v_caches per layer (B, Hkv, N, hd), both
+        in the values' layout; of input_ids (B, S) the first length[b] are real.
+        -> (logits, k_caches_out, v_caches_out): the caches (lists, per layer) with the real
+        tokens' rotated keys and values written at their positions."""
+        x = self.embed(input_ids)
+        rope = self.rope(self.cfg.segment_len, x.dtype, x.device)
+        k_out, v_out = [], []
+        for i in range(self.cfg.n_layers):
+            x, k, v = self.layer_extend_in_place(i, x, memory[i], norm[i], rope, k_caches[i],
+                                                 v_caches[i], start, length)
+            k_out.append(k)
+            v_out.append(v)
+        return self.head_logits(x, rows=logit_rows), k_out, v_out
 
     def fold_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, memory: torch.Tensor,
                    norm: torch.Tensor, fold: torch.Tensor):

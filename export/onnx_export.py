@@ -30,13 +30,13 @@ import torch
 from infini_trt.plugins.memory_update import contract
 from infini_trt.plugins.memory_update.onnx_function import memory_update_function
 
-from . import memory_op, rotary, split_attention
+from . import cached_attention, memory_op, rotary, split_attention
 from .checkpoint import (copy_tokenizer, dtype_from_name, dtype_name, load_checkpoint,
                          read_checkpoint)
 from .errors import InfiniTrtError
 from .files import atomic_dir, check_output, sha256_file
-from .io_spec import (EXTEND, FOLD, PREFILL, SEGMENT, GraphSpec, extend_graph, fold_graph,
-                      prefill_graph, segment_graph)
+from .io_spec import (DECODE_ATTENTIONS, EXTEND, FOLD, PREFILL, SEGMENT, GraphSpec,
+                      extend_graph, fold_graph, prefill_graph, segment_graph)
 from .manifest import Manifest, package_version
 from .model import InfiniLM
 from .quantize import check_method as check_quantize, quantization_record, quantize_graphs
@@ -88,6 +88,35 @@ class FoldStep(SegmentStep):
         return self.model.fold_cache(k_cache, v_cache, memory, norm, fold)
 
 
+class ExtendInPlaceStep(SegmentStep):
+    """forward = InfiniLM.extend_in_place (the "gqa" decode attention), one cache input and
+    one cache output per layer."""
+
+    fixed_args = 4            # input_ids, start, length, logit_rows; then memory_i, norm_i,
+    #                           k_cache_i, v_cache_i of every layer
+
+    def forward(self, input_ids, start, length, logit_rows, *per_layer):
+        layers = self.model.cfg.n_layers
+        memory, norm, k_caches, v_caches = (per_layer[i * layers:(i + 1) * layers]
+                                            for i in range(4))
+        logits, k_out, v_out = self.model.extend_in_place(
+            input_ids, start, length, torch.stack(memory), torch.stack(norm), k_caches,
+            v_caches, logit_rows)
+        return (logits.float(), *k_out, *v_out)
+
+
+class FoldRowsStep(SegmentStep):
+    """FoldStep over caches whose keys are in the values' layout (the "gqa" decode
+    attention's)."""
+
+    def forward(self, k_cache, v_cache, memory, norm, fold):
+        return self.model.fold_cache(k_cache.transpose(-1, -2), v_cache, memory, norm, fold)
+
+
+# the "gqa" decode attention's wrappers of the decoding graphs
+IN_PLACE_WRAPPERS = {EXTEND: ExtendInPlaceStep, FOLD: FoldRowsStep}
+
+
 # graph name -> (module wrapping the model, file name, description)
 GRAPHS = {
     SEGMENT: (SegmentStep, "model.onnx",
@@ -134,7 +163,8 @@ def trace_to_onnx(module: torch.nn.Module, spec: GraphSpec, example: tuple,
             input_names=spec.input_names, output_names=spec.output_names,
             dynamic_shapes=_grouped(spec.torch_dynamic_shapes(), module), verbose=False,
             custom_translation_table={**split_attention.translation(),
-                                      **rotary.translation()})
+                                      **rotary.translation(),
+                                      **cached_attention.translation()})
     return program.model_proto
 
 
@@ -373,7 +403,7 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
                  log: Callable[[str], None] = lambda s: None,
                  graphs: tuple[str, ...] = (SEGMENT, PREFILL, EXTEND, FOLD),
                  quantize: str | None = None, inputs: tuple = (),
-                 method: str = "stamp") -> Manifest:
+                 method: str = "stamp", decode_attention: str = "portable") -> Manifest:
     """Export `model` (already in its export dtype) into the directory `output`: the segment
     graph, the prompt-reading graph (prefill) and the decoding graphs (extend, fold), or those
     of them that `graphs` names.
@@ -381,7 +411,11 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
     tokenizer) are refused as the output.
     `method`: "stamp" traces each distinct piece once and repeats the layer per layer
     (export/stamp.py); "trace" traces every graph whole (the reference the stamped graphs are
-    tested against)."""
+    tested against).
+    `decode_attention`: io_spec.DECODE_ATTENTIONS; "gqa" writes the decoding graphs for ONNX
+    Runtime only (export/cached_attention.py)."""
+    if decode_attention not in DECODE_ATTENTIONS:
+        raise InfiniTrtError(f"--decode-attention must be one of {', '.join(DECODE_ATTENTIONS)}")
     if memory_op_mode not in MEMORY_OPS:
         raise InfiniTrtError(f"--memory-op must be one of {', '.join(MEMORY_OPS)}")
     if opset not in OPSETS:
@@ -397,8 +431,9 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
     plugin = memory_op_mode == "plugin"
     if cfg.segment_len < 2:
         raise InfiniTrtError("segment_len must be at least 2 to export")
-    specs = [spec for spec in (segment_graph(cfg), prefill_graph(cfg), extend_graph(cfg, dtype),
-                               fold_graph(cfg, dtype)) if spec.name in graphs]
+    specs = [spec for spec in (segment_graph(cfg), prefill_graph(cfg),
+                               extend_graph(cfg, dtype, decode_attention),
+                               fold_graph(cfg, dtype, decode_attention)) if spec.name in graphs]
     sizes = {"batch": 2, "seq": min(3, cfg.segment_len), "rows": 2, "window": cfg.segment_len}
     graphs = {}
     sources = (*inputs, *([tokenizer] if tokenizer is not None else []))
@@ -411,13 +446,15 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
 
             log(f"exporting {cfg.n_layers} layers, {dtype}, opset {opset}")
             templates = stamp.trace_templates(model, [s.name for s in specs], sizes, opset,
-                                              plugin, log)
+                                              plugin, log, decode_attention)
             weights = stamp.weight_tensors(model, weights_file)
         for spec in specs:
             wrapper, file, doc = GRAPHS[spec.name]
+            if decode_attention == "gqa":
+                wrapper = IN_PLACE_WRAPPERS.get(spec.name, wrapper)
             if method == "stamp":
                 log(f"stamping the {spec.name} graph")
-                proto = stamp.assemble(spec, templates, weights, cfg, log)
+                proto = stamp.assemble(spec, templates, weights, cfg, log, decode_attention)
             else:
                 log(f"tracing the {spec.name} graph ({cfg.n_layers} layers, {dtype}, "
                     f"opset {opset})")
@@ -442,7 +479,8 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
             source=source or {},
             versions={name: package_version(name) for name in
                       ("infini-trt", "torch", "onnx", "onnxscript")},
-            quantization=quantization_record(quantize) if quantize else None)
+            quantization=quantization_record(quantize) if quantize else None,
+            decode_attention=decode_attention)
         manifest.write(tmp)
     return manifest
 
@@ -450,9 +488,11 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
 def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | None = None,
                       memory_op_mode: str = "plugin", opset: int = 20, force: bool = False,
                       log: Callable[[str], None] = lambda s: None,
-                      quantize: str | None = None) -> Manifest:
+                      quantize: str | None = None,
+                      decode_attention: str = "portable") -> Manifest:
     """Load a native checkpoint, cast it to `dtype` (default: its own) and export it
-    (`quantize="int8"`: with int8 weights, for ONNX Runtime)."""
+    (`quantize="int8"`: with int8 weights, for ONNX Runtime; `decode_attention="gqa"`: the
+    decoding graphs for ONNX Runtime only)."""
     check_output(output, "dir", force, inputs=(checkpoint,))       # before the long work
     ckpt = read_checkpoint(checkpoint)
     model = load_checkpoint(checkpoint)
@@ -462,4 +502,5 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | N
     source = {"checkpoint": str(ckpt.path.resolve()), "weights_sha256": sha256_file(weights),
               "checkpoint_dtype": dtype_name(ckpt.dtype)}
     return export_model(model, output, memory_op_mode, opset, force, source,
-                        ckpt.tokenizer_path, log, quantize=quantize, inputs=(ckpt.path,))
+                        ckpt.tokenizer_path, log, quantize=quantize, inputs=(ckpt.path,),
+                        decode_attention=decode_attention)

@@ -47,6 +47,7 @@ from .weights_file import INLINE_BYTES, WeightsFile
 
 HEAD, TAIL = "head", "tail"
 LAYER_STEP, LAYER_EXTEND, LAYER_FOLD = "layer_step", "layer_extend", "layer_fold"
+LAYER_EXTEND_GQA, LAYER_FOLD_GQA = "layer_extend_gqa", "layer_fold_gqa"
 TEMPLATE_LAYER = 0                # the layer whose module each layer template is traced from
 SEPARATOR = "__"                  # <template>__<name>: a template's I/O and axes in the trace
 ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
@@ -82,13 +83,32 @@ def _layer_fold(model: InfiniLM, k_cache, v_cache, memory, norm, fold):
     return model.layer_fold(TEMPLATE_LAYER, k_cache, v_cache, memory, norm, fold, rope)
 
 
+def _layer_extend_gqa(model: InfiniLM, x, start, length, memory, norm, k_cache, v_cache):
+    rope = model.rope(model.cfg.segment_len, x.dtype, x.device)        # constants, unscaled
+    return model.layer_extend_in_place(TEMPLATE_LAYER, x, memory, norm, rope, k_cache,
+                                       v_cache, start, length)
+
+
+def _layer_fold_gqa(model: InfiniLM, k_cache, v_cache, memory, norm, fold):
+    """The fold of caches whose keys are in the values' layout (one row per slot)."""
+    return _layer_fold(model, k_cache.transpose(-1, -2), v_cache, memory, norm, fold)
+
+
 # template name -> (the function it traces, whether its weights are one layer's)
 TEMPLATES: dict[str, tuple[Callable, bool]] = {
     HEAD: (_head, False), TAIL: (_tail, False), LAYER_STEP: (_layer_step, True),
-    LAYER_EXTEND: (_layer_extend, True), LAYER_FOLD: (_layer_fold, True)}
+    LAYER_EXTEND: (_layer_extend, True), LAYER_FOLD: (_layer_fold, True),
+    LAYER_EXTEND_GQA: (_layer_extend_gqa, True), LAYER_FOLD_GQA: (_layer_fold_gqa, True)}
 # graph -> the layer template it repeats (the segment-like ones have HEAD and TAIL around it)
 LAYER_TEMPLATE = {"segment": LAYER_STEP, "prefill": LAYER_STEP, EXTEND: LAYER_EXTEND,
                   FOLD: LAYER_FOLD}
+# the decoding graphs' layer templates with the "gqa" decode attention (cached_attention.py)
+LAYER_TEMPLATE_GQA = {**LAYER_TEMPLATE, EXTEND: LAYER_EXTEND_GQA, FOLD: LAYER_FOLD_GQA}
+
+
+def layer_template_name(graph: str, attention: str = "portable") -> str:
+    """The layer template that `graph` repeats, for the decode attention `attention`."""
+    return (LAYER_TEMPLATE_GQA if attention == "gqa" else LAYER_TEMPLATE)[graph]
 
 
 def _activations(name: str, cfg: InfiniConfig, dtype: str):
@@ -117,6 +137,15 @@ def _activations(name: str, cfg: InfiniConfig, dtype: str):
                  TensorSpec("k_cache", dtype, ("batch", h, hd, "window")),
                  TensorSpec("v_cache", dtype, ("batch", h, "window", hd))),
                 (x_out, rows, TensorSpec("v_new", dtype, rows.dims)))
+    if name in (LAYER_EXTEND_GQA, LAYER_FOLD_GQA):      # both caches (batch, h, n, hd)
+        k_cache, v_cache = (TensorSpec(f"{c}_cache", dtype, ("batch", h, n, hd)) for c in "kv")
+        if name == LAYER_FOLD_GQA:
+            return ((k_cache, v_cache, memory, norm, TensorSpec("fold", "bool", ("batch",))),
+                    (memory_out, norm_out))
+        return ((x, TensorSpec("start", "int64", ("batch",)),
+                 TensorSpec("length", "int64", ("batch",)), memory, norm, k_cache, v_cache),
+                (x_out, TensorSpec("k_cache_out", dtype, k_cache.dims),
+                 TensorSpec("v_cache_out", dtype, v_cache.dims)))
     return ((TensorSpec("k_cache", dtype, ("batch", h, hd, n)),
              TensorSpec("v_cache", dtype, ("batch", h, n, hd)), memory, norm,
              TensorSpec("fold", "bool", ("batch",))), (memory_out, norm_out))
@@ -175,11 +204,11 @@ class Template:
         return f"{self.name}{SEPARATOR}{name}"
 
 
-def templates_for(graphs: Iterable[str]) -> list[str]:
+def templates_for(graphs: Iterable[str], attention: str = "portable") -> list[str]:
     """The templates that the given graphs are made of, each once, in TEMPLATES' order."""
     wanted = set()
     for graph in graphs:
-        wanted.add(LAYER_TEMPLATE[graph])
+        wanted.add(layer_template_name(graph, attention))
         if graph != FOLD:
             wanted.update((HEAD, TAIL))
     return [t for t in TEMPLATES if t in wanted]
@@ -196,17 +225,18 @@ def _own_axes(template: str, specs: Iterable[TensorSpec]) -> tuple[TensorSpec, .
 
 # traced in a forked child while this process traces the others (export/forked.py): the
 # templates of the decoding step cost about as much to trace as all the others together
-TRACED_APART = (LAYER_EXTEND,)
+TRACED_APART = (LAYER_EXTEND, LAYER_EXTEND_GQA)
 
 
 def trace_templates(model: InfiniLM, graphs: Iterable[str], sizes: dict[str, int],
                     opset: int, plugin: bool,
-                    log: Callable[[str], None] = lambda s: None) -> dict[str, Template]:
+                    log: Callable[[str], None] = lambda s: None,
+                    attention: str = "portable") -> dict[str, Template]:
     """Every template that `graphs` need, traced once: those of TRACED_APART by
     `trace_to_onnx` in a forked child process (on a second core), the others together in
     this one; or taken from the template cache, where an export of this shape traced them
     before (export/template_cache.py)."""
-    names = templates_for(graphs)
+    names = templates_for(graphs, attention)
     entry = None
     if template_cache.enabled():
         entry = template_cache.key({
@@ -520,12 +550,14 @@ def _to_layer(node: onnx.NodeProto, layer: int) -> None:
 # ------------------------------------------------------------------------------ the graphs
 def assemble(spec: GraphSpec, templates: dict[str, Template],
              weights: dict[str, onnx.TensorProto], cfg: InfiniConfig,
-             log: Callable[[str], None] = lambda s: None) -> onnx.ModelProto:
+             log: Callable[[str], None] = lambda s: None,
+             attention: str = "portable") -> onnx.ModelProto:
     """The graph `spec` (segment, prefill, extend, fold) from its templates: the head, one
     stamp of the layer template per layer, the tail, and the frame around them."""
     graph = Assembly(spec, weights)
     layers = cfg.n_layers
-    layer_template = templates[LAYER_TEMPLATE[spec.name]]
+    layer_template = templates[layer_template_name(spec.name, attention)]
+    in_place = spec.name == EXTEND and attention == "gqa"
     if spec.name == FOLD:
         memories, norms = [], []
         for i in range(layers):
@@ -546,16 +578,21 @@ def assemble(spec: GraphSpec, templates: dict[str, Template],
     x = head["x"]
     states: tuple[list[str], list[str]] = ([], [])
     for i in range(layers):
-        wired = {"x": x, "memory": graph.layer_slice("memory", i),
-                 "norm": graph.layer_slice("norm", i)}
+        wired = {"x": x} if in_place else {"x": x, "memory": graph.layer_slice("memory", i),
+                                           "norm": graph.layer_slice("norm", i)}
+        outputs = {}
         if spec.name == EXTEND:
             wired.update(start="start", k_cache=f"k_cache_{i}", v_cache=f"v_cache_{i}")
             carried = ("k_new", "v_new")
         else:
             wired.update(cos=head["cos"], sin=head["sin"])
             carried = ("memory_out", "norm_out")
-        out = graph.stamp(layer_template, wired, dict.fromkeys(("x_out", *carried)),
-                          f"layers.{i}/", i)
+        if in_place:              # each layer's state and caches are graph I/O of their own
+            wired.update(length="length", memory=f"memory_{i}", norm=f"norm_{i}")
+            carried = ()
+            outputs = {f"{c}_cache_out": f"{c}_cache_out_{i}" for c in "kv"}
+        out = graph.stamp(layer_template, wired, {"x_out": None, **dict.fromkeys(carried),
+                                                  **outputs}, f"layers.{i}/", i)
         x = out["x_out"]
         for values, name in zip(states, carried):
             values.append(out[name])
@@ -566,6 +603,6 @@ def assemble(spec: GraphSpec, templates: dict[str, Template],
     else:                                           # logits, or last_logits for prefill
         logits = spec.outputs[0].name
         graph.stamp(templates[TAIL], {"x": x}, {logits: logits}, "tail/")
-    for values, output in zip(states, spec.output_names[1:]):
+    for values, output in zip(states, spec.output_names[1:] if not in_place else ()):
         graph.stack(values, output)
     return graph.model(spec, layer_template.ir_version)

@@ -84,6 +84,12 @@ class ArraySpace:
             return np.empty(shape, dtype=dtype)
         return t.empty(shape, dtype=getattr(t, dtype), device=self.device)
 
+    def mask(self, mask: np.ndarray):
+        """A boolean numpy mask as this space indexes its arrays with."""
+        if self._torch is None:
+            return mask
+        return self._torch.from_numpy(mask).to(self.device)
+
     @staticmethod
     def strided(flat, shape: tuple, strides: tuple):
         """A view of the flat array `flat` with `shape` and `strides` counted in elements."""

@@ -265,6 +265,11 @@ def build_engines(export_dir: str | Path, settings: BuildSettings, engine: str |
         raise EngineError(f"{manifest.path} holds {manifest.precision} weights for ONNX Runtime "
                           f"(export --quantize); build engines from an export without "
                           f"--quantize (TensorRT takes fp32, fp16 or bf16)")
+    if manifest.decode_attention != "portable":
+        # GroupQueryAttention is an ONNX Runtime contrib op too
+        raise EngineError(f"{manifest.path} decodes with ONNX Runtime's GroupQueryAttention "
+                          f"(export --decode-attention {manifest.decode_attention}); build "
+                          f"engines from an export with --decode-attention portable")
     trt = import_backend(settings.backend)
     version = trt.__version__
     cc, gpu_name = resolve_target(trt, settings)

@@ -59,6 +59,32 @@ def write_cache(k_cache, v_cache, k_new, v_new, start, length) -> None:
             v_cache[:, b, :, s:s + n] = v_new[:, b, :, :n]
 
 
+def in_place_pieces(start: np.ndarray, length: np.ndarray, seq: int,
+                    segment_len: int) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """How to run `seq` token columns through the in-place extend graph (cached_attention.py)
+    -> [(first column, width, start, length)] per call.
+
+    ONNX Runtime's GroupQueryAttention wants every row's padded chunk to fit in the caches:
+    P + width <= segment_len, P being the slots before the row's chunk (start; at least 1,
+    also for a row with no real token in the call, which reads one slot and writes none).
+    One call where that holds (decoding, a prompt's segment); otherwise the columns go in
+    pieces, each as wide as the rows still reading allow (rows whose real tokens are done
+    are given start 0: P = 1), so a row near its segment's end beside a long prompt costs one
+    more call, not a bigger cache."""
+    pieces, first = [], 0
+    while first < seq:
+        left = np.clip(length - first, 0, None)
+        reading = left > 0
+        if first and not reading.any():        # the rest is padding
+            break
+        room = np.where(reading, segment_len - (start + first), segment_len - 1)
+        width = max(1, min(seq - first, int(room.min())))
+        pieces.append((first, width, np.where(reading, start + first, 0).astype(np.int64),
+                       np.minimum(left, width).astype(np.int64)))
+        first += width
+    return pieces
+
+
 class DecodeCaches:
     """The decoding state of a graph runner (ONNX Runtime, TensorRT): the K/V caches of the
     current segment (`empty_caches` layout), the buffers the extend graph writes the new
@@ -71,35 +97,59 @@ class DecodeCaches:
     when the window changes (every max(64, segment_len/16) tokens) the slots in use are moved
     to the new layout through a one-layer scratch buffer. Nothing is allocated after the first
     call; at window N the buffer is the whole (L, B, Hkv, ., .) cache that the fold graph takes.
+
+    In place (the "gqa" decode attention's extend graph, export/cached_attention.py): the keys
+    are stored in the values' layout, (L, B, Hkv, N, hd), the graph's inputs and outputs are
+    the same whole-segment buffers (its kernel writes the new rows and reads only the slots in
+    use), and nothing is written here. `k` is then a transposed view, so that rows are read
+    and written (`Runner.read_row`) in the `empty_caches` layout whatever the storage.
     """
 
     def __init__(self, cfg: InfiniConfig, batch: int, dtype: str, space: ArraySpace,
-                 windowed: bool = True):
+                 windowed: bool = True, in_place: bool = False):
         """`dtype`: a numpy name ("float32", "float16"); `space`: where the buffers live."""
         self._dims = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim)
-        self.segment_len, self.windowed, self.space = cfg.segment_len, windowed, space
+        self.segment_len, self.space = cfg.segment_len, space
+        self.windowed, self.in_place = windowed and not in_place, in_place
         size = int(np.prod(self._dims)) * cfg.segment_len
         self._flat = [space.zeros(size, dtype) for _ in "kv"]
-        self._scratch = space.empty(size // cfg.n_layers, dtype)
-        self._rows = [space.empty(size, dtype) for _ in "kv"]
+        if not in_place:
+            self._scratch = space.empty(size // cfg.n_layers, dtype)
+            self._rows = [space.empty(size, dtype) for _ in "kv"]
         self._layout(cfg.segment_len)
 
     @classmethod
     def for_graph(cls, spec, cfg: InfiniConfig, batch: int, space: ArraySpace):
-        """Caches for the extend graph `spec` (its cache dtype; windowed if it has the axis)."""
+        """Caches for the extend graph `spec` (its cache dtype; windowed if it has the axis;
+        in place if it takes the tokens' `length`)."""
         cache = spec.input("k_cache_0")
-        return cls(cfg, batch, cache.dtype, space, windowed=isinstance(cache.dims[-1], str))
+        return cls(cfg, batch, cache.dtype, space, windowed=isinstance(cache.dims[-1], str),
+                   in_place="length" in spec.input_names)
 
     def _layout(self, window: int) -> None:
         """k (L, B, Hkv, hd, window) and v (L, B, Hkv, window, hd) over the flat buffers; each
-        layer's slice (the extend graph's input) is contiguous."""
+        layer's slice (the extend graph's input) is contiguous (in place: v's layout for both,
+        k a transposed view of it)."""
         layers, batch, heads, hd = self._dims
         stride = batch * heads * hd * self.segment_len           # one layer, at any window
         self.window = window
+        rows = (layers, batch, heads, window, hd)
+        row_strides = (stride, heads * window * hd, window * hd, hd, 1)
+        self.v = self.space.strided(self._flat[1], rows, row_strides)
+        if self.in_place:
+            stored = self.space.strided(self._flat[0], rows, row_strides)
+            self.k = self.space.strided(self._flat[0], (layers, batch, heads, hd, window),
+                                        (*row_strides[:3], 1, hd))
+            self.fold_inputs = {"k_cache": stored, "v_cache": self.v}
+            self.inputs = {**{f"k_cache_{i}": stored[i] for i in range(layers)},
+                           **{f"v_cache_{i}": self.v[i] for i in range(layers)}}
+            self._written = {f"{name}_out{key[len(name):]}": array
+                             for key, array in self.inputs.items()
+                             for name in ("k_cache", "v_cache") if key.startswith(name)}
+            return
         self.k = self.space.strided(self._flat[0], (layers, batch, heads, hd, window),
                                     (stride, heads * hd * window, hd * window, window, 1))
-        self.v = self.space.strided(self._flat[1], (layers, batch, heads, window, hd),
-                                    (stride, heads * window * hd, window * hd, hd, 1))
+        self.fold_inputs = {"k_cache": self.k, "v_cache": self.v}
         self.inputs = {**{f"k_cache_{i}": self.k[i] for i in range(layers)},
                        **{f"v_cache_{i}": self.v[i] for i in range(layers)}}
 
@@ -132,7 +182,11 @@ class DecodeCaches:
         return self.k, self.v
 
     def new_rows(self, seq: int) -> dict:
-        """{"k_new", "v_new"}: (L, B, Hkv, seq, hd) views at fixed addresses."""
+        """The extend graph's outputs besides the logits: {"k_new", "v_new"}, (L, B, Hkv, seq,
+        hd) views at fixed addresses; in place, the caches themselves ({"k_cache_out_i": the
+        input k_cache_i's buffer, ...})."""
+        if self.in_place:
+            return self._written
         layers, batch, heads, hd = self._dims
         shape = (layers, batch, heads, seq, hd)
         size = int(np.prod(shape))
@@ -142,6 +196,8 @@ class DecodeCaches:
     def write(self, rows: dict, start: np.ndarray,
               length: np.ndarray) -> None:
         """Put the new rows (`new_rows`) into the caches, the window grown (never made
-        smaller) to hold them."""
+        smaller) to hold them (in place: the graph wrote them)."""
+        if self.in_place:
+            return
         self.slots(int((start + length).max()))
         write_cache(self.k, self.v, rows["k_new"], rows["v_new"], start, length)

@@ -29,8 +29,9 @@ def tiny_model(tiny_cfg):
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """exported(cfg, seed=0, dtype=torch.float32, memory_op="plugin", graphs=all, opset=20)
-    -> (checkpoint_dir, export_dir) of a random model, exported once per session."""
+    """exported(cfg, seed=0, dtype=torch.float32, memory_op="plugin", graphs=all, opset=20,
+    decode_attention="portable") -> (checkpoint_dir, export_dir) of a random model, exported
+    once per session."""
     from infini_trt.export import save_checkpoint
     from infini_trt.export.files import sha256_file
     from infini_trt.export.onnx_export import export_model
@@ -38,15 +39,17 @@ def exported(tmp_path_factory):
     made = {}
 
     def make(cfg, seed=0, dtype=torch.float32, memory_op="plugin",
-             graphs=("segment", "prefill", "extend", "fold"), opset=20):
-        key = (cfg, seed, dtype, memory_op, opset)
+             graphs=("segment", "prefill", "extend", "fold"), opset=20,
+             decode_attention="portable"):
+        key = (cfg, seed, dtype, memory_op, opset, decode_attention)
         if key not in made or not set(graphs) <= made[key][0]:   # reuse a superset export
             root = tmp_path_factory.mktemp("exported")
             model = random_model(cfg, seed=seed, dtype=dtype)
             save_checkpoint(model, root / "ckpt")
             weights = sha256_file(root / "ckpt" / "model.safetensors")
             export_model(model, root / "onnx", memory_op_mode=memory_op, graphs=tuple(graphs),
-                         opset=opset, source={"checkpoint": str(root / "ckpt"), "weights_sha256": weights})
+                         opset=opset, decode_attention=decode_attention,
+                         source={"checkpoint": str(root / "ckpt"), "weights_sha256": weights})
             made[key] = (set(graphs), (root / "ckpt", root / "onnx"))
         return made[key][1]
 

@@ -36,7 +36,7 @@ from infini_trt.export.manifest import read_manifest
 
 from ..arrays import ArraySpace, address, copy_into, dtype_name, load_into, to_host
 from ..artifacts import verify_export
-from ..kv_cache import DecodeCaches
+from ..kv_cache import DecodeCaches, in_place_pieces
 from .base import Runner
 from .ort_weights import SharedWeights
 
@@ -171,6 +171,13 @@ class OrtRunner(Runner):
             raise InfiniTrtError("onnxruntime's CPU provider has no bfloat16 kernels; export "
                                  "with --dtype fp32 or fp16 for onnxruntime on the CPU, or run "
                                  "this export with --backend tensorrt")
+        if self.manifest.decode_attention == "gqa" and self.device != "cpu":
+            # its GroupQueryAttention on CUDA takes fp16 and bf16 only: an fp32 node would run
+            # on the CPU, away from the caches it writes in place
+            raise InfiniTrtError(f"{export_dir} decodes with GroupQueryAttention over caches "
+                                 f"written in place, made for ONNX Runtime's CPU provider; "
+                                 f"run it with --device cpu, or export with "
+                                 f"--decode-attention portable for CUDA")
         self.space = ArraySpace(self.device)          # numpy on the CPU, torch on CUDA
         self.weights = SharedWeights(share_weights, self.device)
         self.sessions: dict = {}
@@ -231,6 +238,7 @@ class OrtRunner(Runner):
         self.ids = space.zeros(batch * cfg.segment_len, "int64")
         self.logit_rows = space.zeros(batch * cfg.segment_len, "int64")
         self.start = space.zeros(batch, "int64")
+        self.length = space.zeros(batch, "int64")
         self.fold_mask = space.zeros(batch, "bool")
 
     def _state_tensors(self) -> tuple:
@@ -298,17 +306,41 @@ class OrtRunner(Runner):
         """Each layer's cache slice is bound as its own input (no copy); the graph returns the
         new tokens' keys and values, written into the caches here, and the logits of the
         tokens `rows`. `release`: shrink the arena after the call (default: for more than one
-        token)."""
-        caches = self._caches().reading(start)
+        token). The in-place graph (the "gqa" decode attention) writes the rows itself, in
+        one call or in pieces of columns (`in_place_pieces`)."""
+        release = ids.shape[1] > 1 if release is None else release
+        caches = self._caches()
+        if not caches.in_place:
+            return self._extend_call(ids, start, length, rows, release)
+        pieces = in_place_pieces(start, length, ids.shape[1], self.config.segment_len)
+        if len(pieces) == 1:
+            return self._extend_call(ids, *pieces[0][2:], rows, release)
+        logits = self._logits(rows.shape)
+        for first, width, piece_start, piece_length in pieces:
+            got = self._extend_call(ids[:, first:first + width], piece_start, piece_length,
+                                    np.clip(rows - first, 0, width - 1), release)
+            inside = (rows >= first) & (rows < first + width)
+            logits[self.space.mask(inside)] = got[self.space.mask(inside)]
+        return logits
+
+    def _extend_call(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray,
+                     rows: np.ndarray, release: bool):
+        """One call of the extend graph."""
+        caches = self.caches.reading(start)
         new = self.caches.new_rows(ids.shape[1])
         logits = self._logits(rows.shape)
+        memory, norm = self.memory[self.current], self.norm[self.current]
+        if self.caches.in_place:          # each layer's state bound apart (no copy)
+            state = {"length": load_into(self.length, length),
+                     **{f"memory_{i}": memory[i] for i in range(len(memory))},
+                     **{f"norm_{i}": norm[i] for i in range(len(norm))}}
+        else:
+            state = {"memory": memory, "norm": norm}
         self._run(EXTEND,
                   {"input_ids": load_into(self.ids, ids), "start": load_into(self.start, start),
-                   "logit_rows": load_into(self.logit_rows, rows),
-                   "memory": self.memory[self.current], "norm": self.norm[self.current],
-                   **caches},
-                  {"logits": logits, **new},
-                  release=ids.shape[1] > 1 if release is None else release)
+                   "logit_rows": load_into(self.logit_rows, np.ascontiguousarray(rows)),
+                   **state, **caches},
+                  {"logits": logits, **new}, release=release)
         self.caches.write(new, start, length)
         return logits
 
@@ -318,7 +350,7 @@ class OrtRunner(Runner):
         self.caches.fit(self.config.segment_len)          # the whole segment
         cur, nxt = self.current, 1 - self.current
         self._run(FOLD,
-                  {"k_cache": self.caches.k, "v_cache": self.caches.v, "memory": self.memory[cur],
+                  {**self.caches.fold_inputs, "memory": self.memory[cur],
                    "norm": self.norm[cur], "fold": load_into(self.fold_mask, mask)},
                   {"memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
         self.current = nxt

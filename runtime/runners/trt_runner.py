@@ -288,7 +288,7 @@ class TrtRunner(Runner):
             self.caches.fit(self.config.segment_len)      # the whole segment
             self.fold_mask.copy_(torch.from_numpy(mask))
             self.graph_engine(FOLD).run(
-                {"k_cache": self.caches.k, "v_cache": self.caches.v, "memory": self.memory[cur],
+                {**self.caches.fold_inputs, "memory": self.memory[cur],
                  "norm": self.norm[cur], "fold": self.fold_mask},
                 {"memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
         self.current = nxt

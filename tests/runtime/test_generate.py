@@ -40,12 +40,15 @@ def teacher_forced_decode(runner, sequences, prompt_lengths):
     return [np.stack(o) for o in out]
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend,attention", [("torch", "portable"), ("onnxruntime", "portable"),
+                                               ("onnxruntime", "gqa")])
 @pytest.mark.parametrize("rule", ["linear", "delta"])
-def test_prefill_and_decode_equal_the_sequence_forward(exported, backend, rule):
+def test_prefill_and_decode_equal_the_sequence_forward(exported, backend, attention, rule):
     """Prompts inside one segment, ending exactly at a boundary, and across many segments,
-    batched together, each continued token by token over more segment boundaries."""
-    ckpt, out = exported(TINY.replace(update_rule=rule))
+    batched together, each continued token by token over more segment boundaries (rows of
+    other lengths padded, finished rows idle); with both decode attentions of ONNX Runtime
+    (gqa: GroupQueryAttention writing the caches in place)."""
+    ckpt, out = exported(TINY.replace(update_rule=rule), decode_attention=attention)
     rng = np.random.default_rng(5)
     prompt_lengths = [5, N, 3 * N + 7, 2 * N]
     sequences = [rng.integers(0, 256, p + 2 * N + 3) for p in prompt_lengths]
