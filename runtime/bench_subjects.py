@@ -99,7 +99,7 @@ def resolve(name: str, model: Path, log: Callable[[str], None], seed: int = 0,
     from infini_trt.export.manifest import is_export_dir, read_manifest
 
     from .artifacts import source_checkpoint
-    from .export_cache import cached_export, cached_quantized
+    from .export_cache import cached_export, cached_quantized, export_settings
 
     backend, _, variant = name.partition(":")
     check_name(name)
@@ -127,8 +127,9 @@ def resolve(name: str, model: Path, log: Callable[[str], None], seed: int = 0,
             return Subject(name, "tensorrt", status="skipped",
                            reason="TensorRT runs on a CUDA GPU and none was found")
         return Subject(name, "tensorrt", str(model if export else cached_export(model, log=log)))
-    if not export:                                   # one cached export for each method
-        directory = cached_export(model, dtype="float32", log=log, quantize=variant or None)
+    if not export:            # one cached export for each method, ONNX Runtime's fastest
+        directory = cached_export(model, dtype="float32", log=log, quantize=variant or None,
+                                  **export_settings("onnxruntime"))
         return Subject(name, "onnxruntime", str(directory), variant or "float32")
     manifest = read_manifest(model)
     if manifest.quantization and manifest.precision != variant:

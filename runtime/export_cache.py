@@ -27,14 +27,15 @@ def _key(parts: dict) -> str:
 
 
 def export_key(checkpoint: Path, dtype: str | None, memory_op: str, opset: int,
-               quantize: str | None = None) -> str:
+               quantize: str | None = None, decode_attention: str = "portable") -> str:
     from infini_trt.export.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
     from .artifacts import file_sha256
 
     return _key({"weights": file_sha256(checkpoint / WEIGHTS_FILE),
                  "config": file_sha256(checkpoint / CONFIG_FILE), "dtype": dtype,
-                 "memory_op": memory_op, "opset": opset, "quantize": quantize})
+                 "memory_op": memory_op, "opset": opset, "quantize": quantize,
+                 "decode_attention": decode_attention})
 
 
 @contextlib.contextmanager
@@ -81,7 +82,7 @@ def cached(kind: str, key: str, make: Callable[[Path], object], what: str,
 
 def cached_export(checkpoint: str | Path, dtype: str | None = None, memory_op: str = "plugin",
                   opset: int = 20, log: Callable[[str], None] | None = None,
-                  quantize: str | None = None) -> Path:
+                  quantize: str | None = None, decode_attention: str = "portable") -> Path:
     """The export directory of `checkpoint` (with `quantize`: its quantized export), exporting
     it first if the cache has none. What the export says goes to `log`, by default stderr
     (stdout may be a command's JSON)."""
@@ -89,11 +90,34 @@ def cached_export(checkpoint: str | Path, dtype: str | None = None, memory_op: s
     from infini_trt.export.onnx_export import export_checkpoint
 
     ckpt = read_checkpoint(checkpoint)
-    key = export_key(ckpt.path, dtype, memory_op, opset, quantize)
+    key = export_key(ckpt.path, dtype, memory_op, opset, quantize, decode_attention)
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     return cached("exports", key, lambda target: export_checkpoint(
         ckpt.path, target, dtype=dtype, memory_op_mode=memory_op, opset=opset, force=True,
-        log=say, quantize=quantize), f"exporting {ckpt.path}", say)
+        log=say, quantize=quantize, decode_attention=decode_attention),
+        f"exporting {ckpt.path}", say)
+
+
+# what a checkpoint is exported with when it is to run on ONNX Runtime's CPU provider: each
+# rotation as one RotaryEmbedding node (opset 23) and GroupQueryAttention in the decoding
+# graph, both ONNX Runtime's fastest (docs/design.md); for TensorRT, and for ONNX Runtime on
+# CUDA (whose GroupQueryAttention takes fp16 and bf16 only), the portable graphs at opset 20
+ORT_CPU_EXPORT = {"opset": 23, "decode_attention": "gqa"}
+
+
+def export_settings(backend: str, device: str | None = None) -> dict:
+    """The `cached_export` settings for running on `backend` (and `device`, for
+    onnxruntime: CUDA where it has it, as its runner picks)."""
+    if backend != "onnxruntime":
+        return {}
+    if device != "cpu":
+        try:
+            import onnxruntime
+        except ImportError:
+            return {}                        # the runner says what to install
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            return {}
+    return dict(ORT_CPU_EXPORT)
 
 
 def cached_quantized(export_dir: str | Path, method: str,

@@ -76,7 +76,9 @@ def bench(model: str, backends: str, peers: str, peer_source: str | None, length
     """Prefill tokens/s, segment latency p50/p95/p99, time to first token, decode tokens/s
     and peak RSS of MODEL on each backend and of its peers, against context length.
 
-    MODEL is a native checkpoint or an export directory. Figures are set against the
+    MODEL is a native checkpoint or an export directory (a checkpoint is exported for
+    onnxruntime with its CPU graphs: opset 23 and --decode-attention gqa; for tensorrt with
+    the portable ones; each export cached). Figures are set against the
     machine's fp32 matmul rate and memory bandwidth, measured in the same run, and against
     PyTorch eager; the report names the CPU and its instruction sets. Every option is checked
     before anything is measured."""

@@ -66,13 +66,14 @@ def _export_and_check(model: str, backend: str, check: bool) -> str:
     quick parity check of its segment graph with the float64 reference of the checkpoint."""
     from infini_trt.export.errors import InfiniTrtError
     from infini_trt.export.manifest import is_export_dir, read_manifest
-    from infini_trt.runtime.export_cache import cached_export
+    from infini_trt.runtime.export_cache import cached_export, export_settings
     from infini_trt.runtime.validate import validate_export
 
     if is_export_dir(model):
         export_dir, checkpoint = model, read_manifest(model).source_checkpoint
     else:
-        export_dir, checkpoint = str(cached_export(model, log=click.echo)), model
+        export_dir = str(cached_export(model, log=click.echo, **export_settings(backend)))
+        checkpoint = model
     if not check or backend != "onnxruntime":
         return export_dir
     if checkpoint is None:

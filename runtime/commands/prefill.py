@@ -42,7 +42,7 @@ def prefill(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...],
     if len(texts) != 1:
         raise InputError(f"a context holds one sequence; give one prompt (got {len(texts)})")
     context = read_context(state, model) if state else None
-    with open_runner(prepare(model, backend), backend, device=device) as runner:
+    with open_runner(prepare(model, backend, device=device), backend, device=device) as runner:
         runner.load_graphs()
         session = Session(runner)
         if context is not None:

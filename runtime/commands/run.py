@@ -80,7 +80,7 @@ def run(model: str, prompts: tuple[str, ...], prompt_files: tuple[str, ...], bac
                          seed=seed, eos_id=tokenizer.eos_id if eos else None, stop=stops)
     stream = not as_json and len(token_lists) == 1
     tails = [context.text_tail if context and len(t) == 0 else [] for t in token_lists]
-    with open_runner(prepare(model, backend), backend, device=device, **options) as runner:
+    with open_runner(prepare(model, backend, device=device), backend, device=device, **options) as runner:
         runner.load_graphs()                               # timings: of the work alone
         session = Session(runner, len(token_lists))
         for row in range(session.batch if context else 0):

@@ -52,7 +52,7 @@ def score(model: str, token_file: str, backend: str, device: str | None,
         click.echo(f"writing {tokens.size:,} x {vocab:,} float32 logits ({format_bytes(size)}) "
                    f"to {logits_out}", err=True)
     context = read_context(state, model) if state else None       # before any work
-    with open_runner(prepare(model, backend), backend, device=device, **options) as runner:
+    with open_runner(prepare(model, backend, device=device), backend, device=device, **options) as runner:
         session = Session(runner, tokens.shape[0])
         for row in range(session.batch if context else 0):
             session.load(row, context)

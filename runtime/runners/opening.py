@@ -25,9 +25,10 @@ def _check(model: Path, backend: str) -> None:
 
 
 def prepare(model: str | Path, backend: str, dtype: str | None = None,
-            log: Callable[[str], None] | None = None) -> Path:
+            log: Callable[[str], None] | None = None, device: str | None = None) -> Path:
     """What `open_runner` needs to open `model` on `backend`, made first where it is not there:
-    a checkpoint's export for onnxruntime and tensorrt (kept in the export cache), and for
+    a checkpoint's export for onnxruntime and tensorrt (kept in the export cache; for
+    onnxruntime on the CPU its fastest graphs, `export_cache.export_settings`), and for
     tensorrt engines for this GPU when the export has none. What is made is said to `log`
     (stderr by default: stdout may be a command's JSON). -> the path to open."""
     from infini_trt.export.manifest import is_export_dir, read_manifest
@@ -38,9 +39,9 @@ def prepare(model: str | Path, backend: str, dtype: str | None = None,
         return path
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if not is_export_dir(path):
-        from infini_trt.runtime.export_cache import cached_export
+        from infini_trt.runtime.export_cache import cached_export, export_settings
 
-        path = cached_export(path, dtype=dtype, log=say)
+        path = cached_export(path, dtype=dtype, log=say, **export_settings(backend, device))
     if backend == "tensorrt" and not read_manifest(path).engines:
         from infini_trt.runtime.engine import BuildSettings, build_engines
 
@@ -87,5 +88,5 @@ def load(model: str | Path, backend: str = "onnxruntime", device: str | None = N
          dtype: str | None = None, log: Callable[[str], None] | None = None,
          **options) -> Runner:
     """`prepare` then `open_runner`: a checkpoint or an export directory, ready to run."""
-    return open_runner(prepare(model, backend, dtype, log), backend, device=device,
+    return open_runner(prepare(model, backend, dtype, log, device), backend, device=device,
                        dtype=dtype if backend == "torch" else None, **options)

@@ -118,7 +118,7 @@ def open_service(model: str | Path | None = None, backend: str = "onnxruntime",
     template = ChatTemplate.of(model)
     settings = Settings(model_name=model.resolve().name, max_prompt_tokens=max_prompt_tokens,
                         max_new_tokens=max_new_tokens)
-    prepared = prepare(model, backend, log=log)
+    prepared = prepare(model, backend, log=log, device=device)
     # the decoding runner is never given a whole segment (the reader reads those), so on ONNX
     # Runtime it needs no prefill session: the process holds one pre-packed copy of the
     # weights fewer
