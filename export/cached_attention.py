@@ -84,6 +84,8 @@ def group_query_attention(q, k, v, k_cache, v_cache, start, length, positions, c
     from onnxscript import ir, opset18 as op
     from onnxscript.values import Op, Opset
 
+    from .rotary import angle_caches
+
     attention = Op(Opset(MS_DOMAIN, 1), "GroupQueryAttention", _schema())
     int32 = ir.DataType.INT32
     seq = op.Shape(positions, start=1, end=2)                             # (1,) int64
@@ -91,11 +93,7 @@ def group_query_attention(q, k, v, k_cache, v_cache, start, length, positions, c
     # nothing, nothing is written) but GroupQueryAttention wants T >= 1
     seqlens = op.Max(op.Sub(op.Add(start, length), _ints(1)), _ints(0))
     total = op.Max(op.Add(op.ReduceMax(seqlens, keepdims=1), _ints(1)), seq)  # >= S
-    half = int(cos.shape[1]) // 2
-    if interleaved:                          # entries 0, 2, 4, ... of each row
-        caches = [op.Slice(t, _ints(0), _ints(2 * half), _ints(1), _ints(2)) for t in (cos, sin)]
-    else:                                    # the first half of each row
-        caches = [op.Slice(t, _ints(0), _ints(half), _ints(1)) for t in (cos, sin)]
+    caches = angle_caches(cos, sin, interleaved)
     outputs = attention(
         q, k, v, k_cache, v_cache, op.Cast(seqlens, to=int32),
         op.Cast(op.Squeeze(total, _ints(0)), to=int32), *caches, positions,

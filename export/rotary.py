@@ -60,16 +60,23 @@ def rotary_embedding(x, cos, sin, positions, interleaved: bool):
     distinct angles, (P, hd/2), are RotaryEmbedding's caches."""
     from onnxscript import opset23 as op
 
-    half = int(x.shape[3]) // 2
+    return op.RotaryEmbedding(x, *angle_caches(cos, sin, interleaved), positions,
+                              interleaved=int(interleaved))
+
+
+def angle_caches(cos, sin, interleaved: bool) -> list:
+    """ONNX ops: the distinct angles of the model's tables cos, sin (P, hd) (each angle is
+    there twice), (P, hd/2): the cos/sin caches of ONNX's and ONNX Runtime's rotary ops."""
+    from onnxscript import opset18 as op
+
+    half = int(cos.shape[1]) // 2
     if interleaved:                          # entries 0, 2, 4, ... of each row
-        caches = [op.Slice(t, _ints(0), _ints(2 * half), _ints(1), _ints(2)) for t in (cos, sin)]
-    else:                                    # the first half of each row
-        caches = [op.Slice(t, _ints(0), _ints(half), _ints(1)) for t in (cos, sin)]
-    return op.RotaryEmbedding(x, *caches, positions, interleaved=int(interleaved))
+        return [op.Slice(t, _ints(0), _ints(2 * half), _ints(1), _ints(2)) for t in (cos, sin)]
+    return [op.Slice(t, _ints(0), _ints(half), _ints(1)) for t in (cos, sin)]   # first half
 
 
 def _ints(*values: int):
-    from onnxscript import ir, opset23 as op
+    from onnxscript import ir, opset18 as op      # (angle_caches is written below opset 23 too)
 
     return op.Constant(value=ir.tensor(list(values), dtype=ir.DataType.INT64))
 

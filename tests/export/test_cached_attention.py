@@ -178,3 +178,15 @@ def test_export_refuses_an_unknown_decode_attention(tmp_path):
     with pytest.raises(InfiniTrtError, match="decode-attention"):
         export_model(random_model(TINY, dtype=torch.float32), tmp_path / "out",
                      decode_attention="fused")
+
+
+def test_onnxruntime_on_cuda_refuses_a_gqa_export(exported, monkeypatch):
+    """ONNX Runtime's CUDA GroupQueryAttention takes fp16 and bf16 only: an fp32 node would
+    run on the CPU, away from the caches it writes in place. The runner says so at once."""
+    import infini_trt.runtime.runners.ort_runner as ort_runner
+
+    _, out = exported(TINY, decode_attention="gqa")
+    monkeypatch.setattr(ort_runner, "providers_for",
+                        lambda ort, device: (["CUDAExecutionProvider"], "cuda"))
+    with pytest.raises(InfiniTrtError, match="--decode-attention portable for CUDA"):
+        ort_runner.OrtRunner(out)
