@@ -29,12 +29,12 @@ MS_DOMAIN = "com.microsoft"
 
 
 @torch.library.custom_op("infini_trt::cached_attention", mutates_args=())
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+def cached_attention(qkv: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, start: torch.Tensor, length: torch.Tensor,
                      positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
                      kv_heads: int, interleaved: bool, scale: float
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q (B, S, H*hd), k and v (B, S, Hkv*hd): the raw projections of tokens at segment
+    """qkv (B, S, (H + 2 Hkv) hd): q, k and v side by side, the raw projections of tokens at segment
     positions start (B,) + 0 .. S-1, of which the first length (B,) are real; k_cache and
     v_cache (B, Hkv, N, hd): rotated keys and values, slots < start valid; positions (B, S):
     the rows of the rotary tables cos, sin (N, hd) (the model's, unscaled) to rotate each
@@ -45,8 +45,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     Runtime)."""
     from .model import apply_rope
 
-    b, s, _ = q.shape
+    b, s, _ = qkv.shape
     hd = k_cache.shape[3]
+    q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
     style = "interleaved" if interleaved else "half"
     q = apply_rope(q.view(b, s, heads, hd).transpose(1, 2), cos[positions][:, None],
                    sin[positions][:, None], style)
@@ -71,12 +72,14 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
 
 @cached_attention.register_fake
-def _(q, k, v, k_cache, v_cache, start, length, positions, cos, sin, heads, kv_heads,
+def _(qkv, k_cache, v_cache, start, length, positions, cos, sin, heads, kv_heads,
       interleaved, scale):
-    return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
+    b, s, _ = qkv.shape
+    a_dot = qkv.new_empty((b, s, heads * k_cache.shape[3]))
+    return a_dot, torch.empty_like(k_cache), torch.empty_like(v_cache)
 
 
-def group_query_attention(q, k, v, k_cache, v_cache, start, length, positions, cos, sin,
+def group_query_attention(qkv, k_cache, v_cache, start, length, positions, cos, sin,
                           heads: int, kv_heads: int, interleaved: bool, scale: float):
     """ONNX ops (onnxscript, traced by the exporter) for `infini_trt::cached_attention`. What
     they compute from the graph's inputs (start, length, positions) is the same in every
@@ -95,7 +98,7 @@ def group_query_attention(q, k, v, k_cache, v_cache, start, length, positions, c
     total = op.Max(op.Add(op.ReduceMax(seqlens, keepdims=1), _ints(1)), seq)  # >= S
     caches = angle_caches(cos, sin, interleaved)
     outputs = attention(
-        q, k, v, k_cache, v_cache, op.Cast(seqlens, to=int32),
+        qkv, None, None, k_cache, v_cache, op.Cast(seqlens, to=int32),
         op.Cast(op.Squeeze(total, _ints(0)), to=int32), *caches, positions,
         None, None, None, None, None, None, op.Cast(length, to=int32),
         num_heads=heads, kv_num_heads=kv_heads, do_rotary=1,

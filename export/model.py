@@ -266,12 +266,15 @@ class Attention(nn.Module):
         Returns (out (B, S, d), k_cache_out, v_cache_out): the caches with the rows written."""
         cfg = self.cfg
         b, s, _ = x.shape
-        q, k, v = self.qkv_proj(x)                                   # (B, S, H*hd), ...
+        # one product for q, k and v (the op takes them packed): one GEMV a token instead
+        # of three (docs/design.md#decoding-attention-as-one-node)
+        qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        q = qkv[..., :cfg.n_heads * cfg.head_dim]
         cos, sin = rope
         positions = (start[:, None] + torch.arange(s, device=x.device)).clamp(
             max=cfg.segment_len - 1)
         a_dot, k_cache, v_cache = cached_attention(
-            q, k, v, k_cache, v_cache, start, length, positions, cos, sin, cfg.n_heads,
+            qkv, k_cache, v_cache, start, length, positions, cos, sin, cfg.n_heads,
             cfg.n_kv_heads, cfg.rope_style == "interleaved", cfg.head_dim ** -0.5)
         a_dot = a_dot.view(b, s, cfg.n_heads, cfg.head_dim).transpose(1, 2)
         q = q.view(b, s, cfg.n_heads, cfg.head_dim).transpose(1, 2)
