@@ -4,14 +4,15 @@ it writes in place (`export --decode-attention gqa`; ONNX Runtime only).
 The portable decoding graph (`Attention.extend`) reads the caches, (B, Hkv, hd, W) keys
 transposed and (B, Hkv, W, hd) values, and returns the new tokens' rows for the runner to
 write: each layer's rotations, four matmuls, two masks, a softmax and the slices around it are
-some 30 nodes, whose per-node cost is most of a decoded token's time outside the projections
-when the cache is short. In the "gqa" variant each layer's local attention is one custom op,
-`infini_trt::cached_attention`, which torch.export traces as one node and `TRANSLATION` writes
-as one `GroupQueryAttention`: raw q, k, v in, its own rotary embedding (the model's tables),
-and both caches (B, Hkv, N, hd) as past and present at once. The runner binds each layer's
-present output to the buffer of its past input, so the kernel writes the new rows in place
-(ONNX Runtime's shared past/present buffer) and reads each sequence's first start + length
-slots only, whatever N (runtime/kv_cache.py, `DecodeCaches` with the "bnsh" layout).
+some 30 nodes, whose cost, node by node, was about a tenth of a decoded token's time on
+`small` with a short cache. In the "gqa" variant each layer's local attention is one custom op,
+`infini_trt::cached_attention`, which torch.export traces as one node and `translation()`
+writes as one `GroupQueryAttention`: the raw q, k and v in, packed (one product of the
+layer's packed weight), its own rotary embedding (the model's tables), and both caches
+(B, Hkv, N, hd) as past and present at once. The runner binds each layer's present output to
+the buffer of its past input, so the kernel writes the new rows in place (ONNX Runtime's
+shared past/present buffer) and reads each sequence's first start + length slots only,
+whatever N (runtime/kv_cache.py, `DecodeCaches` in place).
 
 The memory path keeps the un-rotated queries (eq 7): only the local attention is fused.
 Semantics, checked against this op's eager value and the float64 reference

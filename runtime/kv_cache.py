@@ -136,22 +136,20 @@ class DecodeCaches:
         rows = (layers, batch, heads, window, hd)
         row_strides = (stride, heads * window * hd, window * hd, hd, 1)
         self.v = self.space.strided(self._flat[1], rows, row_strides)
-        if self.in_place:
-            stored = self.space.strided(self._flat[0], rows, row_strides)
+        if self.in_place:                 # keys stored as rows, read as columns
+            keys = self.space.strided(self._flat[0], rows, row_strides)
             self.k = self.space.strided(self._flat[0], (layers, batch, heads, hd, window),
                                         (*row_strides[:3], 1, hd))
-            self.fold_inputs = {"k_cache": stored, "v_cache": self.v}
-            self.inputs = {**{f"k_cache_{i}": stored[i] for i in range(layers)},
-                           **{f"v_cache_{i}": self.v[i] for i in range(layers)}}
-            self._written = {f"{name}_out{key[len(name):]}": array
-                             for key, array in self.inputs.items()
-                             for name in ("k_cache", "v_cache") if key.startswith(name)}
-            return
-        self.k = self.space.strided(self._flat[0], (layers, batch, heads, hd, window),
-                                    (stride, heads * hd * window, hd * window, window, 1))
-        self.fold_inputs = {"k_cache": self.k, "v_cache": self.v}
-        self.inputs = {**{f"k_cache_{i}": self.k[i] for i in range(layers)},
+        else:
+            keys = self.k = self.space.strided(
+                self._flat[0], (layers, batch, heads, hd, window),
+                (stride, heads * hd * window, hd * window, window, 1))
+        self.fold_inputs = {"k_cache": keys, "v_cache": self.v}
+        self.inputs = {**{f"k_cache_{i}": keys[i] for i in range(layers)},
                        **{f"v_cache_{i}": self.v[i] for i in range(layers)}}
+        # in place: the extend graph's cache outputs, bound to its inputs' buffers
+        self._written = {**{f"k_cache_out_{i}": keys[i] for i in range(layers)},
+                         **{f"v_cache_out_{i}": self.v[i] for i in range(layers)}}
 
     def fit(self, end: int) -> dict:
         """Make the window hold segment positions 0 .. end-1 (`end`: the largest start + length
