@@ -88,19 +88,19 @@ def group_query_attention(qkv, k_cache, v_cache, start, length, positions, cos, 
     from onnxscript import ir, opset18 as op
     from onnxscript.values import Op, Opset
 
-    from .rotary import angle_caches
+    from .rotary import angle_caches, int64s
 
     attention = Op(Opset(MS_DOMAIN, 1), "GroupQueryAttention", _schema())
     int32 = ir.DataType.INT32
     seq = op.Shape(positions, start=1, end=2)                             # (1,) int64
     # T - 1 per row, at least 0: a row of length 0 at position 0 is idle (its outputs mean
     # nothing, nothing is written) but GroupQueryAttention wants T >= 1
-    seqlens = op.Max(op.Sub(op.Add(start, length), _ints(1)), _ints(0))
-    total = op.Max(op.Add(op.ReduceMax(seqlens, keepdims=1), _ints(1)), seq)  # >= S
+    seqlens = op.Max(op.Sub(op.Add(start, length), int64s(1)), int64s(0))
+    total = op.Max(op.Add(op.ReduceMax(seqlens, keepdims=1), int64s(1)), seq)  # >= S
     caches = angle_caches(cos, sin, interleaved)
     outputs = attention(
         qkv, None, None, k_cache, v_cache, op.Cast(seqlens, to=int32),
-        op.Cast(op.Squeeze(total, _ints(0)), to=int32), *caches, positions,
+        op.Cast(op.Squeeze(total, int64s(0)), to=int32), *caches, positions,
         None, None, None, None, None, None, op.Cast(length, to=int32),
         num_heads=heads, kv_num_heads=kv_heads, do_rotary=1,
         rotary_interleaved=int(interleaved), scale=scale, _num_outputs=3)
@@ -136,12 +136,6 @@ def _schema():
                           ("M", ["tensor(int32)"], ""), ("P", ["tensor(int64)"], "")],
         attributes=[OpSchema.Attribute(name, getattr(OpSchema.AttrType, kind), "",
                                        required=False) for name, kind in _ATTRIBUTES.items()])
-
-
-def _ints(*values: int):
-    from onnxscript import ir, opset18 as op
-
-    return op.Constant(value=ir.tensor(list(values), dtype=ir.DataType.INT64))
 
 
 def translation() -> dict:

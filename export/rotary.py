@@ -71,11 +71,13 @@ def angle_caches(cos, sin, interleaved: bool) -> list:
 
     half = int(cos.shape[1]) // 2
     if interleaved:                          # entries 0, 2, 4, ... of each row
-        return [op.Slice(t, _ints(0), _ints(2 * half), _ints(1), _ints(2)) for t in (cos, sin)]
-    return [op.Slice(t, _ints(0), _ints(half), _ints(1)) for t in (cos, sin)]   # first half
+        return [op.Slice(t, int64s(0), int64s(2 * half), int64s(1), int64s(2))
+                for t in (cos, sin)]
+    return [op.Slice(t, int64s(0), int64s(half), int64s(1)) for t in (cos, sin)]   # first half
 
 
-def _ints(*values: int):
+def int64s(*values: int):
+    """ONNX ops: a constant int64 vector."""
     from onnxscript import ir, opset18 as op      # (angle_caches is written below opset 23 too)
 
     return op.Constant(value=ir.tensor(list(values), dtype=ir.DataType.INT64))

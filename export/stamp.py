@@ -578,19 +578,19 @@ def assemble(spec: GraphSpec, templates: dict[str, Template],
     x = head["x"]
     states: tuple[list[str], list[str]] = ([], [])
     for i in range(layers):
-        wired = {"x": x} if in_place else {"x": x, "memory": graph.layer_slice("memory", i),
-                                           "norm": graph.layer_slice("norm", i)}
-        outputs = {}
+        if in_place:              # each layer's state and caches are graph I/O of their own
+            wired = {"x": x, "memory": f"memory_{i}", "norm": f"norm_{i}", "length": "length"}
+            outputs = {f"{c}_cache_out": f"{c}_cache_out_{i}" for c in "kv"}
+        else:
+            wired = {"x": x, "memory": graph.layer_slice("memory", i),
+                     "norm": graph.layer_slice("norm", i)}
+            outputs = {}
         if spec.name == EXTEND:
             wired.update(start="start", k_cache=f"k_cache_{i}", v_cache=f"v_cache_{i}")
-            carried = ("k_new", "v_new")
+            carried = () if in_place else ("k_new", "v_new")
         else:
             wired.update(cos=head["cos"], sin=head["sin"])
             carried = ("memory_out", "norm_out")
-        if in_place:              # each layer's state and caches are graph I/O of their own
-            wired.update(length="length", memory=f"memory_{i}", norm=f"norm_{i}")
-            carried = ()
-            outputs = {f"{c}_cache_out": f"{c}_cache_out_{i}" for c in "kv"}
         out = graph.stamp(layer_template, wired, {"x_out": None, **dict.fromkeys(carried),
                                                   **outputs}, f"layers.{i}/", i)
         x = out["x_out"]
@@ -603,6 +603,7 @@ def assemble(spec: GraphSpec, templates: dict[str, Template],
     else:                                           # logits, or last_logits for prefill
         logits = spec.outputs[0].name
         graph.stamp(templates[TAIL], {"x": x}, {logits: logits}, "tail/")
-    for values, output in zip(states, spec.output_names[1:] if not in_place else ()):
-        graph.stack(values, output)
+    for values, output in zip(states, spec.output_names[1:]):
+        if values:                                  # (in place: the layers' own outputs)
+            graph.stack(values, output)
     return graph.model(spec, layer_template.ir_version)

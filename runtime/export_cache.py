@@ -110,14 +110,15 @@ def export_settings(backend: str, device: str | None = None) -> dict:
     onnxruntime: CUDA where it has it, as its runner picks)."""
     if backend != "onnxruntime":
         return {}
-    if device != "cpu":
-        try:
-            import onnxruntime
-        except ImportError:
-            return {}                        # the runner says what to install
-        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            return {}
-    return dict(ORT_CPU_EXPORT)
+    from infini_trt.export.errors import InfiniTrtError
+
+    from .runners.ort_runner import import_onnxruntime, providers_for
+
+    try:
+        _, runs_on = providers_for(import_onnxruntime(), device)
+    except InfiniTrtError:                   # the runner says what is missing
+        return {}
+    return dict(ORT_CPU_EXPORT) if runs_on == "cpu" else {}
 
 
 def cached_quantized(export_dir: str | Path, method: str,

@@ -149,7 +149,8 @@ class DecodeCaches:
                        **{f"v_cache_{i}": self.v[i] for i in range(layers)}}
         # in place: the extend graph's cache outputs, bound to its inputs' buffers
         self._written = {**{f"k_cache_out_{i}": keys[i] for i in range(layers)},
-                         **{f"v_cache_out_{i}": self.v[i] for i in range(layers)}}
+                         **{f"v_cache_out_{i}": self.v[i] for i in range(layers)}
+                         } if self.in_place else {}
 
     def fit(self, end: int) -> dict:
         """Make the window hold segment positions 0 .. end-1 (`end`: the largest start + length

@@ -332,8 +332,8 @@ class OrtRunner(Runner):
         for first, width, piece_start, piece_length in pieces:
             got = self._extend_call(ids[:, first:first + width], piece_start, piece_length,
                                     np.clip(rows - first, 0, width - 1), release)
-            inside = (rows >= first) & (rows < first + width)
-            logits[self.space.mask(inside)] = got[self.space.mask(inside)]
+            inside = self.space.mask((rows >= first) & (rows < first + width))
+            logits[inside] = got[inside]
         return logits
 
     def _extend_call(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray,
@@ -349,7 +349,7 @@ class OrtRunner(Runner):
             state = {"memory": self.memory[self.current], "norm": self.norm[self.current]}
         self._run(EXTEND,
                   {"input_ids": load_into(self.ids, ids), "start": load_into(self.start, start),
-                   "logit_rows": load_into(self.logit_rows, np.ascontiguousarray(rows)),
+                   "logit_rows": load_into(self.logit_rows, rows),
                    **state, **caches},
                   {"logits": logits, **new}, release=release)
         self.caches.write(new, start, length)
