@@ -94,6 +94,16 @@ def _state(cfg: InfiniConfig):
             ("norm", "float32", (L, "batch", H, dk), "normalizer z, per layer"))
 
 
+def _layer_state(cfg: InfiniConfig, layer: int, out: str = "",
+                 when: str = "") -> tuple[TensorSpec, TensorSpec]:
+    """Layer `layer`'s memory and norm (`_state` without its layer axis), named memory_i,
+    norm_i (`out`: memory_out_i, ...)."""
+    return tuple(TensorSpec(f"{name}{out}_{layer}", dtype, dims[1:],
+                            doc.removesuffix(", per layer") + f" of layer {layer}"
+                            + (f", {when}" if when else ""))
+                 for name, dtype, dims, doc in _state(cfg))
+
+
 def _cache(cfg: InfiniConfig, dtype: str, layer: int | None = None,
            slots: int | str | None = None, attention: str = "portable", out: str = ""):
     """The decoding caches (`empty_caches` of runtime/kv_cache.py): all layers, or one layer's
@@ -167,10 +177,8 @@ def extend_graph(cfg: InfiniConfig, dtype: str, attention: str = "portable") -> 
     slots = cfg.segment_len if fused else "window"
     state = (TensorSpec(*memory), TensorSpec(*norm))
     if fused:          # each layer's its own input: a runner binds slices (a Split copies them)
-        state = (*(TensorSpec(f"{memory[0]}_{i}", "float32", memory[2][1:],
-                              f"{memory[3]} {i}") for i in range(cfg.n_layers)),
-                 *(TensorSpec(f"{norm[0]}_{i}", "float32", norm[2][1:], f"{norm[3]} {i}")
-                   for i in range(cfg.n_layers)))
+        layer_states = [_layer_state(cfg, i) for i in range(cfg.n_layers)]
+        state = (*(m for m, _ in layer_states), *(z for _, z in layer_states))
     caches = [_cache(cfg, dtype, i, slots, attention) for i in range(cfg.n_layers)]
     if fused:
         outs = [_cache(cfg, dtype, i, slots, attention, "_out") for i in range(cfg.n_layers)]
@@ -202,13 +210,30 @@ def extend_graph(cfg: InfiniConfig, dtype: str, attention: str = "portable") -> 
 def fold_graph(cfg: InfiniConfig, dtype: str, attention: str = "portable") -> GraphSpec:
     """Decoding: write the full segments held in the caches into memory where `fold` is true
     (`InfiniLM.fold_cache`): (k_cache, v_cache, memory, norm, fold) -> (memory_out, norm_out).
-    The caches are in the layout of `attention`'s decoding graph (`extend_graph`)."""
+    The caches are in the layout of `attention`'s decoding graph (`extend_graph`).
+
+    attention="gqa": (k_cache_i.., v_cache_i.., memory_i.., norm_i.., fold) -> (memory_out_i..,
+    norm_out_i..): each layer's caches and state are inputs and outputs of their own, the
+    extend graph's buffers, bound as they are (stacked inputs would be split apart in the
+    graph: a copy of both caches, 32 MiB for `small`, on every fold)."""
     memory, norm = _state(cfg)
+    fold = TensorSpec("fold", "bool", ("batch",), "which sequences completed a segment")
+    if attention == "gqa":
+        per_layer = [_cache(cfg, dtype, i, attention=attention) for i in range(cfg.n_layers)]
+        states = [_layer_state(cfg, i) for i in range(cfg.n_layers)]
+        outputs = [_layer_state(cfg, i, "_out", "after the fold") for i in range(cfg.n_layers)]
+        return GraphSpec(
+            name=FOLD,
+            inputs=(*(k for k, _ in per_layer), *(v for _, v in per_layer),
+                    *(m for m, _ in states), *(z for _, z in states), fold),
+            outputs=(*(m for m, _ in outputs), *(z for _, z in outputs)),
+            axes={"batch": (1, None)},
+            state={t.name: o.name for pairs in zip(states, outputs) for t, o in zip(*pairs)},
+        )
     k_cache, v_cache = _cache(cfg, dtype, attention=attention)
     return GraphSpec(
         name=FOLD,
-        inputs=(k_cache, v_cache, TensorSpec(*memory), TensorSpec(*norm),
-                TensorSpec("fold", "bool", ("batch",), "which sequences completed a segment")),
+        inputs=(k_cache, v_cache, TensorSpec(*memory), TensorSpec(*norm), fold),
         outputs=(TensorSpec("memory_out", "float32", memory[2], "M after the fold"),
                  TensorSpec("norm_out", "float32", norm[2], "z after the fold")),
         axes={"batch": (1, None)},

@@ -106,11 +106,20 @@ class ExtendInPlaceStep(SegmentStep):
 
 
 class FoldRowsStep(SegmentStep):
-    """FoldStep over caches whose keys are in the values' layout (the "gqa" decode
-    attention's)."""
+    """FoldStep of the "gqa" decode attention: each layer's caches (keys in the values'
+    layout) and state are inputs and outputs of their own."""
 
-    def forward(self, k_cache, v_cache, memory, norm, fold):
-        return self.model.fold_cache(k_cache.transpose(-1, -2), v_cache, memory, norm, fold)
+    fixed_args = 0            # k_cache_i, v_cache_i, memory_i, norm_i of every layer; fold
+
+    def forward(self, *per_layer_and_fold):
+        layers = self.model.cfg.n_layers
+        *per_layer, fold = per_layer_and_fold
+        k_caches, v_caches, memory, norm = (per_layer[i * layers:(i + 1) * layers]
+                                            for i in range(4))
+        memory_out, norm_out = self.model.fold_cache(
+            torch.stack(k_caches).transpose(-1, -2), torch.stack(v_caches),
+            torch.stack(memory), torch.stack(norm), fold)
+        return (*memory_out.unbind(0), *norm_out.unbind(0))
 
 
 # the "gqa" decode attention's wrappers of the decoding graphs

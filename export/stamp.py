@@ -557,19 +557,25 @@ def assemble(spec: GraphSpec, templates: dict[str, Template],
     graph = Assembly(spec, weights)
     layers = cfg.n_layers
     layer_template = templates[layer_template_name(spec.name, attention)]
-    in_place = spec.name == EXTEND and attention == "gqa"
+    # the decoding graphs of the "gqa" decode attention: each layer's state and caches are
+    # graph I/O of their own
+    in_place = spec.name in (EXTEND, FOLD) and attention == "gqa"
     if spec.name == FOLD:
         memories, norms = [], []
         for i in range(layers):
-            wired = {name: graph.layer_slice(name, i) for name in
-                     ("k_cache", "v_cache", "memory", "norm")}
+            names = ("k_cache", "v_cache", "memory", "norm")
+            wired = ({name: f"{name}_{i}" for name in names} if in_place else
+                     {name: graph.layer_slice(name, i) for name in names})
             out = graph.stamp(layer_template, {**wired, "fold": "fold"},
-                              {"memory_out": None, "norm_out": None}, f"layers.{i}/", i)
+                              {"memory_out": f"memory_out_{i}" if in_place else None,
+                               "norm_out": f"norm_out_{i}" if in_place else None},
+                              f"layers.{i}/", i)
             memories.append(out["memory_out"])
             norms.append(out["norm_out"])
             log(f"  {spec.name}: layer {i + 1}/{layers} stamped")
-        graph.stack(memories, "memory_out")
-        graph.stack(norms, "norm_out")
+        if not in_place:
+            graph.stack(memories, "memory_out")
+            graph.stack(norms, "norm_out")
         return graph.model(spec, layer_template.ir_version)
 
     head_outputs = ("x", "cos", "sin") if spec.name != EXTEND else ("x",)
@@ -578,7 +584,7 @@ def assemble(spec: GraphSpec, templates: dict[str, Template],
     x = head["x"]
     states: tuple[list[str], list[str]] = ([], [])
     for i in range(layers):
-        if in_place:              # each layer's state and caches are graph I/O of their own
+        if in_place:
             wired = {"x": x, "memory": f"memory_{i}", "norm": f"norm_{i}", "length": "length"}
             outputs = {f"{c}_cache_out": f"{c}_cache_out_{i}" for c in "kv"}
         else:

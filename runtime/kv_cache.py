@@ -144,9 +144,11 @@ class DecodeCaches:
             keys = self.k = self.space.strided(
                 self._flat[0], (layers, batch, heads, hd, window),
                 (stride, heads * hd * window, hd * window, window, 1))
-        self.fold_inputs = {"k_cache": keys, "v_cache": self.v}
         self.inputs = {**{f"k_cache_{i}": keys[i] for i in range(layers)},
                        **{f"v_cache_{i}": self.v[i] for i in range(layers)}}
+        # the fold graph's: in place, each layer's (io_spec.fold_graph), else stacked
+        self.fold_inputs = self.inputs if self.in_place else {"k_cache": keys,
+                                                              "v_cache": self.v}
         # in place: the extend graph's cache outputs, bound to its inputs' buffers
         self._written = {**{f"k_cache_out_{i}": keys[i] for i in range(layers)},
                          **{f"v_cache_out_{i}": self.v[i] for i in range(layers)}

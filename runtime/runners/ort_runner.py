@@ -21,8 +21,8 @@ Whole prompt segments go through the prefill graph (`prompt_graph="prefill"`, th
 whose session holds its own pre-packed copy of the MatMul weights (ORT pre-packs per session;
 its Python API has no container to share them), or through the extend graph in chunks, then a
 fold (`prompt_graph="extend"`): then one session holds the weights (`small` at 1K, Xeon
-AVX-512, 2026-12-06, `bench`: peak RSS 415 MiB against 595, prompts 0.74x as fast in its
-rounds; docs/benchmarks.md).
+AVX-512, 2026-12-07, `bench`: peak RSS 354 MiB against onnxruntime-genai's 392 and 587 through
+the prefill graph; the first segment's prompt 0.88-0.92x the peer's; docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -187,6 +187,10 @@ class OrtRunner(Runner):
                                  f"written in place, made for ONNX Runtime's CPU provider; "
                                  f"run it with --device cpu, or export with "
                                  f"--decode-attention portable for CUDA")
+        if self.manifest.decode_attention == "gqa" and FOLD in self.manifest.graphs and \
+                "k_cache_0" not in self.manifest.graph(FOLD).input_names:
+            raise InfiniTrtError(f"{export_dir} was exported by an earlier infini-trt, whose "
+                                 f"fold graph takes the caches stacked; export it again")
         self.space = ArraySpace(self.device)          # numpy on the CPU, torch on CUDA
         self.weights = SharedWeights(share_weights, self.device)
         self.sessions: dict = {}
@@ -239,20 +243,39 @@ class OrtRunner(Runner):
 
     # state ---------------------------------------------------------------------------------
     def _reset(self, batch: int) -> None:
+        """Zero the state. The buffers of a batch of the same size before are used again: a
+        new set beside the old ones, which the bindings hold until they are re-bound, had
+        raised `bench`'s peak RSS by both caches (32 MiB for `small`). The caches are not
+        cleared (every slot is written before a token reads it), only put aside until the
+        first extend."""
         cfg, space = self.config, self.space
+        self.current = 0
+        if getattr(self, "_buffers_batch", None) == batch:
+            for pair in (*self.memory, *self.norm):
+                pair[...] = 0
+            self._spare_caches, self.caches = self.caches or self._spare_caches, None
+            return
+        self._buffers_batch = batch
+        self._spare_caches = None
         self.memory = [space.zeros(cfg.memory_shape(batch)) for _ in "ab"]
         self.norm = [space.zeros(cfg.norm_shape(batch)) for _ in "ab"]
-        # each layer's slices of either pair, made once (the in-place extend graph's inputs)
-        self._layer_state = [{**{f"memory_{i}": memory[i] for i in range(cfg.n_layers)},
-                              **{f"norm_{i}": norm[i] for i in range(cfg.n_layers)}}
-                             for memory, norm in zip(self.memory, self.norm)]
-        self.current = 0
+        # each layer's slices of either pair, made once: the in-place extend and fold graphs'
+        # inputs, and (with "_out") the fold graph's outputs
+        self._layer_state = [self._layer_slices(memory, norm) for memory, norm in
+                             zip(self.memory, self.norm)]
+        self._layer_state_out = [self._layer_slices(memory, norm, "_out") for memory, norm in
+                                 zip(self.memory, self.norm)]
         self.caches = None            # decoding: allocated on first extend
         self.ids = space.zeros(batch * cfg.segment_len, "int64")
         self.logit_rows = space.zeros(batch * cfg.segment_len, "int64")
         self.start = space.zeros(batch, "int64")
         self.length = space.zeros(batch, "int64")
         self.fold_mask = space.zeros(batch, "bool")
+
+    def _layer_slices(self, memory, norm, out: str = "") -> dict:
+        layers = range(self.config.n_layers)
+        return {**{f"memory{out}_{i}": memory[i] for i in layers},
+                **{f"norm{out}_{i}": norm[i] for i in layers}}
 
     def _state_tensors(self) -> tuple:
         return self.memory[self.current], self.norm[self.current]
@@ -262,8 +285,8 @@ class OrtRunner(Runner):
 
     def _caches(self) -> DecodeCaches:
         if self.caches is None:
-            self.caches = DecodeCaches.for_graph(self.manifest.graph(EXTEND), self.config,
-                                                 self.batch, self.space)
+            self.caches = self._spare_caches or DecodeCaches.for_graph(
+                self.manifest.graph(EXTEND), self.config, self.batch, self.space)
         return self.caches
 
     def state(self) -> tuple[np.ndarray, np.ndarray]:
@@ -360,8 +383,14 @@ class OrtRunner(Runner):
             raise InputError("fold() needs a segment in the K/V cache: call extend() first")
         self.caches.fit(self.config.segment_len)          # the whole segment
         cur, nxt = self.current, 1 - self.current
-        self._run(FOLD,
-                  {**self.caches.fold_inputs, "memory": self.memory[cur],
-                   "norm": self.norm[cur], "fold": load_into(self.fold_mask, mask)},
-                  {"memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
+        if self.caches.in_place:          # each layer's caches and state bound apart
+            state, state_out = self._layer_state[cur], self._layer_state_out[nxt]
+        else:
+            state = {"memory": self.memory[cur], "norm": self.norm[cur]}
+            state_out = {"memory_out": self.memory[nxt], "norm_out": self.norm[nxt]}
+        # the arena given back after: what the fold of a whole segment needs stays otherwise
+        # until the next prompt (40 MiB of `bench`'s peak RSS for `small`), and a fold is
+        # rare (once a segment)
+        self._run(FOLD, {**self.caches.fold_inputs, **state,
+                         "fold": load_into(self.fold_mask, mask)}, state_out, release=True)
         self.current = nxt

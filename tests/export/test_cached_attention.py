@@ -98,8 +98,9 @@ def test_in_place_pieces_fit_the_caches_and_cover_every_token():
 def test_gqa_export_has_one_attention_node_a_layer(exported):
     """The decoding graph: one GroupQueryAttention a layer and none of the portable form's
     softmax; each layer's state and caches are inputs of their own, and its caches outputs;
-    the other graphs are as in the portable export. The manifest records it, and TensorRT
-    engines are refused with the reason."""
+    so in the fold graph, whose outputs are each layer's state; the other graphs are as in
+    the portable export. The manifest records it, and TensorRT engines are refused with the
+    reason."""
     from infini_trt.export.manifest import read_manifest
     from infini_trt.runtime.engine import BuildSettings, EngineError, build_engines
 
@@ -111,6 +112,18 @@ def test_gqa_export_has_one_attention_node_a_layer(exported):
     names = {i.name for i in proto.graph.input}
     assert {"length", "memory_0", "norm_1", "k_cache_1"} <= names and "memory" not in names
     assert [o.name for o in proto.graph.output][1:3] == ["k_cache_out_0", "k_cache_out_1"]
+    # the fold graph takes the same buffers, each layer's, and writes each layer's state: no
+    # slice of stacked inputs (a copy of both caches), no stacking of its outputs (a Split
+    # of a layer's keys is the un-rotation's halves)
+    fold = onnx.load(str(out / "fold.onnx"))
+    layers = range(TINY.n_layers)
+    assert [i.name for i in fold.graph.input] == [
+        *(f"{n}_{i}" for n in ("k_cache", "v_cache", "memory", "norm") for i in layers), "fold"]
+    assert [o.name for o in fold.graph.output] == [
+        *(f"{n}_{i}" for n in ("memory_out", "norm_out") for i in layers)]
+    state = {i.name for i in fold.graph.input} - {"fold"}
+    assert not {"Gather", "Unsqueeze", "Concat"} & {n.op_type for n in fold.graph.node
+                                                    if set(n.input) & state}
     assert (Counter(n.op_type for n in onnx.load(str(out / "prefill.onnx")).graph.node)
             == Counter(n.op_type for n in onnx.load(str(plain / "prefill.onnx")).graph.node))
     assert read_manifest(out).decode_attention == "gqa"
@@ -190,3 +203,23 @@ def test_onnxruntime_on_cuda_refuses_a_gqa_export(exported, monkeypatch):
                         lambda ort, device: (["CUDAExecutionProvider"], "cuda"))
     with pytest.raises(InfiniTrtError, match="--decode-attention portable for CUDA"):
         ort_runner.OrtRunner(out)
+
+
+def test_onnxruntime_refuses_a_gqa_export_whose_fold_takes_stacked_caches(exported, tmp_path):
+    """Before the fold graph took each layer's caches and state apart, it took them stacked;
+    such an export (its manifest says so) is refused with what to do, not fed wrong inputs."""
+    import shutil
+
+    from infini_trt.export.io_spec import FOLD, fold_graph
+    from infini_trt.export.manifest import read_manifest
+    from infini_trt.runtime.runners.ort_runner import OrtRunner
+
+    _, out = exported(TINY, decode_attention="gqa")
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    manifest = read_manifest(old)
+    manifest.graphs[FOLD]["io"] = fold_graph(TINY, manifest.dtype).to_dict()   # stacked
+    manifest.write()
+    with pytest.raises(InfiniTrtError, match="fold graph takes the caches stacked; export it"):
+        OrtRunner(old)
+    OrtRunner(out).close()                           # the export of today loads

@@ -83,7 +83,7 @@ def test_advance_through_the_extend_graph(exported, monkeypatch, rule, batch, ch
     per segment; 12: the last one shorter), then a fold, on one weights session: the last
     logits of each segment and the state against the float64 reference, over 3 segments; a
     shorter segment still goes through the prefill graph (a fold takes a whole one), and
-    decoding after it continues the stream."""
+    decoding after it continues the stream; a reset to the same batch starts clean."""
     from infini_trt.runtime.runners import ort_runner
 
     monkeypatch.setattr(ort_runner, "PROMPT_CHUNK", chunk)
@@ -114,7 +114,10 @@ def test_advance_through_the_extend_graph(exported, monkeypatch, rule, batch, ch
         runner.reset(batch)
         short = runner.advance(tokens[:, :N - 3])
         assert "prefill" in runner.sessions
+        runner.reset(batch)         # same batch: the buffers are kept, no stale key may leak
+        again = runner.advance(tokens[:, :N])
     assert_close(reference(ckpt, tokens[:, :N - 3])[0][:, -1], short, 1e-5, what="short")
+    assert_close(want_logits[:, N - 1], again, 1e-5, what="a segment after a reset")
 
 
 def test_prompt_graph_is_checked_and_falls_back_on_old_exports(exported):
