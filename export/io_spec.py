@@ -94,14 +94,13 @@ def _state(cfg: InfiniConfig):
             ("norm", "float32", (L, "batch", H, dk), "normalizer z, per layer"))
 
 
-def _layer_state(cfg: InfiniConfig, layer: int, out: str = "",
-                 when: str = "") -> tuple[TensorSpec, TensorSpec]:
-    """Layer `layer`'s memory and norm (`_state` without its layer axis), named memory_i,
-    norm_i (`out`: memory_out_i, ...)."""
-    return tuple(TensorSpec(f"{name}{out}_{layer}", dtype, dims[1:],
-                            doc.removesuffix(", per layer") + f" of layer {layer}"
+def _layer_states(cfg: InfiniConfig, out: str = "", when: str = "") -> tuple[TensorSpec, ...]:
+    """Each layer's memory and norm (`_state` without its layer axis): memory_0.., norm_0..
+    (`out`: memory_out_0.., norm_out_0..)."""
+    return tuple(TensorSpec(f"{name}{out}_{i}", dtype, dims[1:],
+                            doc.removesuffix(", per layer") + f" of layer {i}"
                             + (f", {when}" if when else ""))
-                 for name, dtype, dims, doc in _state(cfg))
+                 for name, dtype, dims, doc in _state(cfg) for i in range(cfg.n_layers))
 
 
 def _cache(cfg: InfiniConfig, dtype: str, layer: int | None = None,
@@ -177,8 +176,7 @@ def extend_graph(cfg: InfiniConfig, dtype: str, attention: str = "portable") -> 
     slots = cfg.segment_len if fused else "window"
     state = (TensorSpec(*memory), TensorSpec(*norm))
     if fused:          # each layer's its own input: a runner binds slices (a Split copies them)
-        layer_states = [_layer_state(cfg, i) for i in range(cfg.n_layers)]
-        state = (*(m for m, _ in layer_states), *(z for _, z in layer_states))
+        state = _layer_states(cfg)
     caches = [_cache(cfg, dtype, i, slots, attention) for i in range(cfg.n_layers)]
     if fused:
         outs = [_cache(cfg, dtype, i, slots, attention, "_out") for i in range(cfg.n_layers)]
@@ -219,16 +217,14 @@ def fold_graph(cfg: InfiniConfig, dtype: str, attention: str = "portable") -> Gr
     memory, norm = _state(cfg)
     fold = TensorSpec("fold", "bool", ("batch",), "which sequences completed a segment")
     if attention == "gqa":
-        per_layer = [_cache(cfg, dtype, i, attention=attention) for i in range(cfg.n_layers)]
-        states = [_layer_state(cfg, i) for i in range(cfg.n_layers)]
-        outputs = [_layer_state(cfg, i, "_out", "after the fold") for i in range(cfg.n_layers)]
+        caches = [_cache(cfg, dtype, i, attention=attention) for i in range(cfg.n_layers)]
+        states, outputs = _layer_states(cfg), _layer_states(cfg, "_out", "after the fold")
         return GraphSpec(
             name=FOLD,
-            inputs=(*(k for k, _ in per_layer), *(v for _, v in per_layer),
-                    *(m for m, _ in states), *(z for _, z in states), fold),
-            outputs=(*(m for m, _ in outputs), *(z for _, z in outputs)),
+            inputs=(*(k for k, _ in caches), *(v for _, v in caches), *states, fold),
+            outputs=outputs,
             axes={"batch": (1, None)},
-            state={t.name: o.name for pairs in zip(states, outputs) for t, o in zip(*pairs)},
+            state={t.name: o.name for t, o in zip(states, outputs)},
         )
     k_cache, v_cache = _cache(cfg, dtype, attention=attention)
     return GraphSpec(

@@ -112,14 +112,16 @@ class FoldRowsStep(SegmentStep):
     fixed_args = 0            # k_cache_i, v_cache_i, memory_i, norm_i of every layer; fold
 
     def forward(self, *per_layer_and_fold):
-        layers = self.model.cfg.n_layers
+        """Each layer's fold on its own inputs (`InfiniLM.fold_cache` without the stacking,
+        which would copy both caches in the graph)."""
+        model, layers = self.model, self.model.cfg.n_layers
         *per_layer, fold = per_layer_and_fold
         k_caches, v_caches, memory, norm = (per_layer[i * layers:(i + 1) * layers]
                                             for i in range(4))
-        memory_out, norm_out = self.model.fold_cache(
-            torch.stack(k_caches).transpose(-1, -2), torch.stack(v_caches),
-            torch.stack(memory), torch.stack(norm), fold)
-        return (*memory_out.unbind(0), *norm_out.unbind(0))
+        rope = model.rope(model.cfg.segment_len, k_caches[0].dtype, k_caches[0].device)
+        states = [model.layer_fold(i, k_caches[i].transpose(-1, -2), v_caches[i], memory[i],
+                                   norm[i], fold, rope) for i in range(layers)]
+        return (*(m for m, _ in states), *(z for _, z in states))
 
 
 # the "gqa" decode attention's wrappers of the decoding graphs

@@ -562,8 +562,8 @@ def assemble(spec: GraphSpec, templates: dict[str, Template],
     in_place = spec.name in (EXTEND, FOLD) and attention == "gqa"
     if spec.name == FOLD:
         memories, norms = [], []
+        names = ("k_cache", "v_cache", "memory", "norm")
         for i in range(layers):
-            names = ("k_cache", "v_cache", "memory", "norm")
             wired = ({name: f"{name}_{i}" for name in names} if in_place else
                      {name: graph.layer_slice(name, i) for name in names})
             out = graph.stamp(layer_template, {**wired, "fold": "fold"},

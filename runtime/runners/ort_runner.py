@@ -250,12 +250,11 @@ class OrtRunner(Runner):
         first extend."""
         cfg, space = self.config, self.space
         self.current = 0
-        if getattr(self, "_buffers_batch", None) == batch:
+        if getattr(self, "memory", None) and self.memory[0].shape[1] == batch:  # (L, B, ...)
             for pair in (*self.memory, *self.norm):
                 pair[...] = 0
             self._spare_caches, self.caches = self.caches or self._spare_caches, None
             return
-        self._buffers_batch = batch
         self._spare_caches = None
         self.memory = [space.zeros(cfg.memory_shape(batch)) for _ in "ab"]
         self.norm = [space.zeros(cfg.norm_shape(batch)) for _ in "ab"]
