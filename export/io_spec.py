@@ -188,7 +188,10 @@ def extend_graph(cfg: InfiniConfig, dtype: str, attention: str = "portable") -> 
         written = (TensorSpec("k_new", dtype, rows, "the new tokens' keys, rotated"),
                    TensorSpec("v_new", dtype, rows, "the new tokens' values"))
         length = ()
-    axes = {"batch": (1, None), "seq": (1, cfg.segment_len), "rows": (1, cfg.segment_len)}
+    # the in-place graph (ONNX Runtime only) also takes no rows: a prompt's chunks but the
+    # last compute no logits
+    axes = {"batch": (1, None), "seq": (1, cfg.segment_len),
+            "rows": (0 if fused else 1, cfg.segment_len)}
     return GraphSpec(
         name=EXTEND,
         inputs=(TensorSpec("input_ids", "int64", ("batch", "seq"),

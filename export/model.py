@@ -399,9 +399,12 @@ class InfiniLM(nn.Module):
                    rope: tuple[torch.Tensor, torch.Tensor]):
         """Layer i's full segment in its caches, k_cache (B, Hkv, hd, N) and v_cache
         (B, Hkv, N, hd), written into its memory where fold[b] is true -> (memory_out,
-        norm_out). The cached keys are rotated back (by minus their angle) first."""
+        norm_out). The cached keys are rotated back (by minus their angle) first: one
+        RotaryEmbedding node at opset 23, where `apply_rope` makes six passes over them (the
+        fold of a 1K segment of `small`: 2.8 ms of ONNX Runtime kernels against 12.5; Intel
+        Xeon, 2 threads, 2026-12-07)."""
         cos, sin = rope
-        keys = apply_rope(k_cache.transpose(-1, -2), cos, -sin, self.cfg.rope_style)
+        keys = rotate_at(k_cache.transpose(-1, -2), cos, -sin, self.cfg.rope_style)
         memory_new, norm_new = memory_op.memory_update(memory, norm, keys, v_cache,
                                                        self.cfg.update_rule,
                                                        self.cfg.memory_eps, layer=i)

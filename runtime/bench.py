@@ -74,7 +74,7 @@ class BenchSettings:
     rounds_min_s: float = 10.0        # more rounds while they take less time than this
     peer_source: str | None = None    # the Hugging Face checkpoint MODEL was converted from:
                                       # the onnxruntime-genai peers run it (else random weights)
-    prompt_graph: str = "prefill"     # how the onnxruntime subjects read whole prompt segments
+    prompt_graph: str = "auto"        # how the onnxruntime subjects read whole prompt segments
 
     def __post_init__(self):
         """InputError for a setting that cannot be measured, before anything is."""
@@ -146,6 +146,7 @@ def run_subject(subject: Subject, cfg: InfiniConfig, settings: BenchSettings,
         return subject, states
     with runner:
         subject.label = runner.description
+        subject.prompt_graph = getattr(runner, "prompt_graph", "")   # what "auto" picked
         warm_up(runner, settings.batch)
         for length in settings.lengths:
             estimate = estimate_seconds(subject, cfg, length, settings.batch, matmul_rate)

@@ -145,6 +145,15 @@ def _ratio(p: dict, key: str) -> str:
     return f"{r:5.2f}x" if r is not None else "     -"
 
 
+def _prompt_graphs(report: dict) -> str:
+    """What each onnxruntime subject read whole prompt segments with (--prompt-graph)."""
+    chosen = [f"{s['name']} {s['prompt_graph']}" for s in report["subjects"]
+              if s.get("prompt_graph")]
+    setting = report["settings"].get("prompt_graph", "prefill")
+    return (f"; onnxruntime reads whole prompt segments through its graph ({', '.join(chosen)}; "
+            f"--prompt-graph {setting})" if chosen else "")
+
+
 def table(report: dict) -> str:
     """The figures against context length, one row per subject and length."""
     limits, machine = report["limits"], report["machine"]
@@ -154,8 +163,7 @@ def table(report: dict) -> str:
             else f"- ({limits.get('bf16_not_measured', 'not measured')})")
     lines = [f"model {report['model']}: {report['parameters']:,} parameters, segment "
              f"{report['config']['segment_len']}, batch {s['batch']}, "
-             f"{s['decode_tokens']} decoded tokens per sequence; onnxruntime reads whole prompt "
-             f"segments through its {s.get('prompt_graph', 'prefill')} graph",
+             f"{s['decode_tokens']} decoded tokens per sequence{_prompt_graphs(report)}",
              f"CPU: {machine.get('cpu_summary', machine['cpu'])}",
              f"machine: {machine['cores']} cores, load average "
              f"{_load(machine.get('load_average'))} -> {_load(machine.get('load_average_end'))}; "

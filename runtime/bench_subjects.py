@@ -29,6 +29,7 @@ class Subject:
     path: str | None = None           # checkpoint or export directory
     precision: str = "float32"        # weights: float32 | bfloat16 | float16 | int8 | int4
     label: str = ""                   # the runner's description, filled in by the worker
+    prompt_graph: str = ""            # onnxruntime: what it reads whole prompt segments with
     status: str = "ok"                # ok | skipped
     reason: str = ""
     points: list[dict] = field(default_factory=list)
@@ -52,12 +53,14 @@ class Subject:
 
 
 def open_subject(subject: Subject, cfg: InfiniConfig, threads: int | None = None,
-                 seed: int = 0, beside_others: bool = False, prompt_graph: str = "prefill"):
+                 seed: int = 0, beside_others: bool = False, prompt_graph: str = "auto"):
     """The runner of one subject (in the worker process): `threads` CPU threads for torch and
     ONNX Runtime [default: all], `seed` for the peers' random weights; `beside_others`: it
-    takes turns with other runners (the rounds in alternation), so the idle threads of ONNX
-    Runtime's pools (ours and onnxruntime-genai's alike) do not spin; `prompt_graph`: how
-    our onnxruntime subjects read whole prompt segments (OrtRunner)."""
+    takes turns with other runners (the rounds in alternation), so the threads of ONNX
+    Runtime's pools (ours and onnxruntime-genai's alike) spin inside a run and stop when it
+    returns (a pool left spinning takes a core from the next runner; ours always stop,
+    ort_runner.session_options); `prompt_graph`: how our onnxruntime subjects read whole
+    prompt segments (OrtRunner)."""
     if threads and subject.kind not in ("onnxruntime", "genai"):     # the others run torch
         import torch                            # (an ONNX Runtime worker never imports it)
 
@@ -65,8 +68,8 @@ def open_subject(subject: Subject, cfg: InfiniConfig, threads: int | None = None
     if subject.kind in ("torch", "onnxruntime", "tensorrt"):
         from .runners import open_runner
 
-        options = {"threads": threads, "spinning": not beside_others,
-                   "prompt_graph": prompt_graph} if subject.kind == "onnxruntime" else {}
+        options = {"threads": threads, "prompt_graph": prompt_graph} \
+            if subject.kind == "onnxruntime" else {}
         dtype = subject.precision if subject.kind == "torch" else None
         return open_runner(subject.path, subject.kind, dtype=dtype, **options)
     if subject.kind == "lucidrains":
@@ -76,7 +79,7 @@ def open_subject(subject: Subject, cfg: InfiniConfig, threads: int | None = None
     if subject.kind == "genai":
         from .peer_genai import GenaiRunner
 
-        return GenaiRunner(subject.path, cfg, threads, spinning=not beside_others)
+        return GenaiRunner(subject.path, cfg, threads, stop_spinning_after_run=beside_others)
     from infini_trt.export.model import InfiniLM, init_weights
 
     from .baselines import FullAttentionRunner

@@ -59,15 +59,17 @@ def write_cache(k_cache, v_cache, k_new, v_new, start, length) -> None:
             v_cache[:, b, :, s:s + n] = v_new[:, b, :, :n]
 
 
-def in_place_pieces(start: np.ndarray, length: np.ndarray, seq: int,
-                    segment_len: int) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+def in_place_pieces(start: np.ndarray, length: np.ndarray, seq: int, segment_len: int,
+                    widest: int | None = None) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
     """How to run `seq` token columns through the in-place extend graph (cached_attention.py)
-    -> [(first column, width, start, length)] per call.
+    -> [(first column, width, start, length)] per call, each at most `widest` columns wide
+    (None: as wide as the caches allow; the ONNX Runtime runner reads many tokens in pieces
+    of PROMPT_CHUNK, so that its arena holds one piece's activations).
 
     ONNX Runtime's GroupQueryAttention wants every row's padded chunk to fit in the caches:
     P + width <= segment_len, P being the slots before the row's chunk (start; at least 1,
     also for a row with no real token in the call, which reads one slot and writes none).
-    One call where that holds (decoding, a prompt's segment); otherwise the columns go in
+    One call where that holds (decoding, a short prompt); otherwise the columns go in
     pieces, each as wide as the rows still reading allow (rows whose real tokens are done
     are given start 0: P = 1), so a row near its segment's end beside a long prompt costs one
     more call, not a bigger cache."""
@@ -78,10 +80,27 @@ def in_place_pieces(start: np.ndarray, length: np.ndarray, seq: int,
         if first and not reading.any():        # the rest is padding
             break
         room = np.where(reading, segment_len - (start + first), segment_len - 1)
-        width = max(1, min(seq - first, int(room.min())))
+        width = max(1, min(seq - first, int(room.min()), widest or seq))
         pieces.append((first, width, np.where(reading, start + first, 0).astype(np.int64),
                        np.minimum(left, width).astype(np.int64)))
         first += width
+    return pieces
+
+
+def column_pieces(start: np.ndarray, length: np.ndarray, seq: int,
+                  widest: int) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """`in_place_pieces` for the portable extend graph, which takes any width: `seq` token
+    columns in calls of at most `widest` -> [(first column, width, start, length)]. Each row
+    goes on from where its real tokens got to; a row whose tokens are done starts at their end
+    and writes nothing (its start stays within the slots it holds: the cache window is fitted
+    to the largest start)."""
+    pieces = []
+    for first in range(0, seq, widest):
+        width = min(widest, seq - first)
+        pieces.append((first, width, (start + np.minimum(length, first)).astype(np.int64),
+                       np.clip(length - first, 0, width).astype(np.int64)))
+        if not (length > first + width).any():         # the rest is padding
+            break
     return pieces
 
 

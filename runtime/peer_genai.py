@@ -356,10 +356,13 @@ class GenaiRunner(Runner):
     backend = "onnxruntime-genai"
 
     def __init__(self, directory: str | Path, cfg: InfiniConfig, threads: int | None = None,
-                 spinning: bool = True):
+                 spinning: bool = True, stop_spinning_after_run: bool = False):
         """`threads`: its intra-op threads [default: onnxruntime-genai's]; `spinning=False`:
-        its idle threads sleep at once instead of spinning, for a process where other
-        runners take turns with it (a spinning pool takes a core from the next runner)."""
+        its idle threads sleep at once instead of spinning; `stop_spinning_after_run`: they
+        spin between the kernels of a run and stop when it returns (`session.
+        force_spinning_stop`, what our runner does, ort_runner.session_options), for a
+        process where other runners take turns with it (a pool left spinning takes a core
+        from the next runner). The defaults are onnxruntime-genai's."""
         og = require_genai()
         self.og, self.config, self.directory = og, cfg, Path(directory)
         from infini_trt.export.manifest import read_manifest
@@ -371,6 +374,8 @@ class GenaiRunner(Runner):
         if not spinning:
             options |= {"session.intra_op.allow_spinning": "0",
                         "session.inter_op.allow_spinning": "0"}
+        elif stop_spinning_after_run:   # (an option it passes on to ONNX Runtime: measured,
+            options |= {"session.force_spinning_stop": "1"}    # no CPU used after a run)
         if options:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.model = og.Model(config)

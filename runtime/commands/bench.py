@@ -90,7 +90,7 @@ def bench(model: str, backends: str, peers: str, peer_source: str | None, length
     settings = BenchSettings(tuple(parse_lengths(lengths)), batch, decode_tokens, seed,
                              threads, budget, isolate, calibrate, rounds, round_segments,
                              round_decode_tokens, peer_source=peer_source,
-                             prompt_graph=prompt_graph or "prefill")
+                             prompt_graph=prompt_graph or "auto")
     report = run_bench(model, _names(backends) + _names(peers), settings, log=click.echo)
     click.echo(table(report))
     if json_file:

@@ -52,15 +52,17 @@ def engine_options(command):
 
 
 PROMPT_GRAPH_HELP = ("onnxruntime: how whole prompt segments are read. prefill: the "
-                     "prompt-reading graph (the fastest; its session holds a second copy of "
-                     "the pre-packed weights); extend: the decoding graph, in chunks of 256 "
-                     "tokens, then a fold (one session holds the weights: the least memory, "
-                     "prompts slower; docs/benchmarks.md).  [default: prefill]")
+                     "prompt-reading graph (its session holds a second copy of the "
+                     "pre-packed weights); extend: the decoding graph, in chunks of 256 "
+                     "tokens, then a fold (one session holds the weights: the least memory); "
+                     "auto: extend for an unquantized export with --decode-attention gqa (about "
+                     "as fast), prefill otherwise (a quantized export's prefill graph reads "
+                     "prompts faster; docs/benchmarks.md).  [default: auto]")
 
 
 def prompt_graph_option(command):
     """--prompt-graph, for commands that read prompts with the onnxruntime backend."""
-    return click.option("--prompt-graph", type=click.Choice(["prefill", "extend"]),
+    return click.option("--prompt-graph", type=click.Choice(["auto", "prefill", "extend"]),
                         default=None, help=PROMPT_GRAPH_HELP)(command)
 
 

@@ -17,12 +17,17 @@ tokens gives back what it grew the arena by (a 1,023-token tail needs several ti
 decoded token does): `bench`'s peak RSS of `small` at 1K went from 870 to 609 MiB after its
 warm-up read such a tail (Zen 3, 2026-12-03); the next prompt grows the arena again.
 
-Whole prompt segments go through the prefill graph (`prompt_graph="prefill"`, the fastest),
-whose session holds its own pre-packed copy of the MatMul weights (ORT pre-packs per session;
-its Python API has no container to share them), or through the extend graph in chunks, then a
-fold (`prompt_graph="extend"`): then one session holds the weights (`small` at 1K, Xeon
-AVX-512, 2026-12-07, `bench`: peak RSS 354 MiB against onnxruntime-genai's 392 and 587 through
-the prefill graph; the first segment's prompt 0.88-0.92x the peer's; docs/benchmarks.md).
+Whole prompt segments go through the prefill graph (`prompt_graph="prefill"`), whose session
+holds its own pre-packed copy of the MatMul weights (ORT pre-packs per session; its Python API
+has no container to share them), or through the extend graph in chunks, then a fold
+(`prompt_graph="extend"`): then one session holds the weights. "auto" (the default) takes the
+extend graph where it reads a segment about as fast, an unquantized export with the "gqa"
+decode attention, and the prefill graph otherwise: a quantized export's prefill graph has row
+GEMMs that read a segment 1.7x faster than its 4-bit decoding graph. `small` at 1K, Intel Xeon
+AVX-512, 2 threads, 2026-12-07, `bench` against onnxruntime-genai: fp32 peak RSS 352 MiB
+against its 375 (585 through the prefill graph), the first segment's prompt 0.97x its speed in
+alternation (0.90x through the prefill graph); int4 through the prefill graph 1.65x its int4,
+through the extend graph 0.88x (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -36,17 +41,27 @@ from infini_trt.export.manifest import read_manifest
 
 from ..arrays import ArraySpace, address, copy_into, dtype_name, load_into, to_host
 from ..artifacts import verify_export
-from ..kv_cache import DecodeCaches, in_place_pieces
+from ..kv_cache import DecodeCaches, column_pieces, in_place_pieces
 from .base import Runner
 from .ort_weights import SharedWeights
 
 
 DEFAULT_SHARING = "unpacked"     # ort_weights.POLICIES: shared where it costs no speed
-# how whole prompt segments are read (`prompt_graph`): "prefill", the prompt-reading graph (the
-# fastest, a second session holding its own pre-packed weights), or "extend", the decoding
-# graph in chunks of PROMPT_CHUNK tokens then a fold (one session holds the weights)
+# how whole prompt segments are read (`prompt_graph`): "prefill", the prompt-reading graph (a
+# second session, holding its own pre-packed weights), or "extend", the decoding graph in
+# chunks of PROMPT_CHUNK tokens then a fold (one session holds the weights); "auto" picks one
+# for the export (`choose_prompt_graph`)
 PROMPT_GRAPHS = (PREFILL, EXTEND)
-PROMPT_CHUNK = 256                # tokens per extend call of a whole prompt segment
+AUTO = "auto"
+PROMPT_CHUNK = 256                # tokens per extend call of many tokens (a prompt's)
+
+
+def choose_prompt_graph(manifest) -> str:
+    """What "auto" reads whole prompt segments with: the extend graph for an unquantized export
+    with the "gqa" decode attention (one session, as fast), the prefill graph otherwise (a
+    quantized export's row GEMMs; the portable decoding graph, not measured for prompts)."""
+    return EXTEND if manifest.decode_attention == "gqa" and not manifest.quantization \
+        else PREFILL
 
 
 def import_onnxruntime():
@@ -61,9 +76,14 @@ def import_onnxruntime():
 def session_options(ort, threads: int | None = None, spinning: bool = True):
     """All graph optimisations (ONNX Runtime's fusions: FusedMatMul, MatMulNBits, QuickGelu,
     ...), sequential execution (one graph runs at a time; its kernels use the intra-op pool
-    of `threads` threads, default one per physical core). `spinning=False`: idle pool threads
-    sleep at once instead of spinning, for a process that takes turns with other work on the
-    same cores (a spinning pool holds a core the other needs)."""
+    of `threads` threads, default one per physical core). The pool's threads spin between the
+    kernels of a run and stop when it returns (`session.force_spinning_stop`): each graph has
+    a session and a pool of its own, and a pool left spinning after its run held a core that
+    the next graph's pool needed (a fold right after a prompt's last chunk took 44-48 ms
+    instead of 20, the chunk after a fold 115-122 instead of 80-90; decoding 8.6 against
+    10.0 ms a token; `small`, Intel Xeon, 2 cores, 2026-12-07). `spinning=False`: idle pool
+    threads sleep at once, also inside a run, for a process that takes turns with other work
+    on the same cores (a spinning pool holds a core the other needs)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -71,7 +91,9 @@ def session_options(ort, threads: int | None = None, spinning: bool = True):
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    if not spinning:
+    if spinning:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
+    else:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
@@ -156,13 +178,13 @@ class OrtRunner(Runner):
 
     def __init__(self, export_dir: str | Path, device: str | None = None,
                  threads: int | None = None, share_weights: str = DEFAULT_SHARING,
-                 spinning: bool = True, prompt_graph: str = "prefill"):
+                 spinning: bool = True, prompt_graph: str = AUTO):
         """`share_weights`: which weights the graphs' sessions share (ort_weights.POLICIES:
         "all", "unpacked" or "none"); `self.weights` says what each session got and why.
-        `spinning`: see `session_options`. `prompt_graph`: PROMPT_GRAPHS."""
-        if prompt_graph not in PROMPT_GRAPHS:
-            raise InfiniTrtError(f"prompt_graph must be one of {', '.join(PROMPT_GRAPHS)}, "
-                                 f"got {prompt_graph!r}")
+        `spinning`: see `session_options`. `prompt_graph`: PROMPT_GRAPHS or AUTO."""
+        if prompt_graph not in (AUTO, *PROMPT_GRAPHS):
+            raise InfiniTrtError(f"prompt_graph must be one of "
+                                 f"{', '.join((AUTO, *PROMPT_GRAPHS))}, got {prompt_graph!r}")
         self._ort = import_onnxruntime()
         self.manifest = read_manifest(export_dir)
         self.config = self.manifest.config
@@ -173,9 +195,14 @@ class OrtRunner(Runner):
         self._release.add_run_config_entry("memory.enable_memory_arena_shrinkage",
                                            f"{self.device}:0")
         self.threads, self.spinning = threads, spinning
+        if prompt_graph == AUTO:
+            prompt_graph = choose_prompt_graph(self.manifest)
         # an export from before prefill (or decoding) graphs reads prompts as it can
         usable = [g for g in (prompt_graph, *PROMPT_GRAPHS) if g in self.manifest.graphs]
         self.prompt_graph = usable[0] if usable else SEGMENT
+        # whether the extend graph computes no logits when asked for none (io_spec.extend_graph)
+        self._no_rows_allowed = EXTEND in self.manifest.graphs and \
+            self.manifest.graph(EXTEND).axes["rows"][0] == 0
         if self.dtype == "bfloat16" and self.device == "cpu":
             raise InfiniTrtError("onnxruntime's CPU provider has no bfloat16 kernels; export "
                                  "with --dtype fp32 or fp16 for onnxruntime on the CPU, or run "
@@ -309,20 +336,14 @@ class OrtRunner(Runner):
         return super()._advance(ids)
 
     def _advance_by_extend(self, ids: np.ndarray):
-        """A whole segment (every row from position 0) through the decoding graph, in chunks
-        of PROMPT_CHUNK tokens, then folded into the state: what the prefill graph computes,
-        without its session and its copy of the weights. Each chunk attends to the cache that
-        the chunks before it wrote and causally to itself, as the prefill graph's blocks of
-        queries do (export/split_attention.py), and the arena holds one chunk's activations
-        (given back after the last)."""
+        """A whole segment (every row from position 0) through the decoding graph (`_extend`:
+        in chunks of PROMPT_CHUNK tokens), then folded into the state: what the prefill graph
+        computes, without its session and its copy of the weights. Each chunk attends to the
+        cache that the chunks before it wrote and causally to itself, as the prefill graph's
+        blocks of queries do (export/split_attention.py)."""
         batch, n = ids.shape
-        last = None
-        for begin in range(0, n, PROMPT_CHUNK):
-            chunk = ids[:, begin:begin + PROMPT_CHUNK]
-            take = np.full(batch, chunk.shape[1], np.int64)
-            rows = np.full((batch, 1), chunk.shape[1] - 1, np.int64)
-            last = self._extend(chunk, np.full(batch, begin, np.int64), take, rows,
-                                release=begin + PROMPT_CHUNK >= n)
+        last = self._extend(ids, np.zeros(batch, np.int64), np.full(batch, n, np.int64),
+                            np.full((batch, 1), n - 1, np.int64))
         self._fold(np.ones(batch, bool))
         return last[:, 0]
 
@@ -338,24 +359,37 @@ class OrtRunner(Runner):
 
     def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray,
                 rows: np.ndarray, release: bool | None = None):
-        """Each layer's cache slice is bound as its own input (no copy); the graph returns the
-        new tokens' keys and values, written into the caches here, and the logits of the
-        tokens `rows`. `release`: shrink the arena after the call (default: for more than one
-        token). The in-place graph (the "gqa" decode attention) writes the rows itself, in
-        one call or in pieces of columns (`in_place_pieces`)."""
+        """The tokens `ids` through the extend graph, in calls of at most PROMPT_CHUNK
+        columns (`column_pieces`; `in_place_pieces` for the in-place graph of the "gqa"
+        decode attention, which also splits where a row's chunk would not fit in the
+        caches), so that the arena holds one call's activations: a 1,023-token tail in one
+        call had grown it by 47-51 MiB. Each call computes the logits of the tokens of `rows`
+        that it holds, and none where it holds none (a graph whose `rows` axis allows 0; the
+        LM head reads 62 MiB of weights for `small`). `release`: shrink the arena after the
+        last call (default: for more than one token). The portable graph returns the new
+        tokens' keys and values, written into the caches here; the in-place one writes them
+        itself."""
         release = ids.shape[1] > 1 if release is None else release
-        caches = self._caches()
-        if not caches.in_place:
-            return self._extend_call(ids, start, length, rows, release)
-        pieces = in_place_pieces(start, length, ids.shape[1], self.config.segment_len)
+        if self._caches().in_place:
+            pieces = in_place_pieces(start, length, ids.shape[1], self.config.segment_len,
+                                     PROMPT_CHUNK)
+        else:
+            pieces = column_pieces(start, length, ids.shape[1], PROMPT_CHUNK)
         if len(pieces) == 1:
             return self._extend_call(ids, *pieces[0][2:], rows, release)
         logits = self._logits(rows.shape)
-        for first, width, piece_start, piece_length in pieces:
+        for k, (first, width, piece_start, piece_length) in enumerate(pieces):
+            inside = (rows >= first) & (rows < first + width)
+            # the columns of `rows` that name a token of this call (one, for a graph that
+            # computes at least one row)
+            columns = np.flatnonzero(inside.any(axis=0))
+            if not columns.size and not self._no_rows_allowed:
+                columns = np.zeros(1, np.int64)
             got = self._extend_call(ids[:, first:first + width], piece_start, piece_length,
-                                    np.clip(rows - first, 0, width - 1), release)
-            inside = self.space.mask((rows >= first) & (rows < first + width))
-            logits[inside] = got[inside]
+                                    np.clip(rows[:, columns] - first, 0, width - 1),
+                                    release and k == len(pieces) - 1)
+            if inside.any():
+                logits[self.space.mask(inside)] = got[self.space.mask(inside[:, columns])]
         return logits
 
     def _extend_call(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray,

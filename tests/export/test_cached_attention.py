@@ -12,7 +12,8 @@ from helpers import assert_close, random_model
 from infini_trt.export import load_checkpoint, preset
 from infini_trt.export.errors import InfiniTrtError
 from infini_trt.runtime import kv_cache
-from infini_trt.runtime.kv_cache import empty_caches, in_place_pieces, write_cache
+from infini_trt.runtime.kv_cache import (column_pieces, empty_caches, in_place_pieces,
+                                         write_cache)
 
 TINY = preset("tiny")
 N = TINY.segment_len
@@ -95,6 +96,28 @@ def test_in_place_pieces_fit_the_caches_and_cover_every_token():
     assert len(in_place_pieces(np.array([7, 3]), np.array([1, 1]), 1, N)) == 1
 
 
+def test_column_pieces_cover_every_token_and_keep_each_row_in_its_slots():
+    """The portable graph's pieces: at most `widest` columns, each real token exactly once
+    and in order at its own position, and a row with nothing left starts at its end (never
+    before a slot it holds, never past the segment)."""
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        n, batch = int(rng.integers(2, 40)), int(rng.integers(1, 5))
+        widest = int(rng.integers(1, 9))
+        start = rng.integers(0, n, batch)
+        length = np.array([rng.integers(0, n - s + 1) for s in start])
+        seq = max(1, int(length.max()))
+        seen = [[] for _ in range(batch)]
+        for first, width, piece_start, piece_length in column_pieces(start, length, seq,
+                                                                     widest):
+            assert 1 <= width <= widest
+            for b in range(batch):
+                assert piece_start[b] == start[b] + min(length[b], first) <= n
+                seen[b].extend(range(first, first + piece_length[b]))
+        for b in range(batch):
+            assert seen[b] == list(range(length[b]))
+
+
 def test_gqa_export_has_one_attention_node_a_layer(exported):
     """The decoding graph: one GroupQueryAttention a layer and none of the portable form's
     softmax; each layer's state and caches are inputs of their own, and its caches outputs;
@@ -139,13 +162,17 @@ def test_gqa_decoding_beside_a_long_prompt_and_rows_moved(exported, monkeypatch,
     columns, `in_place_pieces`), then both decode across the fold; a row read out
     (`read_row`: keys in the portable layout, equal to the portable export's) and written into
     a fresh runner continues the same. At opset 23 the other graphs rotate with
-    RotaryEmbedding (what a checkpoint is exported with for ONNX Runtime on the CPU)."""
+    RotaryEmbedding (what a checkpoint is exported with for ONNX Runtime on the CPU), and the
+    fold rotates the cached keys back with it."""
     from infini_trt.runtime.runners import open_runner
     from infini_trt.runtime.session import Session
 
     ckpt, out = exported(TINY.replace(update_rule="delta"), seed=3, opset=opset,
                          decode_attention="gqa")
     _, plain = exported(TINY.replace(update_rule="delta"), seed=3, opset=opset)
+    if opset == 23:             # the fold rotates the keys back with one node a layer
+        fold = Counter(n.op_type for n in onnx.load(str(out / "fold.onnx")).graph.node)
+        assert fold["RotaryEmbedding"] == TINY.n_layers and fold["Neg"] == 0
     rng = np.random.default_rng(9)
     a, b = rng.integers(0, 256, N + 12), rng.integers(0, 256, N + 40)
     calls = []

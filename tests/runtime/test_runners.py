@@ -77,33 +77,40 @@ def test_advance_reads_a_prompt_like_step(exported, backend, rule):
     assert_close(want_norm, norm, 1e-5, what="norm")
 
 
-@pytest.mark.parametrize("rule,batch,chunk", [("linear", 2, 8), ("delta", 1, 12)])
-def test_advance_through_the_extend_graph(exported, monkeypatch, rule, batch, chunk):
+@pytest.mark.parametrize("rule,batch,chunk,attention",
+                         [("linear", 2, 8, "portable"), ("delta", 1, 12, "gqa")])
+def test_advance_through_the_extend_graph(exported, monkeypatch, rule, batch, chunk, attention):
     """prompt_graph="extend": whole segments through the decoding graph in chunks (8: four
     per segment; 12: the last one shorter), then a fold, on one weights session: the last
-    logits of each segment and the state against the float64 reference, over 3 segments; a
-    shorter segment still goes through the prefill graph (a fold takes a whole one), and
-    decoding after it continues the stream; a reset to the same batch starts clean."""
+    logits of each segment and the state against the float64 reference, over 3 segments; only
+    the last chunk computes logits where the graph allows none (the in-place one); a shorter
+    segment still goes through the prefill graph (a fold takes a whole one), and decoding
+    after it continues the stream; a reset to the same batch starts clean; a long extend call
+    asking for every token's logits goes in chunks too and gets them all."""
     from infini_trt.runtime.runners import ort_runner
 
     monkeypatch.setattr(ort_runner, "PROMPT_CHUNK", chunk)
     cfg = TINY.replace(update_rule=rule)
-    ckpt, out = exported(cfg)
+    ckpt, out = exported(cfg, opset=23 if attention == "gqa" else 20,
+                         decode_attention=attention)
     tokens = np.random.default_rng(11).integers(0, 256, (batch, 3 * N + 5))
     want_logits = reference(ckpt, tokens)[0]
     _, want_memory, want_norm = reference(ckpt, tokens[:, :3 * N])    # after 3 segments
     calls = []
     with open_runner(out, "onnxruntime", prompt_graph="extend") as runner:
-        real = runner._extend
-        runner._extend = lambda ids, *rest, **kw: calls.append(ids.shape[1]) or real(
-            ids, *rest, **kw)
+        real = runner._extend_call
+        runner._extend_call = lambda ids, start, length, rows, release: calls.append(
+            (ids.shape[1], rows.shape[1])) or real(ids, start, length, rows, release)
         runner.reset(batch)
         for start in range(0, 3 * N, N):
             last = runner.advance(tokens[:, start:start + N])
             assert_close(want_logits[:, start + N - 1], last, 1e-5,
                          what=f"last logits of the segment at {start}")
         assert set(runner.sessions) == {"extend", "fold"}      # no prefill session
-        assert calls == [min(chunk, N - b) for b in range(0, N, chunk)] * 3
+        widths = [min(chunk, N - b) for b in range(0, N, chunk)]
+        unused = 0 if attention == "gqa" else 1
+        assert calls == [(w, 1 if i == len(widths) - 1 else unused)
+                         for i, w in enumerate(widths)] * 3
         memory, norm = runner.state()
         assert_close(want_memory, memory, 1e-5, what="memory")
         assert_close(want_norm, norm, 1e-5, what="norm")
@@ -116,19 +123,39 @@ def test_advance_through_the_extend_graph(exported, monkeypatch, rule, batch, ch
         assert "prefill" in runner.sessions
         runner.reset(batch)         # same batch: the buffers are kept, no stale key may leak
         again = runner.advance(tokens[:, :N])
+        runner.reset(batch)
+        calls.clear()
+        every = runner.extend(tokens[:, :N - 3], np.zeros(batch, np.int64),
+                              np.full(batch, N - 3, np.int64))
+        assert [w for w, _ in calls] == [min(chunk, N - 3 - b) for b in range(0, N - 3, chunk)]
     assert_close(reference(ckpt, tokens[:, :N - 3])[0][:, -1], short, 1e-5, what="short")
     assert_close(want_logits[:, N - 1], again, 1e-5, what="a segment after a reset")
+    assert_close(want_logits[:, :N - 3], every, 1e-5, what="every token of a chunked call")
 
 
 def test_prompt_graph_is_checked_and_falls_back_on_old_exports(exported):
-    from infini_trt.runtime.runners.ort_runner import OrtRunner
+    """A prompt graph is one of auto, prefill, extend; "auto" takes the extend graph for an
+    unquantized gqa export only; an export without the graph asked for reads prompts as it
+    can."""
+    from dataclasses import replace
+
+    from infini_trt.export.manifest import read_manifest
+    from infini_trt.runtime.runners.ort_runner import OrtRunner, choose_prompt_graph
 
     _, out = exported(TINY, seed=7, graphs=("segment",))
-    with pytest.raises(InfiniTrtError, match="prompt_graph must be one of prefill, extend"):
+    with pytest.raises(InfiniTrtError, match="prompt_graph must be one of auto, prefill, extend"):
         OrtRunner(out, prompt_graph="decode")
     assert OrtRunner(out, prompt_graph="extend").prompt_graph == "segment"
     _, out = exported(TINY, seed=8, graphs=("segment", "prefill"))
     assert OrtRunner(out, prompt_graph="extend").prompt_graph == "prefill"
+    _, gqa = exported(TINY.replace(update_rule="delta"), seed=3, opset=23,
+                      decode_attention="gqa")
+    assert OrtRunner(gqa).prompt_graph == "extend"
+    assert OrtRunner(gqa, prompt_graph="prefill").prompt_graph == "prefill"
+    _, portable = exported(TINY)
+    assert OrtRunner(portable).prompt_graph == "prefill"
+    quantized = replace(read_manifest(gqa), quantization={"method": "int4"})
+    assert choose_prompt_graph(quantized) == "prefill"
 
 
 def test_advance_falls_back_to_step_without_a_prefill_graph(exported):
