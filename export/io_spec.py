@@ -152,7 +152,8 @@ def prefill_graph(cfg: InfiniConfig) -> GraphSpec:
         axes=segment.axes, state=segment.state)
 
 
-def extend_graph(cfg: InfiniConfig, dtype: str, attention: str = "portable") -> GraphSpec:
+def extend_graph(cfg: InfiniConfig, dtype: str, attention: str = "portable",
+                 skip_empty: bool = True) -> GraphSpec:
     """Decoding: continue the current segment from the caches (`InfiniLM.extend`):
     (input_ids, start, logit_rows, memory, norm, k_cache_0 .. k_cache_{L-1},
     v_cache_0 .. v_cache_{L-1}) -> (logits, k_new, v_new). `logit_rows` names the tokens
@@ -170,7 +171,9 @@ def extend_graph(cfg: InfiniConfig, dtype: str, attention: str = "portable") -> 
     k_cache_out_i.., v_cache_out_i..): each layer's memory and norm are inputs of their own;
     the caches hold the whole segment, keys and values (batch, Hkv, N, hd), and each layer's
     outputs are its caches with the first `length` tokens written, which a runner binds to
-    the buffers of the inputs (the kernel writes them in place)."""
+    the buffers of the inputs (the kernel writes them in place). With the "zero" empty-memory
+    policy and `skip_empty` (the stamped export), also `memory_empty` after `length`: each
+    layer's retrieval is under an If on it (export/empty_memory.py)."""
     memory, norm = _state(cfg)
     fused = attention == "gqa"
     slots = cfg.segment_len if fused else "window"
@@ -183,6 +186,10 @@ def extend_graph(cfg: InfiniConfig, dtype: str, attention: str = "portable") -> 
         written = (*(k for k, _ in outs), *(v for _, v in outs))
         length = (TensorSpec("length", "int64", ("batch",),
                              "how many of the tokens are real (the rest: padding)"),)
+        if skip_empty and cfg.empty_memory == "zero":     # export/empty_memory.py
+            length += (TensorSpec("memory_empty", "bool", (),
+                                  "true while every row's memory and norm are zero: the "
+                                  "layers skip the retrieval (exactly 0 then)"),)
     else:
         rows = (cfg.n_layers, "batch", cfg.n_kv_heads, "seq", cfg.head_dim)
         written = (TensorSpec("k_new", dtype, rows, "the new tokens' keys, rotated"),

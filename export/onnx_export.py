@@ -30,7 +30,7 @@ import torch
 from infini_trt.plugins.memory_update import contract
 from infini_trt.plugins.memory_update.onnx_function import memory_update_function
 
-from . import cached_attention, memory_op, rotary, split_attention
+from . import cached_attention, empty_memory, memory_op, rotary, split_attention
 from .checkpoint import (copy_tokenizer, dtype_from_name, dtype_name, load_checkpoint,
                          read_checkpoint)
 from .errors import InfiniTrtError
@@ -443,7 +443,8 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
     if cfg.segment_len < 2:
         raise InfiniTrtError("segment_len must be at least 2 to export")
     specs = [spec for spec in (segment_graph(cfg), prefill_graph(cfg),
-                               extend_graph(cfg, dtype, decode_attention),
+                               extend_graph(cfg, dtype, decode_attention,
+                                            skip_empty=method == "stamp"),
                                fold_graph(cfg, dtype, decode_attention)) if spec.name in graphs]
     sizes = {"batch": 2, "seq": min(3, cfg.segment_len), "rows": 2, "window": cfg.segment_len}
     graphs = {}
@@ -474,6 +475,11 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
             has_update = spec.name != EXTEND
             proto = finalize(proto, spec, cfg.update_rule if plugin and has_update else None,
                              opset, doc=f"infini-trt {doc}", weights=weights_file)
+            if empty_memory.FLAG in spec.input_names:         # (stamped exports only)
+                from .stamp import ONNX_TYPES
+
+                empty_memory.skip_retrieval_while_empty(proto.graph, cfg.n_layers,
+                                                        ONNX_TYPES[dtype])
             files = save_onnx(proto, tmp / file, weights_file)
             graphs[spec.name] = {"file": file, "files": files, "io": spec.to_dict()}
         hash_weights_file(graphs, weights_file)

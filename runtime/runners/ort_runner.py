@@ -25,9 +25,10 @@ extend graph where it reads a segment about as fast, an unquantized export with 
 decode attention, and the prefill graph otherwise: a quantized export's prefill graph has row
 GEMMs that read a segment 1.7x faster than its 4-bit decoding graph. `small` at 1K, Intel Xeon
 AVX-512, 2 threads, 2026-12-07, `bench` against onnxruntime-genai: fp32 peak RSS 352 MiB
-against its 375 (585 through the prefill graph), the first segment's prompt 0.97x its speed in
-alternation (0.90x through the prefill graph); int4 through the prefill graph 1.65x its int4,
-through the extend graph 0.88x (docs/benchmarks.md).
+against its 375 (585 through the prefill graph), the first segment's prompt 1.08x its speed in
+alternation with the retrieval skipped there (export/empty_memory.py; 0.87-0.97x in three runs
+before); int4 through the prefill graph 1.65x its int4, through the extend graph 0.88x
+(docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from infini_trt.export.manifest import read_manifest
 from ..arrays import ArraySpace, address, copy_into, dtype_name, load_into, to_host
 from ..artifacts import verify_export
 from ..kv_cache import DecodeCaches, column_pieces, in_place_pieces
-from .base import Runner
+from .base import RowState, Runner
 from .ort_weights import SharedWeights
 
 
@@ -203,6 +204,9 @@ class OrtRunner(Runner):
         # whether the extend graph computes no logits when asked for none (io_spec.extend_graph)
         self._no_rows_allowed = EXTEND in self.manifest.graphs and \
             self.manifest.graph(EXTEND).axes["rows"][0] == 0
+        # whether it skips the retrieval while the memory is empty (export/empty_memory.py)
+        self._skips_empty = EXTEND in self.manifest.graphs and \
+            "memory_empty" in self.manifest.graph(EXTEND).input_names
         if self.dtype == "bfloat16" and self.device == "cpu":
             raise InfiniTrtError("onnxruntime's CPU provider has no bfloat16 kernels; export "
                                  "with --dtype fp32 or fp16 for onnxruntime on the CPU, or run "
@@ -281,6 +285,7 @@ class OrtRunner(Runner):
             for pair in (*self.memory, *self.norm):
                 pair[...] = 0
             self._spare_caches, self.caches = self.caches or self._spare_caches, None
+            self.memory_empty[...] = True
             return
         self._spare_caches = None
         self.memory = [space.zeros(cfg.memory_shape(batch)) for _ in "ab"]
@@ -297,6 +302,10 @@ class OrtRunner(Runner):
         self.start = space.zeros(batch, "int64")
         self.length = space.zeros(batch, "int64")
         self.fold_mask = space.zeros(batch, "bool")
+        # true while every row's memory and norm are zero: the extend graph's layers then skip
+        # the retrieval (export/empty_memory.py); one array, bound once, set in place
+        self.memory_empty = space.zeros((), "bool")
+        self.memory_empty[...] = True
 
     def _layer_slices(self, memory, norm, out: str = "") -> dict:
         layers = range(self.config.n_layers)
@@ -323,6 +332,12 @@ class OrtRunner(Runner):
         self.check_state(memory, norm)
         copy_into(self.memory[self.current], memory)
         copy_into(self.norm[self.current], norm)
+        self.memory_empty[...] = not (np.any(memory) or np.any(norm))
+
+    def write_row(self, b: int, row: RowState) -> None:
+        super().write_row(b, row)
+        if np.any(row.memory) or np.any(row.norm):
+            self.memory_empty[...] = False
 
     # graphs --------------------------------------------------------------------------------
     def _step(self, ids: np.ndarray):
@@ -355,6 +370,7 @@ class OrtRunner(Runner):
                    "norm": self.norm[cur]},
                   {name: logits, "memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
         self.current = nxt
+        self.memory_empty[...] = False
         return logits
 
     def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray,
@@ -401,6 +417,8 @@ class OrtRunner(Runner):
         if self.caches.in_place:          # each layer's state bound apart (no copy)
             state = {"length": load_into(self.length, length),
                      **self._layer_state[self.current]}
+            if self._skips_empty:
+                state["memory_empty"] = self.memory_empty
         else:
             state = {"memory": self.memory[self.current], "norm": self.norm[self.current]}
         self._run(EXTEND,
@@ -427,3 +445,4 @@ class OrtRunner(Runner):
         self._run(FOLD, {**self.caches.fold_inputs, **state,
                          "fold": load_into(self.fold_mask, mask)}, state_out, release=True)
         self.current = nxt
+        self.memory_empty[...] = False

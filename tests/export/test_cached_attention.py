@@ -134,6 +134,16 @@ def test_gqa_export_has_one_attention_node_a_layer(exported):
     assert ops["GroupQueryAttention"] == TINY.n_layers and ops["Softmax"] == 0
     names = {i.name for i in proto.graph.input}
     assert {"length", "memory_0", "norm_1", "k_cache_1"} <= names and "memory" not in names
+    # each layer's retrieval under an If on memory_empty (export/empty_memory.py): the memory
+    # is read inside its "else" branch only
+    assert "memory_empty" in names and ops["If"] == TINY.n_layers
+    for node in (n for n in proto.graph.node if n.op_type == "If"):
+        branches = {a.name: a.g for a in node.attribute}
+        assert [n.op_type for n in branches["then_branch"].node] == ["Identity"]
+        read = {i for n in branches["else_branch"].node for i in n.input}
+        assert read & {f"memory_{i}" for i in range(TINY.n_layers)}
+    assert not {f"memory_{i}" for i in range(TINY.n_layers)} & {
+        i for n in proto.graph.node for i in n.input}
     assert [o.name for o in proto.graph.output][1:3] == ["k_cache_out_0", "k_cache_out_1"]
     # the fold graph takes the same buffers, each layer's, and writes each layer's state: no
     # slice of stacked inputs (a copy of both caches), no stacking of its outputs (a Split

@@ -114,11 +114,22 @@ def test_advance_through_the_extend_graph(exported, monkeypatch, rule, batch, ch
         memory, norm = runner.state()
         assert_close(want_memory, memory, 1e-5, what="memory")
         assert_close(want_norm, norm, 1e-5, what="norm")
+        if attention == "gqa":
+            # the layers skip the retrieval while the memory is empty only: told it is empty
+            # now, they give other logits
+            assert not runner.memory_empty
+            ids = tokens[:, 3 * N:3 * N + 1]
+            runner.memory_empty[...] = True
+            wrong = runner.extend(ids, np.zeros(batch, np.int64), np.ones(batch, np.int64),
+                                  last_only=True)
+            runner.memory_empty[...] = False
+            assert np.abs(wrong - want_logits[:, 3 * N].numpy()).max() > 1e-3
         for i in range(3 * N, 3 * N + 5):                      # decoding from there
             got = runner.extend(tokens[:, i:i + 1], np.full(batch, i - 3 * N),
                                 np.ones(batch, np.int64), last_only=True)
             assert_close(want_logits[:, i], got, 1e-5, what=f"decoded token {i}")
         runner.reset(batch)
+        assert runner.memory_empty
         short = runner.advance(tokens[:, :N - 3])
         assert "prefill" in runner.sessions
         runner.reset(batch)         # same batch: the buffers are kept, no stale key may leak
