@@ -59,7 +59,7 @@ PROMPT_CHUNK = 256                # tokens per extend call of many tokens (a pro
 
 def choose_prompt_graph(manifest) -> str:
     """What "auto" reads whole prompt segments with: the extend graph for an unquantized export
-    with the "gqa" decode attention (one session, as fast), the prefill graph otherwise (a
+    with the "gqa" decode attention (one session, about as fast), the prefill graph otherwise (a
     quantized export's row GEMMs; the portable decoding graph, not measured for prompts)."""
     return EXTEND if manifest.decode_attention == "gqa" and not manifest.quantization \
         else PREFILL
@@ -80,9 +80,9 @@ def session_options(ort, threads: int | None = None, spinning: bool = True):
     of `threads` threads, default one per physical core). The pool's threads spin between the
     kernels of a run and stop when it returns (`session.force_spinning_stop`): each graph has
     a session and a pool of its own, and a pool left spinning after its run held a core that
-    the next graph's pool needed (a fold right after a prompt's last chunk took 44-48 ms
-    instead of 20, the chunk after a fold 115-122 instead of 80-90; decoding 8.6 against
-    10.0 ms a token; `small`, Intel Xeon, 2 cores, 2026-12-07). `spinning=False`: idle pool
+    the next graph's pool needed (a fold right after a prompt's last chunk took 43-58 ms
+    against 21-27 with this, the chunk after a fold 112-155 against 79-115; decoding 9.5-10.0
+    against 8.6-8.9 ms a token; `small`, Intel Xeon, 2 cores, 2026-12-07). `spinning=False`: idle pool
     threads sleep at once, also inside a run, for a process that takes turns with other work
     on the same cores (a spinning pool holds a core the other needs)."""
     so = ort.SessionOptions()
