@@ -30,10 +30,11 @@ from onnx import helper
 FLAG = "memory_empty"
 
 
-def skip_retrieval_while_empty(graph: onnx.GraphProto, layers: int, elem_type: int) -> None:
-    """Rewrite `graph` (a finalized decoding graph whose inputs include memory_i, norm_i and
-    FLAG) in place: each layer's retrieval under an If on FLAG; `elem_type`: the ONNX type of
-    the gate's output (the compute dtype)."""
+def skip_retrieval_while_empty(graph: onnx.GraphProto, layers: int) -> None:
+    """Rewrite `graph` (a finalized decoding graph whose inputs include memory_i, norm_i,
+    k_cache_0 and FLAG) in place: each layer's retrieval under an If on FLAG."""
+    # the gate's output is in the compute dtype, the caches'
+    elem_type = next(i.type.tensor_type.elem_type for i in graph.input if i.name == "k_cache_0")
     nodes = list(graph.node)
     producer = {o: n for n in nodes for o in n.output if o}
     consumers = defaultdict(list)

@@ -476,10 +476,7 @@ def export_model(model: InfiniLM, output: str | Path, memory_op_mode: str = "plu
             proto = finalize(proto, spec, cfg.update_rule if plugin and has_update else None,
                              opset, doc=f"infini-trt {doc}", weights=weights_file)
             if empty_memory.FLAG in spec.input_names:         # (stamped exports only)
-                from .stamp import ONNX_TYPES
-
-                empty_memory.skip_retrieval_while_empty(proto.graph, cfg.n_layers,
-                                                        ONNX_TYPES[dtype])
+                empty_memory.skip_retrieval_while_empty(proto.graph, cfg.n_layers)
             files = save_onnx(proto, tmp / file, weights_file)
             graphs[spec.name] = {"file": file, "files": files, "io": spec.to_dict()}
         hash_weights_file(graphs, weights_file)

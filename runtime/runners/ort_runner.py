@@ -369,8 +369,7 @@ class OrtRunner(Runner):
                   {"input_ids": load_into(self.ids, ids), "memory": self.memory[cur],
                    "norm": self.norm[cur]},
                   {name: logits, "memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
-        self.current = nxt
-        self.memory_empty[...] = False
+        self._state_written()
         return logits
 
     def _extend(self, ids: np.ndarray, start: np.ndarray, length: np.ndarray,
@@ -444,5 +443,10 @@ class OrtRunner(Runner):
         # rare (once a segment)
         self._run(FOLD, {**self.caches.fold_inputs, **state,
                          "fold": load_into(self.fold_mask, mask)}, state_out, release=True)
-        self.current = nxt
+        self._state_written()
+
+    def _state_written(self) -> None:
+        """A graph wrote the other buffer of each state pair: it is the current one now, and
+        may hold memory."""
+        self.current = 1 - self.current
         self.memory_empty[...] = False
