@@ -73,16 +73,20 @@ def in_place_pieces(start: np.ndarray, length: np.ndarray, seq: int, segment_len
     pieces, each as wide as the rows still reading allow (rows whose real tokens are done
     are given start 0: P = 1), so a row near its segment's end beside a long prompt costs one
     more call, not a bigger cache."""
+    # on Python ints: a decoded token's one call, worked out with numpy on arrays of one
+    # element, took 50-80 us of a 4 ms token after a run had left the caches cold
+    starts, lengths = start.tolist(), length.tolist()
     pieces, first = [], 0
     while first < seq:
-        left = np.clip(length - first, 0, None)
-        reading = left > 0
-        if first and not reading.any():        # the rest is padding
+        left = [max(n - first, 0) for n in lengths]
+        if first and not any(left):            # the rest is padding
             break
-        room = np.where(reading, segment_len - (start + first), segment_len - 1)
-        width = max(1, min(seq - first, int(room.min()), widest or seq))
-        pieces.append((first, width, np.where(reading, start + first, 0).astype(np.int64),
-                       np.minimum(left, width).astype(np.int64)))
+        room = min(segment_len - (s + first) if n else segment_len - 1
+                   for s, n in zip(starts, left))
+        width = max(1, min(seq - first, room, widest or seq))
+        pieces.append((first, width,
+                       np.array([s + first if n else 0 for s, n in zip(starts, left)], np.int64),
+                       np.array([min(n, width) for n in left], np.int64)))
         first += width
     return pieces
 

@@ -117,8 +117,8 @@ class Session:
         if tokens.shape != (self.batch,) or active.shape != (self.batch,):
             raise InputError(f"decode takes one token and one active flag per row "
                              f"({self.batch}), got {tokens.shape} and {active.shape}")
-        if tokens.size and (tokens[active].min(initial=0) < 0
-                            or tokens[active].max(initial=0) >= self.config.vocab_size):
+        given = tokens[active]
+        if given.size and (given.min() < 0 or given.max() >= self.config.vocab_size):
             raise InputError(f"a token id is outside the vocabulary [0, "
                              f"{self.config.vocab_size})")
         self._extend(tokens[:, None], np.zeros(self.batch, np.int64), active.astype(np.int64),
@@ -127,8 +127,10 @@ class Session:
 
     def last_logits(self) -> np.ndarray:
         """(B, V): the logits after each row's last token (zeros for a row without one)."""
-        zero = np.zeros(self.config.vocab_size, np.float32)
-        return np.stack([zero if x is None else x for x in self.last])
+        if any(x is None for x in self.last):
+            zero = np.zeros(self.config.vocab_size, np.float32)
+            return np.stack([zero if x is None else x for x in self.last])
+        return np.array(self.last)              # (np.stack: twice the time, a decoded token)
 
     # the graphs ---------------------------------------------------------------------------
     def _segment(self, tokens, done, on_logits, wants_logits) -> None:

@@ -206,8 +206,9 @@ class Runner:
         if not 1 <= ids.shape[1] <= n:
             raise InputError(f"a segment step takes 1 to {n} tokens (segment_len), got "
                              f"{ids.shape[1]}; longer inputs are streamed segment by segment")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            bad = int(ids.min() if ids.min() < 0 else ids.max())
+        low, high = (ids.min(), ids.max()) if ids.size else (0, 0)
+        if low < 0 or high >= self.config.vocab_size:
+            bad = int(low if low < 0 else high)
             raise InputError(f"token id {bad} is outside the vocabulary [0, "
                              f"{self.config.vocab_size})")
         return np.ascontiguousarray(ids, dtype=np.int64)

@@ -32,6 +32,7 @@ before); int4 through the prefill graph 1.65x its int4, through the extend graph
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ from infini_trt.export.errors import InfiniTrtError, InputError, MissingDependen
 from infini_trt.export.io_spec import EXTEND, FOLD, PREFILL, SEGMENT
 from infini_trt.export.manifest import read_manifest
 
-from ..arrays import ArraySpace, address, copy_into, dtype_name, load_into, to_host
+from ..arrays import ArraySpace, Staging, address, copy_into, dtype_name, to_host
 from ..artifacts import verify_export
 from ..kv_cache import DecodeCaches, column_pieces, in_place_pieces
 from .base import RowState, Runner
@@ -55,6 +56,7 @@ DEFAULT_SHARING = "unpacked"     # ort_weights.POLICIES: shared where it costs n
 PROMPT_GRAPHS = (PREFILL, EXTEND)
 AUTO = "auto"
 PROMPT_CHUNK = 256                # tokens per extend call of many tokens (a prompt's)
+KEPT_LOGITS_BYTES = 1 << 20       # an extend call's logits up to this: one kept array
 
 
 def choose_prompt_graph(manifest) -> str:
@@ -124,28 +126,39 @@ class Binding:
     array's address, shape or dtype changed (ping-pong buffers alternate between two). Every
     array is dense in its shape (the caches' layer slices are).
 
-    An array object given again for the same name is taken as bound without looking at it
-    (a view's address, shape and dtype never change; the binding holds it, so its id is not
-    reused): the decoding graph of the "gqa" decode attention has some 50 inputs and outputs,
-    and working out each one's address and dtype name took about 0.3 ms of a 4 ms token."""
+    What is given again is taken as bound without looking at it: an array object given again
+    for the same name (a view's address, shape and dtype never change; the binding holds it,
+    so its id is not reused), and a whole group of names given again as the same dict object
+    at the same place in the call (the runner's groups, each layer's state or the caches, are
+    made once and never changed; a name is in one group). The decoding graph of the "gqa"
+    decode attention has some 50 inputs and outputs: working out each one's address and
+    dtype name took about 0.3 ms of a 4 ms token."""
 
     def __init__(self, session, device: str, name: str = "graph"):
         self.session, self.device, self.name = session, device, name
         self.io = session.io_binding()
         self.bound: dict[str, tuple] = {}
         self.arrays: dict[str, object] = {}            # name -> the array last bound to it
+        self.groups: tuple = ()                        # the last call's groups, in order
 
-    def run(self, inputs: dict, outputs: dict, options=None) -> None:
-        """`options`: the call's RunOptions (None: the defaults)."""
-        for names, bind in ((inputs, self.io.bind_input), (outputs, self.io.bind_output)):
-            for name, array in names.items():
+    def run(self, inputs: tuple[dict, ...], outputs: tuple[dict, ...], options=None) -> None:
+        """`inputs`, `outputs`: groups of name -> array. `options`: the call's RunOptions
+        (None: the defaults)."""
+        groups = (*inputs, *outputs)
+        binders = (self.io.bind_input,) * len(inputs) + (self.io.bind_output,) * len(outputs)
+        for k, (group, bind) in enumerate(zip(groups, binders)):
+            if k < len(self.groups) and self.groups[k] is group:
+                continue
+            for name, array in group.items():
                 if self.arrays.get(name) is array:
                     continue
-                key = (address(array), tuple(array.shape), dtype_name(array))
+                key = (address(array), tuple(array.shape), array.dtype)
                 if self.bound.get(name) != key:
-                    bind(name, self.device, 0, element_type(key[2]), list(key[1]), key[0])
+                    bind(name, self.device, 0, element_type(dtype_name(array)), list(key[1]),
+                         key[0])
                     self.bound[name] = key
                 self.arrays[name] = array
+        self.groups = groups
         try:
             self.session.run_with_iobinding(self.io, options)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -226,6 +239,7 @@ class OrtRunner(Runner):
         self.weights = SharedWeights(share_weights, self.device)
         self.sessions: dict = {}
         self.bindings: dict[str, Binding] = {}
+        self._kept_logits: dict[tuple, object] = {}   # shape -> array (`_extend_logits`)
         verify_export(self.manifest)       # fail early on a missing, changed or swapped file
         # sessions load on first use: a prompt read by `run` needs the prefill graph, never
         # the segment graph (its session would add its activations, and what of the weights
@@ -260,9 +274,10 @@ class OrtRunner(Runner):
                 raise InfiniTrtError(f"onnxruntime cannot load {path}: {exc}") from None
         return self.sessions[graph]
 
-    def _run(self, graph: str, inputs: dict, outputs: dict, release: bool = False) -> None:
-        """Run one graph with every input and output bound to an array (zero-copy).
-        `release`: give the arena's free memory back to the system after the call (a
+    def _run(self, graph: str, inputs: tuple[dict, ...], outputs: tuple[dict, ...],
+             release: bool = False) -> None:
+        """Run one graph with every input and output bound to an array (zero-copy): groups of
+        name -> array (`Binding.run`). `release`: give the arena's free memory back to the system after the call (a
         prompt's many tokens need far more than decoding does)."""
         if graph not in self.bindings:
             self.bindings[graph] = Binding(self.session(graph), self.device, graph)
@@ -271,6 +286,19 @@ class OrtRunner(Runner):
     def _logits(self, shape: tuple):
         """A fresh logits array: the caller keeps it (prefill holds some across calls)."""
         return self.space.empty((*shape, self.config.vocab_size))
+
+    def _extend_logits(self, shape: tuple) -> tuple:
+        """(the extend graph's logits output for rows of `shape`, whether it is kept): on the
+        host and when small (decoding's), one array for the shape, kept bound, whose values
+        the caller gets as a copy; else a fresh one. A fresh array each decoded token, bound
+        again, cost about 0.1 ms of a 4 ms token (`small`, int4) after a run had left the
+        caches cold; the copy about 20 us."""
+        full = (*shape, self.config.vocab_size)
+        if self.space.device != "cpu" or 4 * math.prod(full) > KEPT_LOGITS_BYTES:
+            return self._logits(shape), False
+        if full not in self._kept_logits:
+            self._kept_logits[full] = self.space.empty(full)
+        return self._kept_logits[full], True
 
     # state ---------------------------------------------------------------------------------
     def _reset(self, batch: int) -> None:
@@ -297,11 +325,11 @@ class OrtRunner(Runner):
         self._layer_state_out = [self._layer_slices(memory, norm, "_out") for memory, norm in
                                  zip(self.memory, self.norm)]
         self.caches = None            # decoding: allocated on first extend
-        self.ids = space.zeros(batch * cfg.segment_len, "int64")
-        self.logit_rows = space.zeros(batch * cfg.segment_len, "int64")
-        self.start = space.zeros(batch, "int64")
-        self.length = space.zeros(batch, "int64")
-        self.fold_mask = space.zeros(batch, "bool")
+        self.ids = Staging(space.zeros(batch * cfg.segment_len, "int64"))
+        self.logit_rows = Staging(space.zeros(batch * cfg.segment_len, "int64"))
+        self.start = Staging(space.zeros(batch, "int64"))
+        self.length = Staging(space.zeros(batch, "int64"))
+        self.fold_mask = Staging(space.zeros(batch, "bool"))
         # true while every row's memory and norm are zero: the extend graph's layers then skip
         # the retrieval (export/empty_memory.py); one array, bound once, set in place
         self.memory_empty = space.zeros((), "bool")
@@ -366,9 +394,9 @@ class OrtRunner(Runner):
         """One segment through `graph` (segment or prefill), state ping-ponged."""
         cur, nxt = self.current, 1 - self.current
         self._run(graph,
-                  {"input_ids": load_into(self.ids, ids), "memory": self.memory[cur],
-                   "norm": self.norm[cur]},
-                  {name: logits, "memory_out": self.memory[nxt], "norm_out": self.norm[nxt]})
+                  ({"input_ids": self.ids.load(ids), "memory": self.memory[cur],
+                    "norm": self.norm[cur]},),
+                  ({name: logits, "memory_out": self.memory[nxt], "norm_out": self.norm[nxt]},))
         self._state_written()
         return logits
 
@@ -412,21 +440,19 @@ class OrtRunner(Runner):
         """One call of the extend graph."""
         caches = self.caches.reading(start)
         new = self.caches.new_rows(ids.shape[1])
-        logits = self._logits(rows.shape)
+        logits, kept = self._extend_logits(rows.shape)
+        tokens = {"input_ids": self.ids.load(ids), "start": self.start.load(start),
+                  "logit_rows": self.logit_rows.load(rows)}
         if self.caches.in_place:          # each layer's state bound apart (no copy)
-            state = {"length": load_into(self.length, length),
-                     **self._layer_state[self.current]}
+            tokens["length"] = self.length.load(length)
             if self._skips_empty:
-                state["memory_empty"] = self.memory_empty
+                tokens["memory_empty"] = self.memory_empty
+            state = self._layer_state[self.current]
         else:
             state = {"memory": self.memory[self.current], "norm": self.norm[self.current]}
-        self._run(EXTEND,
-                  {"input_ids": load_into(self.ids, ids), "start": load_into(self.start, start),
-                   "logit_rows": load_into(self.logit_rows, rows),
-                   **state, **caches},
-                  {"logits": logits, **new}, release=release)
+        self._run(EXTEND, (tokens, state, caches), ({"logits": logits}, new), release=release)
         self.caches.write(new, start, length)
-        return logits
+        return logits.copy() if kept else logits
 
     def _fold(self, mask: np.ndarray) -> None:
         if self.caches is None:
@@ -441,8 +467,8 @@ class OrtRunner(Runner):
         # the arena given back after: what the fold of a whole segment needs stays otherwise
         # until the next prompt (40 MiB of `bench`'s peak RSS for `small`), and a fold is
         # rare (once a segment)
-        self._run(FOLD, {**self.caches.fold_inputs, **state,
-                         "fold": load_into(self.fold_mask, mask)}, state_out, release=True)
+        self._run(FOLD, (self.caches.fold_inputs, state, {"fold": self.fold_mask.load(mask)}),
+                  (state_out,), release=True)
         self._state_written()
 
     def _state_written(self) -> None:

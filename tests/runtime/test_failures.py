@@ -461,7 +461,7 @@ def test_an_onnxruntime_failure_is_one_line():
 
     with pytest.raises(InfiniTrtError, match=r"^onnxruntime failed running the extend graph: "
                                              r"\[ONNXRuntimeError\].*memory$"):
-        Binding(Session(), "cpu", "extend").run({}, {})
+        Binding(Session(), "cpu", "extend").run((), ())
 
 
 def test_sigterm_while_a_class_is_made_still_exits_143():

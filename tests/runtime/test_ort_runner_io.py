@@ -24,8 +24,13 @@ def test_decoding_reuses_buffers_and_bindings(exported):
         for name in ("input_ids", "start", "memory", "norm", "k_cache_0", "v_cache_1", "k_new"):
             assert now[name] == bound[name], name          # same buffer: not re-bound
         assert runner.caches.window == TINY.segment_len    # 32 slots: one window (64 slots)
-        assert now["input_ids"][0] == runner.ids.ctypes.data
+        assert now["input_ids"][0] == runner.ids.flat.ctypes.data
         assert not np.shares_memory(logits, first)
+        # the same view object for the same shape: taken as bound without a look
+        assert runner.bindings["extend"].arrays["input_ids"] is runner.ids.load(tokens + i)
+        # decoding's logits: one output array kept bound, each caller given a copy of it
+        output = runner._kept_logits[(2, 1, TINY.vocab_size)]
+        assert now["logits"][0] == output.ctypes.data and not np.shares_memory(logits, output)
     assert np.array_equal(first, kept)                        # the caller's logits stay intact
     binding = runner.bindings["extend"]
     runner.fold(np.array([True, False]))
