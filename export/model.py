@@ -179,19 +179,31 @@ class Attention(nn.Module):
         return tuple(part.view(b, s, -1, hd).transpose(1, 2) for part in self.qkv_proj(x))
 
     def combine(self, q: torch.Tensor, a_dot: torch.Tensor, memory: torch.Tensor,
-                norm: torch.Tensor) -> torch.Tensor:
+                norm: torch.Tensor, heads_dim: int = 1) -> torch.Tensor:
         """Read M_{s-1} with the un-rotated queries (eq 7), gate it with the local attention
-        a_dot (B, H, S, hd) (eq 10) and project the heads (eq 11) -> (B, S, d)."""
+        a_dot (B, H, S, hd) (eq 10) and project the heads (eq 11) -> (B, S, d).
+
+        heads_dim=2: q and a_dot are (B, S, H, hd), as the fused attention op gives them
+        (`extend_in_place`); the gate mixes them there and only the retrieval's queries and
+        result are transposed, so that with the retrieval skipped (the memory empty,
+        export/empty_memory.py) no head is moved: two Transposes a layer fewer a token."""
         cfg = self.cfg
-        b, h, s, hd = q.shape
+        rows = heads_dim == 2
+        q_heads = q.transpose(1, 2) if rows else q
+        b, h, s, hd = q_heads.shape
         hkv, group = cfg.n_kv_heads, cfg.group_size
-        sigma_q = reference.sigma(q.to(memory.dtype))                      # state dtype
+        sigma_q = reference.sigma(q_heads.to(memory.dtype))                # state dtype
         sigma_q = sigma_q.reshape(b, hkv, group * s, hd)                    # grouped by KV head
         a_mem = reference.retrieve(sigma_q, memory, norm, cfg.memory_eps)   # eq 7
         a_mem = a_mem.reshape(b, h, s, hd).to(a_dot.dtype)
+        if rows:
+            a_mem = a_mem.transpose(1, 2)
         present = reference.memory_present(norm, group) if cfg.empty_memory == "bypass" else None
-        a = reference.gate(a_mem, a_dot, self.beta.to(a_dot.dtype), present)    # eq 10
-        return self.o_proj(a.transpose(1, 2).reshape(b, s, h * hd))              # eq 11
+        a = reference.gate(a_mem, a_dot, self.beta.to(a_dot.dtype), present,  # eq 10
+                           heads_dim)
+        if not rows:
+            a = a.transpose(1, 2)
+        return self.o_proj(a.reshape(b, s, h * hd))                          # eq 11
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor]):
@@ -276,9 +288,9 @@ class Attention(nn.Module):
         a_dot, k_cache, v_cache = cached_attention(
             qkv, k_cache, v_cache, start, length, positions, cos, sin, cfg.n_heads,
             cfg.n_kv_heads, cfg.rope_style == "interleaved", cfg.head_dim ** -0.5)
-        a_dot = a_dot.view(b, s, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        q = q.view(b, s, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        return self.combine(q, a_dot, memory, norm), k_cache, v_cache
+        a_dot = a_dot.view(b, s, cfg.n_heads, cfg.head_dim)
+        q = q.view(b, s, cfg.n_heads, cfg.head_dim)
+        return self.combine(q, a_dot, memory, norm, heads_dim=2), k_cache, v_cache
 
 
 class MLP(nn.Module):

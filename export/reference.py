@@ -71,15 +71,19 @@ def memory_update(memory: torch.Tensor, norm: torch.Tensor, k: torch.Tensor, v: 
 
 
 def gate(a_mem: torch.Tensor, a_dot: torch.Tensor, beta: torch.Tensor,
-         present: torch.Tensor | None = None) -> torch.Tensor:
+         present: torch.Tensor | None = None, heads_dim: int = 1) -> torch.Tensor:
     """A = sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot, one beta per query head.  # eq 10
 
-    a_mem, a_dot (B, H, S, dv); beta (H,). `present` (B, H) is the "bypass" empty-memory
-    policy: where it is 0 the memory and the gate are skipped and A = A_dot.
+    a_mem, a_dot (B, H, S, dv), or (B, S, H, dv) with heads_dim=2; beta (H,). `present`
+    (B, H) is the "bypass" empty-memory policy: where it is 0 the memory and the gate are
+    skipped and A = A_dot.
     """
-    g = torch.sigmoid(beta).view(1, -1, 1, 1)
+    shape = [1, 1, 1, 1]
+    shape[heads_dim] = -1
+    g = torch.sigmoid(beta).view(shape)
     if present is not None:
-        g = g * present.to(g.dtype).view(*present.shape, 1, 1)
+        shape[0] = present.shape[0]
+        g = g * present.to(g.dtype).view(shape)
     return g * a_mem + (1.0 - g) * a_dot
 
 

@@ -98,6 +98,9 @@ def test_gate_mixes_per_head_and_bypass_skips_memory():
     got = reference.gate(a_mem, a_dot, beta, present)
     assert torch.equal(got[1], a_dot[1]) and torch.equal(got[0, 1], a_dot[0, 1])
     assert_close(reference.gate(a_mem, a_dot, beta)[0, 2], got[0, 2], 1e-15)
+    # heads second to last (B, S, H, dv): the same mix, head by head
+    rows = reference.gate(a_mem.transpose(1, 2), a_dot.transpose(1, 2), beta, present, 2)
+    assert torch.equal(rows, got.transpose(1, 2))
 
 
 def test_memory_present_maps_kv_heads_to_query_groups():
