@@ -50,8 +50,8 @@ class PeakMemory:
 
 
 class Timed:
-    """A runner whose step/advance/extend calls are timed (seconds, in order); all else passes
-    through."""
+    """A runner whose step/advance/extend(_checked) calls are timed (seconds, in order); all
+    else passes through."""
 
     def __init__(self, runner):
         self.runner, self.seconds, self.tokens = runner, [], []
@@ -74,6 +74,9 @@ class Timed:
 
     def extend(self, ids, start, length, last_only: bool = False):
         return self._time(self.runner.extend, ids, start, length, last_only=last_only)
+
+    def extend_checked(self, ids, start, length, last_only: bool = False):
+        return self._time(self.runner.extend_checked, ids, start, length, last_only=last_only)
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:

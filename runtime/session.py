@@ -154,9 +154,9 @@ class Session:
         for b, (t, d, k) in enumerate(zip(tokens, done, take)):
             ids[b, :k] = t[d:d + k]
         if on_logits is None:                  # the LM head on each row's last token only
-            last = self.runner.extend(ids, self.position, take, last_only=True)
+            last = self.runner.extend_checked(ids, self.position, take, last_only=True)
         else:
-            logits = self.runner.extend(ids, self.position, take)
+            logits = self.runner.extend_checked(ids, self.position, take)
             on_logits(int(done[0]), logits)
             last = logits[np.arange(self.batch), np.maximum(take - 1, 0)]
         for b in np.flatnonzero(take):
