@@ -277,8 +277,8 @@ class OrtRunner(Runner):
     def _run(self, graph: str, inputs: tuple[dict, ...], outputs: tuple[dict, ...],
              release: bool = False) -> None:
         """Run one graph with every input and output bound to an array (zero-copy): groups of
-        name -> array (`Binding.run`). `release`: give the arena's free memory back to the system after the call (a
-        prompt's many tokens need far more than decoding does)."""
+        name -> array (`Binding.run`). `release`: give the arena's free memory back to the
+        system after the call (a prompt's many tokens need far more than decoding does)."""
         if graph not in self.bindings:
             self.bindings[graph] = Binding(self.session(graph), self.device, graph)
         self.bindings[graph].run(inputs, outputs, self._release if release else None)
