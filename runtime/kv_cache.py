@@ -139,6 +139,7 @@ class DecodeCaches:
         if not in_place:
             self._scratch = space.empty(size // cfg.n_layers, dtype)
             self._rows = [space.empty(size, dtype) for _ in "kv"]
+            self._row_views: dict[int, dict] = {}          # seq -> new_rows' views
         self._layout(cfg.segment_len)
 
     @classmethod
@@ -208,14 +209,17 @@ class DecodeCaches:
     def new_rows(self, seq: int) -> dict:
         """The extend graph's outputs besides the logits: {"k_new", "v_new"}, (L, B, Hkv, seq,
         hd) views at fixed addresses; in place, the caches themselves ({"k_cache_out_i": the
-        input k_cache_i's buffer, ...})."""
+        input k_cache_i's buffer, ...}). The same dict for the same `seq`, never changed (an
+        IO binding takes it as bound, ort_runner.Binding)."""
         if self.in_place:
             return self._written
-        layers, batch, heads, hd = self._dims
-        shape = (layers, batch, heads, seq, hd)
-        size = int(np.prod(shape))
-        return {"k_new": self._rows[0][:size].reshape(shape),
-                "v_new": self._rows[1][:size].reshape(shape)}
+        if seq not in self._row_views:
+            layers, batch, heads, hd = self._dims
+            shape = (layers, batch, heads, seq, hd)
+            size = int(np.prod(shape))
+            self._row_views[seq] = {"k_new": self._rows[0][:size].reshape(shape),
+                                    "v_new": self._rows[1][:size].reshape(shape)}
+        return self._row_views[seq]
 
     def write(self, rows: dict, start: np.ndarray,
               length: np.ndarray) -> None:
