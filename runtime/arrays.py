@@ -52,14 +52,6 @@ def copy_into(dst, src) -> None:
     dst.copy_(source.to(dst.dtype))
 
 
-def load_into(buffer, array: np.ndarray):
-    """Copy `array` into the start of the flat `buffer` (numpy or torch) -> a view of the
-    array's shape, at the same address every call (so that a bound input stays bound)."""
-    view = buffer[:array.size].reshape(array.shape)
-    copy_into(view, array)
-    return view
-
-
 class Staging:
     """A flat buffer (numpy or torch) that a graph's small inputs are copied into: token ids,
     positions, row indices. `load(array)` -> the view of the array's shape at the buffer's

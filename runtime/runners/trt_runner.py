@@ -23,7 +23,7 @@ from infini_trt.export.errors import InfiniTrtError, InputError
 from infini_trt.export.io_spec import EXTEND, FOLD, PREFILL, SEGMENT, GraphSpec
 from infini_trt.export.manifest import read_manifest
 
-from ..arrays import ArraySpace, load_into
+from ..arrays import ArraySpace, Staging
 from ..artifacts import file_sha256, verify_export
 from ..kv_cache import DecodeCaches
 from .base import Runner
@@ -192,8 +192,8 @@ class TrtRunner(Runner):
         cfg, n = self.config, self.config.segment_len
         for engine in self.engines.values():
             engine.graphs.clear()                     # old buffers' addresses
-        self.ids = self._buffer(batch * n, torch.int64)           # bound once: views of these
-        self.logit_rows = self._buffer(batch * n, torch.int64)
+        self.ids = Staging(self._buffer(batch * n, torch.int64))  # bound once: views of these
+        self.logit_rows = Staging(self._buffer(batch * n, torch.int64))
         self.logits = self._buffer(batch * n * cfg.vocab_size)
         self.memory = [self._buffer(cfg.memory_shape(batch)) for _ in "ab"]  # ping-pong
         self.norm = [self._buffer(cfg.norm_shape(batch)) for _ in "ab"]
@@ -249,7 +249,7 @@ class TrtRunner(Runner):
         token's), state ping-ponged."""
         cur, nxt = self.current, 1 - self.current
         with self._on_stream():
-            tokens = load_into(self.ids, ids)
+            tokens = self.ids.load(ids)
             logits = self._logits_view(ids.shape[:1] if graph == PREFILL else ids.shape)
             name = "last_logits" if graph == PREFILL else "logits"
             self.graph_engine(graph).run(
@@ -271,8 +271,8 @@ class TrtRunner(Runner):
             logits = self._logits_view(rows.shape)
             self.start.copy_(torch.from_numpy(start))
             self.graph_engine(EXTEND).run(
-                {"input_ids": load_into(self.ids, ids), "start": self.start,
-                 "logit_rows": load_into(self.logit_rows, rows),
+                {"input_ids": self.ids.load(ids), "start": self.start,
+                 "logit_rows": self.logit_rows.load(rows),
                  "memory": self.memory[self.current], "norm": self.norm[self.current],
                  **caches},
                 {"logits": logits, **new})
