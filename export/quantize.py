@@ -159,18 +159,9 @@ def quantize_graph(path: Path, method: str = "int8", graph: str = "segment") -> 
     sha256} of what it now is. Its weights, wherever they were (the export's weights file,
     <file>.data), are then the graph's own (`onnx_export.save_onnx`): the weights file is
     left as it is, for the other graphs."""
-    import onnx
-
     from .onnx_export import save_onnx
 
-    check_method(method, "float32")
-    model = onnx.load(str(path))
-    if row_gemms(method, graph):
-        from .quantize_rows import quantize_rows
-
-        quantize_rows(model)
-    else:
-        model = _matmul_nbits(model, blocks(method))
+    model = quantized_model(path, method, graph)
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()
@@ -178,6 +169,20 @@ def quantize_graph(path: Path, method: str = "int8", graph: str = "segment") -> 
     # memory-update function's import at the export's (20), which the checker refuses and
     # ONNX Runtime runs
     return save_onnx(model, path, check=False)
+
+
+def quantized_model(path: Path, method: str, graph: str):
+    """The ONNX graph file `path` (the export's graph `graph`) quantized, in memory."""
+    import onnx
+
+    check_method(method, "float32")
+    model = onnx.load(str(path))
+    if row_gemms(method, graph):
+        from .quantize_rows import quantize_rows
+
+        quantize_rows(model)
+        return model
+    return _matmul_nbits(model, blocks(method))
 
 
 def _matmul_nbits(model, nbits: Blocks):
@@ -200,16 +205,60 @@ def _matmul_nbits(model, nbits: Blocks):
 def quantize_graphs(directory: Path, graphs: dict[str, dict], method: str,
                     log: Callable[[str], None]) -> None:
     """Quantize, in `directory`, the graphs that carry weights (all but fold), updating each
-    manifest entry's file hashes ({name: {"file", "files", ...}}); a file that no graph
-    lists any more (the float weights file) is removed."""
+    manifest entry's file hashes ({name: {"file", "files", ...}}). Their large initializers
+    then go into one new weights file in place of the float one, each distinct tensor once
+    (the embedding table and norms that every graph reads, the row GEMMs' int8 weights of the
+    segment and prefill graphs), as an unquantized export has them: ONNX Runtime's runner
+    maps what it shares from there (runtime/runners/ort_weights.py), so that only the
+    embedding rows a prompt reads are resident instead of the whole table in every process
+    (`small`: 65 MB). A file that no graph lists any more (the float weights file, a graph's
+    <file>.data) is removed."""
+    from .onnx_export import hash_weights_file, save_onnx
+    from .weights_file import WeightsFile
+
+    quantized = [name for name in graphs if name != FOLD]
+    kept = {file for name, graph in graphs.items() if name not in quantized
+            for file in graph["files"]}
     before = {file for graph in graphs.values() for file in graph["files"]}
-    for name, graph in graphs.items():
-        if name != FOLD:
-            log(f"quantizing the {name} graph ({method})")
-            graph["files"] = quantize_graph(directory / graph["file"], method, name)
-    after = {file for graph in graphs.values() for file in graph["files"]}
-    for file in before - after:
+    # written beside the float files (which the graphs still to quantize read), then moved
+    staged = directory / ".quantized"
+    staged.mkdir()
+    weights = WeightsFile(staged)
+    if weights.path.name in kept:
+        raise InfiniTrtError(f"cannot quantize: a graph without weights refers to "
+                             f"{weights.path.name}")
+    for name in quantized:
+        log(f"quantizing the {name} graph ({method})")
+        model = quantized_model(directory / graphs[name]["file"], method, name)
+        _move_to_weights_file(model.graph, weights)
+        # unchecked, as quantize_graph's
+        graphs[name]["files"] = save_onnx(model, staged / graphs[name]["file"], weights,
+                                          check=False)
+        weights.drop_written()
+        del model
+    hash_weights_file(graphs, weights)
+    for file in before - kept:
         (directory / file).unlink(missing_ok=True)
+    for path in staged.iterdir():
+        path.rename(directory / path.name)
+    staged.rmdir()
+
+
+def _move_to_weights_file(graph, weights) -> None:
+    """Make each large initializer of `graph` a pending reference of `weights`, keyed by its
+    content (equal tensors of different graphs or names are stored once)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from .weights_file import INLINE_BYTES
+
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or \
+                len(tensor.raw_data) <= INLINE_BYTES:
+            continue
+        array = numpy_helper.to_array(tensor)
+        key = weights.keep(array, tensor.data_type)
+        tensor.CopyFrom(weights.tensor(tensor.name, key, array, tensor.data_type))
 
 
 def quantize_export(source: str | Path, output: str | Path, method: str = "int8",

@@ -76,7 +76,7 @@ class WeightsFile:
                ) -> onnx.TensorProto:
         """A pending reference named `name` to `array` (kept as it is, not copied, when
         C-contiguous) of ONNX type `data_type`, stored under `key`."""
-        if key not in self.arrays:
+        if key not in self.arrays and key not in self.placed:
             self.arrays[key] = np.ascontiguousarray(array)
             self.types[key] = data_type
         tensor = onnx.TensorProto(name=name, dims=list(array.shape), data_type=data_type)
@@ -90,12 +90,13 @@ class WeightsFile:
         array = np.ascontiguousarray(array)
         digest = hashlib.sha256(array.reshape(-1).view(np.uint8)).hexdigest()
         key = f"sha256:{data_type}:{digest}"
-        if key not in self.arrays:
+        if key not in self.arrays and key not in self.placed:
             self.arrays[key], self.types[key] = array, data_type
         return key
 
     def array(self, tensor: onnx.TensorProto) -> np.ndarray | None:
-        """The values of a pending reference (None for any other tensor)."""
+        """The values of a pending reference (None for any other tensor; KeyError for one
+        whose values were dropped, `drop_written`)."""
         key = _key_of(tensor)
         return None if key is None else self.arrays[key]
 
@@ -135,6 +136,12 @@ class WeightsFile:
         self._digest.update(data)
         self.placed[key] = (self._size, data.nbytes)
         self._size += data.nbytes
+
+    def drop_written(self) -> None:
+        """Let go of the values of what is in the file already (a graph referring to them
+        again is still placed: by key)."""
+        for key in self.placed:
+            self.arrays.pop(key, None)
 
     def finish(self) -> str | None:
         """Close the file -> its sha256, or None when no graph referred to it (no file)."""

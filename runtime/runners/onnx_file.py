@@ -5,8 +5,8 @@
     graph.model         # the ModelProto's bytes with every one of those as external data
 
 An export's graphs refer to their weights in the export's one weights file (weights.bin,
-export/weights_file.py); older exports and quantized graphs carry them inline (raw_data) or
-beside the graph (<file>.data). To
+export/weights_file.py); older exports carry them inline (raw_data) or beside the graph
+(<file>.data). To
 give ONNX Runtime one copy of them for several graphs, the runner must know each large
 initializer's bytes and hand ORT the graph without them. `onnx.load` would parse the whole
 file (every weight) into a ModelProto first; this walks the protobuf wire format instead:

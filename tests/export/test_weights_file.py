@@ -1,6 +1,6 @@
 """The export's one weights file (export/weights_file.py): the graphs refer to each weight
-once stored, the file holds nothing twice and nothing unused, its hash is recorded, and a
-quantized export carries none."""
+once stored, the file holds nothing twice and nothing unused, its hash is recorded; a
+quantized export has one of its own."""
 import hashlib
 
 import numpy as np
@@ -27,15 +27,17 @@ def _references(path) -> list[tuple[str, int, int, onnx.TensorProto]]:
     return out
 
 
-def test_the_graphs_share_one_file_that_holds_each_weight_once(exported):
-    ckpt, out = exported(TINY)
-    manifest = read_manifest(out)
-    data = (out / WEIGHTS_FILE).read_bytes()
+def _check_one_weights_file(manifest) -> dict[str, onnx.TensorProto]:
+    """The export's graphs with weights (all but fold) refer to its one weights file, whose
+    hash is recorded, for every large initializer, at aligned offsets; the file holds each
+    tensor once and nothing else (but padding) -> the fold-free graphs' initializers by name,
+    loaded with their values."""
+    data = (manifest.path / WEIGHTS_FILE).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     for name in ("segment", "prefill", "extend"):
-        assert WEIGHTS_FILE in manifest.graphs[name]["files"], name
+        assert manifest.graphs[name]["files"][WEIGHTS_FILE] == digest, name
     assert manifest.graphs["fold"]["files"].keys() == {"fold.onnx"}    # no weights: no file
-    assert manifest.graphs["segment"]["files"][WEIGHTS_FILE] == hashlib.sha256(data).hexdigest()
-    regions = {}
+    regions, tensors = {}, {}
     for name in ("segment", "prefill", "extend"):
         graph_file = manifest.graph_file(name)
         refs = _references(graph_file)
@@ -49,6 +51,7 @@ def test_the_graphs_share_one_file_that_holds_each_weight_once(exported):
         # reads them from the shared file (the outputs are tested in test_stamped_export)
         loaded = onnx.load(str(graph_file))
         assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in loaded.graph.initializer)
+        tensors.update({t.name: t for t in loaded.graph.initializer})
     # regions do not overlap, cover the file but for padding, and no two are equal
     ends = sorted((o, o + n) for o, n in regions.items())
     assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))
@@ -56,12 +59,17 @@ def test_the_graphs_share_one_file_that_holds_each_weight_once(exported):
     assert sum(regions.values()) > len(data) - ALIGNMENT * len(regions)
     contents = [data[o:o + n] for o, n in regions.items()]
     assert len(set(contents)) == len(contents)
+    return tensors
+
+
+def test_the_graphs_share_one_file_that_holds_each_weight_once(exported):
+    ckpt, out = exported(TINY)
+    tensors = _check_one_weights_file(read_manifest(out))
     # the embedding table is the checkpoint's, byte for byte
     from safetensors.torch import load_file
 
     embed = load_file(str(ckpt / "model.safetensors"))["embed.weight"]
-    segment = onnx.load(str(manifest.graph_file("segment")))
-    table = {t.name: t for t in segment.graph.initializer}["model.embed.weight"]
+    table = tensors["model.embed.weight"]
     assert torch.equal(torch.from_numpy(numpy_helper.to_array(table).copy()), embed)
 
 
@@ -104,12 +112,21 @@ def test_nothing_referred_to_makes_no_file(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_a_quantized_export_carries_no_float_weights_file(exported, tmp_path, method):
+def test_a_quantized_export_has_its_own_weights_file(exported, tmp_path, method):
+    """The quantized graphs' weights go into a new weights file (the float one is gone), each
+    distinct tensor once: the embedding table, which every graph reads, is stored once and is
+    the float export's (that every projection is quantized: test_quantize.py)."""
     from infini_trt.export.quantize import quantize_export
 
     _, out = exported(TINY)
     manifest = quantize_export(out, tmp_path / method, method)
-    assert not (tmp_path / method / WEIGHTS_FILE).exists()
-    assert all(WEIGHTS_FILE not in g["files"] for g in manifest.graphs.values())
     assert sorted(p.name for p in (tmp_path / method).iterdir()) == sorted(
         {f for g in manifest.graphs.values() for f in g["files"]} | {"manifest.json"})
+    tensors = _check_one_weights_file(manifest)
+    for name in ("segment", "prefill", "extend"):     # no large tensor left in a graph file
+        inline = onnx.load(str(manifest.graph_file(name)), load_external_data=False)
+        assert all(len(t.raw_data) <= INLINE_BYTES for t in inline.graph.initializer
+                   if t.data_location != onnx.TensorProto.EXTERNAL), name
+    float_table = {t.name: t for t in onnx.load(str(out / "model.onnx")).graph.initializer
+                   }["model.embed.weight"]
+    assert tensors["model.embed.weight"].raw_data == float_table.raw_data
