@@ -209,9 +209,8 @@ def quantize_graphs(directory: Path, graphs: dict[str, dict], method: str,
     then go into one new weights file in place of the float one, each distinct tensor once
     (the embedding table and norms that every graph reads, the row GEMMs' int8 weights of the
     segment and prefill graphs), as an unquantized export has them: ONNX Runtime's runner
-    maps what it shares from there (runtime/runners/ort_weights.py), so that only the
-    embedding rows a prompt reads are resident instead of the whole table in every process
-    (`small`: 65 MB). A file that no graph lists any more (the float weights file, a graph's
+    maps what it shares from there instead of reading it (runtime/runners/ort_weights.py: the
+    embedding table, 65 MB for `small`, becomes resident as prompts touch its pages). A file that no graph lists any more (the float weights file, a graph's
     <file>.data) is removed."""
     from .onnx_export import hash_weights_file, save_onnx
     from .weights_file import WeightsFile
