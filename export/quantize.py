@@ -210,8 +210,9 @@ def quantize_graphs(directory: Path, graphs: dict[str, dict], method: str,
     (the embedding table and norms that every graph reads, the row GEMMs' int8 weights of the
     segment and prefill graphs), as an unquantized export has them: ONNX Runtime's runner
     maps what it shares from there instead of reading it (runtime/runners/ort_weights.py: the
-    embedding table, 65 MB for `small`, becomes resident as prompts touch its pages). A file that no graph lists any more (the float weights file, a graph's
-    <file>.data) is removed."""
+    embedding table, 65 MB for `small`, becomes resident as prompts touch its pages). A file
+    that no graph lists any more (the float weights file, a graph's <file>.data) is
+    removed."""
     from .onnx_export import hash_weights_file, save_onnx
     from .weights_file import WeightsFile
 
@@ -229,35 +230,18 @@ def quantize_graphs(directory: Path, graphs: dict[str, dict], method: str,
     for name in quantized:
         log(f"quantizing the {name} graph ({method})")
         model = quantized_model(directory / graphs[name]["file"], method, name)
-        _move_to_weights_file(model.graph, weights)
+        weights.take_inline(model.graph)
         # unchecked, as quantize_graph's
         graphs[name]["files"] = save_onnx(model, staged / graphs[name]["file"], weights,
                                           check=False)
         weights.drop_written()
-        del model
+        del model                 # before the next graph is read: one model held at a time
     hash_weights_file(graphs, weights)
     for file in before - kept:
         (directory / file).unlink(missing_ok=True)
     for path in staged.iterdir():
         path.rename(directory / path.name)
     staged.rmdir()
-
-
-def _move_to_weights_file(graph, weights) -> None:
-    """Make each large initializer of `graph` a pending reference of `weights`, keyed by its
-    content (equal tensors of different graphs or names are stored once)."""
-    import onnx
-    from onnx import numpy_helper
-
-    from .weights_file import INLINE_BYTES
-
-    for tensor in graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or \
-                len(tensor.raw_data) <= INLINE_BYTES:
-            continue
-        array = numpy_helper.to_array(tensor)
-        key = weights.keep(array, tensor.data_type)
-        tensor.CopyFrom(weights.tensor(tensor.name, key, array, tensor.data_type))
 
 
 def quantize_export(source: str | Path, output: str | Path, method: str = "int8",

@@ -94,6 +94,18 @@ class WeightsFile:
             self.arrays[key], self.types[key] = array, data_type
         return key
 
+    def take_inline(self, graph: onnx.GraphProto) -> None:
+        """Make each inline initializer of `graph` over INLINE_BYTES a pending reference,
+        keyed by its content (a graph written by another tool: a quantizer's)."""
+        from onnx import numpy_helper
+
+        for tensor in graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL and \
+                    len(tensor.raw_data) > INLINE_BYTES:
+                array = numpy_helper.to_array(tensor)
+                key = self.keep(array, tensor.data_type)
+                tensor.CopyFrom(self.tensor(tensor.name, key, array, tensor.data_type))
+
     def array(self, tensor: onnx.TensorProto) -> np.ndarray | None:
         """The values of a pending reference (None for any other tensor; KeyError for one
         whose values were dropped, `drop_written`)."""
